@@ -1,0 +1,431 @@
+//! Flags and environment → a validated [`Config`].
+//!
+//! Parsing (clap) does no I/O and accepts strings; validation turns them into typed values
+//! and every error names the flag or environment variable it came from and the value, so
+//! a typo in a container's environment is found from one log line.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
+
+use crate::spec::Spec;
+
+/// Exit code for bad usage (EX_USAGE from sysexits.h).
+pub const EXIT_USAGE: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ambassadord",
+    version,
+    about = "A Docker ambassador: forwards every TCP connection to a backend it discovers.",
+    after_help = "Examples:\n  \
+        ambassadord 192.168.1.100:8080                  listens on 8080, forwards to 192.168.1.100:8080\n  \
+        ambassadord redis-1:6379,redis-2:6379           balanced over both; a dead one is skipped\n  \
+        ambassadord --bind 127.0.0.1 --port 7000 10.0.0.5:6379"
+)]
+struct Cli {
+    /// Where to forward: HOST:PORT[,HOST:PORT...]; host names are resolved and refreshed on TTL
+    #[arg(value_name = "BACKEND", env = "AMBASSADORD_BACKEND")]
+    backend: Option<String>,
+
+    /// Address to listen on [default: every address, IPv4 and IPv6]
+    #[arg(long, value_name = "IP", env = "AMBASSADORD_BIND")]
+    bind: Option<String>,
+
+    /// Port to listen on [default: the first backend's port]; 0 picks a free port
+    #[arg(long, value_name = "PORT", env = "AMBASSADORD_PORT")]
+    port: Option<String>,
+
+    /// Give up connecting to a backend after this long and try the next (e.g. 5s, 500ms)
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "AMBASSADORD_CONNECT_TIMEOUT",
+        default_value = "5s"
+    )]
+    connect_timeout: String,
+
+    /// Close a connection after this long with no bytes either way; "off" never does
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "AMBASSADORD_IDLE_TIMEOUT",
+        default_value = "off"
+    )]
+    idle_timeout: String,
+
+    /// On SIGTERM/SIGINT, how long open connections may finish before they are closed
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "AMBASSADORD_SHUTDOWN_GRACE",
+        default_value = "8s"
+    )]
+    shutdown_grace: String,
+
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives [default: RUST_LOG, else info]
+    #[arg(long, value_name = "FILTER", env = "AMBASSADORD_LOG_LEVEL")]
+    log_level: Option<String>,
+
+    /// Log line format
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        env = "AMBASSADORD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Everything the ambassador needs to run, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub routes: Vec<RouteConfig>,
+    pub settings: Settings,
+    pub log: LogConfig,
+}
+
+/// Behaviour shared by every route.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: None,
+            shutdown_grace: Duration::from_secs(8),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A tracing filter; `None` means RUST_LOG, else "info".
+    pub filter: Option<String>,
+    pub format: LogFormat,
+}
+
+/// One listener and the backend spec its connections go to.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub listen: Listen,
+    pub spec: Spec,
+}
+
+/// Where to listen: an address (`None` = every address, IPv4 and IPv6) and a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    pub ip: Option<IpAddr>,
+    pub port: u16,
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            None => write!(f, "*:{}", self.port),
+            Some(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            Some(IpAddr::V4(ip)) => write!(f, "{ip}:{}", self.port),
+        }
+    }
+}
+
+/// Why the command line could not be turned into a [`Config`].
+#[derive(Debug)]
+pub enum ConfigError {
+    /// `--help` or `--version`: print this and exit 0.
+    Info(String),
+    /// Bad usage: print this one-line message and exit 64.
+    Usage(String),
+}
+
+impl Config {
+    /// Parses and validates the command line, reading AMBASSADORD_* from the environment
+    /// for anything not given as a flag.
+    pub fn from_args<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let matches = Cli::command().try_get_matches_from(args).map_err(|e| {
+            use clap::error::ErrorKind::*;
+            match e.kind() {
+                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand => {
+                    ConfigError::Info(e.render().to_string())
+                }
+                _ => {
+                    let text = e.render().to_string();
+                    let first = text.lines().next().unwrap_or("invalid arguments");
+                    let first = first.strip_prefix("error: ").unwrap_or(first);
+                    ConfigError::Usage(format!("{first} (see --help)"))
+                }
+            }
+        })?;
+        let cli = Cli::from_arg_matches(&matches).map_err(|e| ConfigError::Usage(e.to_string()))?;
+        validate(cli, &matches).map_err(ConfigError::Usage)
+    }
+}
+
+/// Names where an argument's value came from: the flag, or the environment variable.
+fn origin(matches: &ArgMatches, id: &str) -> String {
+    let cmd = Cli::command();
+    let arg = cmd.get_arguments().find(|a| a.get_id() == id);
+    match (matches.value_source(id), arg) {
+        (Some(ValueSource::EnvVariable), Some(arg)) => match arg.get_env() {
+            Some(env) => env.to_string_lossy().into_owned(),
+            None => id.to_string(),
+        },
+        (_, Some(arg)) if arg.is_positional() => "BACKEND".to_string(),
+        (_, Some(arg)) => format!("--{}", arg.get_long().unwrap_or(id)),
+        (_, None) => id.to_string(),
+    }
+}
+
+fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
+    let at = |id: &str, value: &str, why: &str| format!("{} '{value}': {why}", origin(m, id));
+
+    let Some(backend) = cli.backend else {
+        return Err(
+            "no backend given: pass BACKEND (for example 10.0.0.5:6379) or set AMBASSADORD_BACKEND"
+                .into(),
+        );
+    };
+    let spec = Spec::parse(&backend).map_err(|e| {
+        if origin(m, "backend") == "BACKEND" {
+            e.to_string()
+        } else {
+            format!("{} (from {})", e, origin(m, "backend"))
+        }
+    })?;
+
+    let ip = match &cli.bind {
+        None => None,
+        Some(s) => Some(
+            s.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .map_err(|_| at("bind", s, "not an IP address"))?,
+        ),
+    };
+    let port = match &cli.port {
+        None => spec.default_listen_port(),
+        Some(s) => s
+            .parse::<u16>()
+            .map_err(|_| at("port", s, "not a port number (0-65535)"))?,
+    };
+
+    let connect_timeout = parse_duration(&cli.connect_timeout)
+        .map_err(|why| at("connect_timeout", &cli.connect_timeout, &why))?;
+    if connect_timeout.is_zero() {
+        return Err(at(
+            "connect_timeout",
+            &cli.connect_timeout,
+            "must be more than zero",
+        ));
+    }
+    let idle_timeout = match cli.idle_timeout.trim() {
+        "off" | "none" | "0" => None,
+        s => Some(parse_duration(s).map_err(|why| at("idle_timeout", s, &why))?)
+            .filter(|d| !d.is_zero()),
+    };
+    let shutdown_grace = parse_duration(&cli.shutdown_grace)
+        .map_err(|why| at("shutdown_grace", &cli.shutdown_grace, &why))?;
+
+    if let Some(filter) = &cli.log_level {
+        // A lone word is taken by tracing as a target name, so a misspelt level would
+        // silently log nothing: require a real level there.
+        const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+        if !filter.contains(['=', ',']) && !LEVELS.contains(&filter.to_ascii_lowercase().as_str()) {
+            return Err(at(
+                "log_level",
+                filter,
+                "not a log level (off, error, warn, info, debug, trace)",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| {
+            at(
+                "log_level",
+                filter,
+                &format!("not a log level or filter ({e})"),
+            )
+        })?;
+    }
+
+    Ok(Config {
+        routes: vec![RouteConfig {
+            listen: Listen { ip, port },
+            spec,
+        }],
+        settings: Settings {
+            connect_timeout,
+            idle_timeout,
+            shutdown_grace,
+        },
+        log: LogConfig {
+            filter: cli.log_level,
+            format: cli.log_format,
+        },
+    })
+}
+
+/// A duration such as `5s`, `250ms`, `2m`, `1h` or `1.5s`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| "not a duration (use e.g. 5s, 500ms, 2m)".to_string())?;
+    let scale = match unit.trim() {
+        "" | "s" | "sec" | "secs" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        other => return Err(format!("unknown unit '{other}' (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(value * scale).map_err(|_| "duration out of range".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let args = std::iter::once("ambassadord").chain(args.iter().copied());
+        match Config::from_args(args) {
+            Ok(c) => Ok(c),
+            Err(ConfigError::Usage(m)) | Err(ConfigError::Info(m)) => Err(m),
+        }
+    }
+
+    #[test]
+    fn static_backend_listens_on_its_port() {
+        let c = parse(&["192.168.1.100:8080"]).unwrap();
+        assert_eq!(
+            c.routes[0].listen,
+            Listen {
+                ip: None,
+                port: 8080
+            }
+        );
+        assert_eq!(c.settings.connect_timeout, Duration::from_secs(5));
+        assert_eq!(c.settings.idle_timeout, None);
+    }
+
+    #[test]
+    fn bind_and_port_override() {
+        let c = parse(&["--bind", "127.0.0.1", "--port", "7000", "10.0.0.5:6379"]).unwrap();
+        assert_eq!(
+            c.routes[0].listen,
+            Listen {
+                ip: Some("127.0.0.1".parse().unwrap()),
+                port: 7000
+            }
+        );
+        let c = parse(&["--bind", "[::1]", "10.0.0.5:6379"]).unwrap();
+        assert_eq!(c.routes[0].listen.ip, Some("::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn several_backends_listen_on_the_first_port() {
+        let c = parse(&["a:6379,b:6380"]).unwrap();
+        assert_eq!(c.routes[0].listen.port, 6379);
+    }
+
+    #[test]
+    fn timeouts_parse() {
+        let c = parse(&[
+            "--connect-timeout",
+            "250ms",
+            "--idle-timeout",
+            "2m",
+            "--shutdown-grace",
+            "0",
+            "a:1",
+        ])
+        .unwrap();
+        assert_eq!(c.settings.connect_timeout, Duration::from_millis(250));
+        assert_eq!(c.settings.idle_timeout, Some(Duration::from_secs(120)));
+        assert_eq!(c.settings.shutdown_grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn errors_name_the_flag_and_value() {
+        let cases: &[(&[&str], &str)] = &[
+            (&[], "no backend given"),
+            (&["redis"], "backend 'redis': missing ':PORT'"),
+            (&["--port", "abc", "a:1"], "--port 'abc': not a port number"),
+            (
+                &["--port", "70000", "a:1"],
+                "--port '70000': not a port number",
+            ),
+            (
+                &["--bind", "nowhere", "a:1"],
+                "--bind 'nowhere': not an IP address",
+            ),
+            (
+                &["--connect-timeout", "5x", "a:1"],
+                "--connect-timeout '5x': unknown unit 'x'",
+            ),
+            (
+                &["--connect-timeout", "0s", "a:1"],
+                "--connect-timeout '0s': must be more than zero",
+            ),
+            (
+                &["--idle-timeout", "soon", "a:1"],
+                "--idle-timeout 'soon': not a duration",
+            ),
+            (
+                &["--log-level", "ambassadord=loudest", "a:1"],
+                "--log-level 'ambassadord=loudest': not a log level",
+            ),
+            (
+                &["--log-level", "loud", "a:1"],
+                "--log-level 'loud': not a log level",
+            ),
+            (
+                &["--nope", "a:1"],
+                "unexpected argument '--nope' found (see --help)",
+            ),
+        ];
+        for (args, want) in cases {
+            let err = parse(args).expect_err(want);
+            assert!(err.contains(want), "{args:?}: got {err:?}, want {want:?}");
+            assert!(!err.contains('\n'), "{args:?}: not one line: {err:?}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        for (s, ms) in [
+            ("5s", 5000),
+            ("5", 5000),
+            ("1.5s", 1500),
+            ("250ms", 250),
+            ("2m", 120_000),
+            ("1h", 3_600_000),
+        ] {
+            assert_eq!(parse_duration(s), Ok(Duration::from_millis(ms)), "{s}");
+        }
+        for s in ["", "s", "-1s", "5 parsecs", "1e9999"] {
+            assert!(parse_duration(s).is_err(), "{s}");
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The project's one DNS resolver (hickory): /etc/resolv.conf and /etc/hosts, async, and
+//! never libc's getaddrinfo, so the static binary works in a FROM-scratch image and no
+//! lookup ever blocks a runtime thread.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{ResolveHosts, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use tokio::time::Instant;
+use tracing::warn;
+
+/// Answers are re-read no sooner than this, however small their TTL ...
+pub const MIN_REFRESH: Duration = Duration::from_secs(1);
+/// ... and no later than this, however large, so a changed record is noticed.
+pub const MAX_REFRESH: Duration = Duration::from_secs(300);
+
+#[derive(Clone)]
+pub struct Resolver {
+    inner: TokioResolver,
+    /// Why the system configuration could not be used, to explain failed lookups.
+    degraded: Option<Arc<str>>,
+}
+
+/// The addresses a name resolved to and when to ask again.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub addrs: Vec<IpAddr>,
+    pub refresh_at: Instant,
+}
+
+impl Resolver {
+    /// The system resolver. If /etc/resolv.conf cannot be read, names in /etc/hosts still
+    /// resolve and every other lookup fails with a message that says why.
+    pub fn from_system() -> Resolver {
+        match TokioResolver::builder_tokio().and_then(|b| b.build()) {
+            Ok(inner) => Resolver {
+                inner,
+                degraded: None,
+            },
+            Err(e) => {
+                let why = format!("cannot use /etc/resolv.conf: {e}");
+                warn!("{why}; only /etc/hosts names will resolve");
+                let mut builder = TokioResolver::builder_with_config(
+                    ResolverConfig::from_parts(None, vec![], vec![]),
+                    TokioRuntimeProvider::default(),
+                );
+                builder.options_mut().use_hosts_file = ResolveHosts::Always;
+                let inner = builder
+                    .build()
+                    .expect("a resolver without name servers has nothing to fail on");
+                Resolver {
+                    inner,
+                    degraded: Some(why.into()),
+                }
+            }
+        }
+    }
+
+    /// A and AAAA for `name`, sorted so an unchanged answer compares equal.
+    pub async fn lookup_ip(&self, name: &str) -> Result<Resolved, String> {
+        match self.inner.lookup_ip(name).await {
+            Ok(lookup) => {
+                let mut addrs: Vec<IpAddr> = lookup.iter().collect();
+                addrs.sort();
+                addrs.dedup();
+                Ok(Resolved {
+                    addrs,
+                    refresh_at: refresh_at(lookup.valid_until()),
+                })
+            }
+            Err(e) => Err(match &self.degraded {
+                Some(why) => format!("cannot resolve '{name}': {e} ({why})"),
+                None => format!("cannot resolve '{name}': {e}"),
+            }),
+        }
+    }
+}
+
+/// Converts an answer's expiry into when to look again, clamped to the floor and ceiling.
+pub fn refresh_at(valid_until: std::time::Instant) -> Instant {
+    let ttl = valid_until.saturating_duration_since(std::time::Instant::now());
+    Instant::now() + ttl.clamp(MIN_REFRESH, MAX_REFRESH)
+}

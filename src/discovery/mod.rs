@@ -1,0 +1,232 @@
+//! Discovery: sources that find backends, and the driver that publishes their sets.
+//!
+//! A [`Source`] knows how to read its backends and how to wait for the next change; it
+//! returns complete [`EndpointSet`]s, never deltas. [`spawn_source`] runs one source in its
+//! own task and turns it into a `watch` channel the data path reads without waiting: it
+//! skips unchanged sets, keeps the last good set through errors (retrying with jittered,
+//! capped backoff and logging the outage once), and stops when nobody listens any more.
+
+pub mod dns;
+pub mod hosts;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::endpoint::EndpointSet;
+use crate::spec::{Host, Spec};
+
+/// What the data path reads: `None` until the source's first good read.
+pub type Endpoints = watch::Receiver<Option<EndpointSet>>;
+
+/// A source failed to read its backends. The message names what was asked and of whom.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct SourceError(pub String);
+
+/// One discovery mechanism for one backend spec.
+pub trait Source: Send + 'static {
+    /// Reads the backends, first waiting until there may be something new to read (a TTL
+    /// running out, a watch firing). The first call reads at once. After an error the
+    /// driver backs off and calls again; the source should then read afresh.
+    fn next(&mut self) -> impl Future<Output = Result<EndpointSet, SourceError>> + Send;
+}
+
+/// Shared context for building sources: the resolver is created once, on first need.
+#[derive(Default)]
+pub struct Discovery {
+    resolver: std::sync::OnceLock<dns::Resolver>,
+}
+
+impl Discovery {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn resolver(&self) -> dns::Resolver {
+        self.resolver
+            .get_or_init(dns::Resolver::from_system)
+            .clone()
+    }
+
+    /// Starts the source that serves `spec`; it runs until `cancel` fires or every
+    /// receiver is dropped.
+    pub fn spawn(&self, spec: &Spec, cancel: CancellationToken) -> Endpoints {
+        let name = spec.to_string();
+        match spec {
+            Spec::Static(list) => {
+                let resolver = list
+                    .iter()
+                    .any(|hp| matches!(hp.host, Host::Name(_)))
+                    .then(|| self.resolver());
+                spawn_source(
+                    name,
+                    hosts::HostsSource::new(list.clone(), resolver),
+                    cancel,
+                )
+            }
+        }
+    }
+}
+
+/// Runs `source` in its own task and publishes what it finds.
+pub fn spawn_source<S: Source>(name: String, source: S, cancel: CancellationToken) -> Endpoints {
+    let (tx, rx) = watch::channel(None);
+    tokio::spawn(drive(name, source, tx, cancel));
+    rx
+}
+
+async fn drive<S: Source>(
+    name: String,
+    mut source: S,
+    tx: watch::Sender<Option<EndpointSet>>,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    let mut failing = false;
+    loop {
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tx.closed() => return,
+            r = source.next() => r,
+        };
+        let delay = match result {
+            Ok(set) => {
+                if failing {
+                    info!(source = %name, "discovery recovered");
+                    failing = false;
+                }
+                backoff.reset();
+                tx.send_if_modified(|current| {
+                    if current.as_ref() == Some(&set) {
+                        return false;
+                    }
+                    info!(source = %name, endpoints = %set, "backends changed");
+                    *current = Some(set);
+                    true
+                });
+                continue;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                if !failing {
+                    let keeping = match &*tx.borrow() {
+                        Some(set) => format!("keeping the last good set ({set})"),
+                        None => "no backends yet, connections are refused".to_string(),
+                    };
+                    warn!(source = %name, error = %e, "discovery failed; {keeping}; retrying with backoff");
+                    failing = true;
+                } else {
+                    debug!(source = %name, error = %e, retry_in = ?delay, "discovery still failing");
+                }
+                delay
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tx.closed() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling up to
+/// `max`, so many ambassadors losing the same store do not retry in lockstep.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Backoff {
+            base,
+            max,
+            current: base,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.base;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let half = d / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::Endpoint;
+    use std::collections::VecDeque;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
+        let delays: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
+        for (d, ceiling) in delays.iter().zip([100, 200, 400, 800, 800, 800]) {
+            let ceiling = Duration::from_millis(ceiling);
+            assert!(*d <= ceiling && *d >= ceiling / 2, "{d:?} vs {ceiling:?}");
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    /// A source that replays a script of results, then waits forever.
+    struct Scripted(VecDeque<Result<EndpointSet, SourceError>>);
+
+    impl Source for Scripted {
+        async fn next(&mut self) -> Result<EndpointSet, SourceError> {
+            match self.0.pop_front() {
+                Some(r) => r,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn set(addrs: &[&str]) -> EndpointSet {
+        EndpointSet::new(
+            addrs
+                .iter()
+                .map(|a| Endpoint::new(a.parse().unwrap()))
+                .collect(),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn driver_keeps_last_good_set_through_errors_and_skips_unchanged() {
+        let a = set(&["10.0.0.1:1"]);
+        let b = set(&["10.0.0.2:1"]);
+        let script = VecDeque::from([
+            Ok(a.clone()),
+            Err(SourceError("store down".into())),
+            Err(SourceError("store down".into())),
+            Ok(a.clone()),
+            Ok(b.clone()),
+        ]);
+        let mut rx = spawn_source("test".into(), Scripted(script), CancellationToken::new());
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().as_ref(), Some(&a));
+        // The errors and the repeated `a` publish nothing; the next change is `b`.
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().as_ref(), Some(&b));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn driver_stops_when_cancelled() {
+        let cancel = CancellationToken::new();
+        let mut rx = spawn_source("test".into(), Scripted(VecDeque::new()), cancel.clone());
+        cancel.cancel();
+        // The sender is dropped when the driver task ends.
+        assert!(rx.changed().await.is_err());
+    }
+}

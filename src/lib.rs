@@ -1,0 +1,26 @@
+//! ambassadord: a Docker ambassador, a small and fast TCP forwarder that sends every
+//! connection to a backend it discovers.
+//!
+//! The shape: [`config`] turns flags and environment into routes (a listen address and a
+//! backend [`spec`]). For each route a [`discovery`] source publishes complete
+//! [`endpoint`] sets on a watch channel; the [`proxy`] accepts connections, and each
+//! connection's own task picks an endpoint from the latest set, connects with failover and
+//! copies both ways with half-close. Nothing on the accept path waits on discovery.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod discovery;
+pub mod endpoint;
+pub mod proxy;
+pub mod spec;
+
+pub use config::Config;
+pub use proxy::{Server, StartError};
+
+/// Binds every listener, then serves until `shutdown` resolves and open connections
+/// have drained (or the grace period ran out).
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let server = Server::bind(config).await?;
+    server.run(shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! Choosing backends: the order in which one connection tries the current endpoints.
+//!
+//! Within a priority tier of equal weights, connections rotate round robin: it costs one
+//! atomic add, spreads short connections evenly and is what HAProxy users expect by
+//! default. Tiers with unequal weights (SRV records) are ordered by RFC 2782's weighted
+//! random selection. Lower tiers are tried first. An endpoint whose connect failed
+//! recently is moved to the end of the order for a cool-down, so one dead backend costs
+//! one failed attempt, not one per connection; it is still tried as a last resort.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::discovery::Endpoints;
+use crate::endpoint::{Endpoint, EndpointSet};
+
+/// How long an endpoint that refused or timed out is tried only after the others.
+pub const COOL_DOWN: Duration = Duration::from_secs(5);
+
+/// Why no backend could be tried at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoBackend {
+    /// Discovery has not produced its first result yet.
+    NotYetDiscovered,
+    /// Discovery answered with no endpoints.
+    Empty,
+}
+
+impl std::fmt::Display for NoBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NoBackend::NotYetDiscovered => "no backends discovered yet",
+            NoBackend::Empty => "no backends",
+        })
+    }
+}
+
+/// The endpoints of one route and the state that balancing keeps across connections.
+pub struct Balancer {
+    endpoints: Endpoints,
+    next: AtomicUsize,
+    health: Health,
+}
+
+/// The order one connection tries endpoints in.
+pub struct Plan {
+    set: EndpointSet,
+    order: Vec<usize>,
+}
+
+impl Plan {
+    pub fn iter(&self) -> impl Iterator<Item = &Endpoint> {
+        self.order.iter().map(|&i| &self.set.as_slice()[i])
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+impl Balancer {
+    pub fn new(endpoints: Endpoints) -> Self {
+        Balancer {
+            endpoints,
+            next: AtomicUsize::new(0),
+            health: Health::default(),
+        }
+    }
+
+    /// The current set, as the data path sees it.
+    pub fn current(&self) -> Option<EndpointSet> {
+        self.endpoints.borrow().clone()
+    }
+
+    pub fn plan(&self) -> Result<Plan, NoBackend> {
+        let set = match &*self.endpoints.borrow() {
+            None => return Err(NoBackend::NotYetDiscovered),
+            Some(set) if set.is_empty() => return Err(NoBackend::Empty),
+            Some(set) => set.clone(),
+        };
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut order = Vec::with_capacity(set.len());
+        let mut base = 0;
+        for tier in set.tiers() {
+            order_tier(tier, turn, base, &mut order);
+            base += tier.len();
+        }
+        self.health.demote_cooling(&set, &mut order);
+        Ok(Plan { set, order })
+    }
+
+    pub fn connect_failed(&self, addr: SocketAddr) {
+        self.health.failed(addr);
+    }
+
+    pub fn connect_succeeded(&self, addr: SocketAddr) {
+        self.health.succeeded(addr);
+    }
+}
+
+/// Appends the indices (offset by `base`) of one tier in the order to try them.
+fn order_tier(tier: &[Endpoint], turn: usize, base: usize, order: &mut Vec<usize>) {
+    let n = tier.len();
+    if tier.iter().all(|e| e.weight == tier[0].weight) {
+        let start = turn % n;
+        order.extend((0..n).map(|k| base + (start + k) % n));
+        return;
+    }
+    // RFC 2782: zero weights first, then repeatedly pick an entry with probability
+    // proportional to its weight among those left (a zero-weight entry has a small chance).
+    let mut left: Vec<usize> = (0..n).collect();
+    left.sort_by_key(|&i| tier[i].weight != 0);
+    while !left.is_empty() {
+        let total: u32 = left.iter().map(|&i| u32::from(tier[i].weight)).sum();
+        let pick = fastrand::u32(0..=total);
+        let mut running = 0;
+        let pos = left
+            .iter()
+            .position(|&i| {
+                running += u32::from(tier[i].weight);
+                running >= pick
+            })
+            .unwrap_or(left.len() - 1);
+        order.push(base + left.remove(pos));
+    }
+}
+
+/// Recent connect failures, by address. Lock-free to read while nothing has failed.
+#[derive(Default)]
+struct Health {
+    any: AtomicBool,
+    failed: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+impl Health {
+    fn failed(&self, addr: SocketAddr) {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed.insert(addr, Instant::now() + COOL_DOWN);
+        self.any.store(true, Ordering::Release);
+    }
+
+    fn succeeded(&self, addr: SocketAddr) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
+        }
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed.remove(&addr);
+        self.any.store(!failed.is_empty(), Ordering::Release);
+    }
+
+    /// Moves endpoints still cooling down to the end, keeping the relative order of both.
+    fn demote_cooling(&self, set: &EndpointSet, order: &mut [usize]) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
+        }
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        failed.retain(|_, until| *until > now);
+        self.any.store(!failed.is_empty(), Ordering::Release);
+        if failed.is_empty() {
+            return;
+        }
+        let cooling = |i: &usize| failed.contains_key(&set.as_slice()[*i].addr);
+        // A stable sort on a bool key: healthy (false) first.
+        order.sort_by_key(cooling);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::watch;
+
+    fn ep(addr: &str, priority: u16, weight: u16) -> Endpoint {
+        Endpoint {
+            priority,
+            weight,
+            ..Endpoint::new(addr.parse().unwrap())
+        }
+    }
+
+    fn balancer(endpoints: Vec<Endpoint>) -> (Balancer, watch::Sender<Option<EndpointSet>>) {
+        let (tx, rx) = watch::channel(Some(EndpointSet::new(endpoints)));
+        (Balancer::new(rx), tx)
+    }
+
+    fn order(b: &Balancer) -> Vec<String> {
+        b.plan()
+            .unwrap()
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_rotates_and_lists_every_endpoint_once() {
+        let (b, _tx) = balancer(vec![
+            ep("10.0.0.1:1", 0, 1),
+            ep("10.0.0.2:1", 0, 1),
+            ep("10.0.0.3:1", 0, 1),
+        ]);
+        assert_eq!(order(&b), ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]);
+        assert_eq!(order(&b), ["10.0.0.2:1", "10.0.0.3:1", "10.0.0.1:1"]);
+        assert_eq!(order(&b), ["10.0.0.3:1", "10.0.0.1:1", "10.0.0.2:1"]);
+        assert_eq!(order(&b), ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]);
+    }
+
+    #[test]
+    fn lower_priority_tiers_come_first() {
+        let (b, _tx) = balancer(vec![
+            ep("10.0.0.9:1", 20, 1),
+            ep("10.0.0.1:1", 10, 1),
+            ep("10.0.0.2:1", 10, 1),
+        ]);
+        for _ in 0..4 {
+            let o = order(&b);
+            assert_eq!(o[2], "10.0.0.9:1", "{o:?}");
+        }
+    }
+
+    #[test]
+    fn weighted_tier_follows_weights() {
+        let (b, _tx) = balancer(vec![ep("10.0.0.1:1", 0, 90), ep("10.0.0.2:1", 0, 10)]);
+        let firsts = (0..2000).filter(|_| order(&b)[0] == "10.0.0.1:1").count();
+        // Expect 90% (1800); a binomial with sd ~13 stays far inside these bounds.
+        assert!((1650..=1950).contains(&firsts), "{firsts}");
+        assert_eq!(order(&b).len(), 2);
+    }
+
+    #[test]
+    fn zero_weights_are_still_listed() {
+        let (b, _tx) = balancer(vec![ep("10.0.0.1:1", 0, 0), ep("10.0.0.2:1", 0, 5)]);
+        let mut o = order(&b);
+        o.sort();
+        assert_eq!(o, ["10.0.0.1:1", "10.0.0.2:1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_endpoints_cool_down_at_the_end() {
+        let (b, _tx) = balancer(vec![ep("10.0.0.1:1", 0, 1), ep("10.0.0.2:1", 0, 1)]);
+        b.connect_failed("10.0.0.1:1".parse().unwrap());
+        for _ in 0..3 {
+            assert_eq!(order(&b), ["10.0.0.2:1", "10.0.0.1:1"]);
+        }
+        tokio::time::advance(COOL_DOWN + Duration::from_millis(1)).await;
+        let firsts: Vec<String> = (0..2).map(|_| order(&b)[0].clone()).collect();
+        assert!(firsts.contains(&"10.0.0.1:1".to_string()), "{firsts:?}");
+    }
+
+    #[test]
+    fn success_clears_a_failure() {
+        let (b, _tx) = balancer(vec![ep("10.0.0.1:1", 0, 1), ep("10.0.0.2:1", 0, 1)]);
+        b.connect_failed("10.0.0.1:1".parse().unwrap());
+        b.connect_succeeded("10.0.0.1:1".parse().unwrap());
+        let firsts: Vec<String> = (0..2).map(|_| order(&b)[0].clone()).collect();
+        assert!(firsts.contains(&"10.0.0.1:1".to_string()), "{firsts:?}");
+    }
+
+    #[test]
+    fn empty_and_undiscovered_are_told_apart() {
+        let (tx, rx) = watch::channel(None);
+        let b = Balancer::new(rx);
+        assert_eq!(b.plan().err(), Some(NoBackend::NotYetDiscovered));
+        tx.send(Some(EndpointSet::empty())).unwrap();
+        assert_eq!(b.plan().err(), Some(NoBackend::Empty));
+    }
+}

@@ -1,0 +1,185 @@
+//! Moving bytes both ways between a client and its backend, keeping half-close.
+//!
+//! [`pipe`] is the whole contract the rest of the proxy relies on: it returns when both
+//! directions have ended (or one failed, the idle timeout fired, or shutdown forced it),
+//! with byte counts and how it ended. When one side sends EOF, writing toward the other
+//! side is shut down and the other direction keeps flowing until it ends too. A
+//! zero-copy splice path can replace the body of `pipe` without touching its callers.
+//!
+//! A direction holds a buffer only while data is flowing: it is taken when the socket
+//! turns readable and given back when a read would block, so idle connections cost no
+//! buffer memory.
+
+use std::fmt;
+use std::io;
+use std::net::Shutdown;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+const BUF_SIZE: usize = 64 * 1024;
+
+/// What happened on one proxied connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transfer {
+    /// Bytes from the client to the backend.
+    pub sent: u64,
+    /// Bytes from the backend to the client.
+    pub received: u64,
+    pub close: Close,
+}
+
+/// How a proxied connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// Both sides finished; the client sent its EOF first.
+    Client,
+    /// Both sides finished; the backend sent its EOF first.
+    Backend,
+    ClientError(io::ErrorKind),
+    BackendError(io::ErrorKind),
+    IdleTimeout,
+    /// The shutdown grace period ran out.
+    Shutdown,
+}
+
+impl fmt::Display for Close {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Close::Client => f.write_str("client closed"),
+            Close::Backend => f.write_str("backend closed"),
+            Close::ClientError(kind) => write!(f, "client error ({kind})"),
+            Close::BackendError(kind) => write!(f, "backend error ({kind})"),
+            Close::IdleTimeout => f.write_str("idle timeout"),
+            Close::Shutdown => f.write_str("shutdown"),
+        }
+    }
+}
+
+/// Which side an I/O error happened on.
+enum Fault {
+    From(io::Error),
+    To(io::Error),
+}
+
+/// Copies both ways until both directions end; see the module documentation.
+pub async fn pipe(
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle_timeout: Option<Duration>,
+    stop: &CancellationToken,
+) -> Transfer {
+    let start = Instant::now();
+    let sent = AtomicU64::new(0);
+    let received = AtomicU64::new(0);
+    // Milliseconds since `start` of the last byte moved either way.
+    let last_activity = AtomicU64::new(0);
+
+    let mut up = pin!(one_way(client, backend, &sent, &last_activity, start));
+    let mut down = pin!(one_way(backend, client, &received, &last_activity, start));
+    let (mut up_done, mut down_done) = (false, false);
+    let mut first_eof = None;
+
+    let close = loop {
+        let idle_deadline = idle_timeout.map(|idle| {
+            start + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + idle
+        });
+        tokio::select! {
+            r = &mut up, if !up_done => {
+                up_done = true;
+                match r {
+                    Ok(()) => { first_eof.get_or_insert(Close::Client); }
+                    Err(Fault::From(e)) => break Close::ClientError(e.kind()),
+                    Err(Fault::To(e)) => break Close::BackendError(e.kind()),
+                }
+            }
+            r = &mut down, if !down_done => {
+                down_done = true;
+                match r {
+                    Ok(()) => { first_eof.get_or_insert(Close::Backend); }
+                    Err(Fault::From(e)) => break Close::BackendError(e.kind()),
+                    Err(Fault::To(e)) => break Close::ClientError(e.kind()),
+                }
+            }
+            _ = sleep_until(idle_deadline.unwrap_or(start)), if idle_deadline.is_some() => {
+                let idle = idle_timeout.unwrap_or_default();
+                let quiet = start.elapsed().saturating_sub(Duration::from_millis(last_activity.load(Ordering::Relaxed)));
+                if quiet >= idle {
+                    break Close::IdleTimeout;
+                }
+            }
+            _ = stop.cancelled() => break Close::Shutdown,
+        }
+        if up_done && down_done {
+            break first_eof.unwrap_or(Close::Client);
+        }
+    };
+    Transfer {
+        sent: sent.load(Ordering::Relaxed),
+        received: received.load(Ordering::Relaxed),
+        close,
+    }
+}
+
+/// Copies `from` → `to` until EOF on `from`, then shuts down writing on `to`.
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    count: &AtomicU64,
+    last_activity: &AtomicU64,
+    start: Instant,
+) -> Result<(), Fault> {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        from.readable().await.map_err(Fault::From)?;
+        if buf.capacity() == 0 {
+            buf.reserve_exact(BUF_SIZE);
+        }
+        buf.clear();
+        // Reads into spare capacity, so a fresh buffer is never zero-filled first.
+        match from.try_read_buf(&mut buf) {
+            Ok(0) => {
+                // Half-close: pass the EOF on and let the other direction run on.
+                return match SockRef::from(to).shutdown(Shutdown::Write) {
+                    Ok(()) => Ok(()),
+                    // The other side already went away entirely; nothing left to tell it.
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                    Err(e) => Err(Fault::To(e)),
+                };
+            }
+            Ok(n) => {
+                write_all(to, &buf[..n]).await.map_err(Fault::To)?;
+                count.fetch_add(n as u64, Ordering::Relaxed);
+                last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Drained for now: give the buffer back while the direction is quiet.
+                buf = Vec::new();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Fault::From(e)),
+        }
+    }
+}
+
+async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        to.writable().await?;
+        match to.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
