@@ -48,16 +48,31 @@ pub enum Close {
     Shutdown,
 }
 
+impl Close {
+    /// A one-word name for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Close::Client => "client_closed",
+            Close::Backend => "backend_closed",
+            Close::ClientError(_) => "client_error",
+            Close::BackendError(_) => "backend_error",
+            Close::IdleTimeout => "idle_timeout",
+            Close::Shutdown => "shutdown",
+        }
+    }
+
+    /// The I/O error that ended the connection, if one did.
+    pub fn error(&self) -> Option<io::ErrorKind> {
+        match self {
+            Close::ClientError(kind) | Close::BackendError(kind) => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
 impl fmt::Display for Close {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Close::Client => f.write_str("client closed"),
-            Close::Backend => f.write_str("backend closed"),
-            Close::ClientError(kind) => write!(f, "client error ({kind})"),
-            Close::BackendError(kind) => write!(f, "backend error ({kind})"),
-            Close::IdleTimeout => f.write_str("idle timeout"),
-            Close::Shutdown => f.write_str("shutdown"),
-        }
+        f.write_str(self.as_str())
     }
 }
 

@@ -25,8 +25,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Config, Settings};
 use crate::discovery::Discovery;
 use crate::endpoint::Endpoint;
-use balance::{Balancer, NoBackend};
-use copy::Close;
+use balance::Balancer;
 
 /// A failure that stops the ambassador from starting.
 #[derive(Debug, thiserror::Error)]
@@ -210,14 +209,12 @@ async fn serve(
 
     let t = copy::pipe(&client, &backend, settings.idle_timeout, &force_close).await;
     let duration_ms = start.elapsed().as_millis() as u64;
-    match t.close {
-        Close::Client | Close::Backend | Close::IdleTimeout | Close::Shutdown => {
-            info!(listen = %route.listen, client = %peer, backend = %endpoint, sent = t.sent,
-                received = t.received, duration_ms, close = %t.close, "connection closed")
-        }
-        Close::ClientError(_) | Close::BackendError(_) => {
+    match t.close.error() {
+        None => info!(listen = %route.listen, client = %peer, backend = %endpoint, sent = t.sent,
+            received = t.received, duration_ms, close = %t.close, "connection closed"),
+        Some(error) => {
             warn!(listen = %route.listen, client = %peer, backend = %endpoint, sent = t.sent,
-                received = t.received, duration_ms, close = %t.close, "connection closed")
+            received = t.received, duration_ms, close = %t.close, error = %error, "connection closed")
         }
     }
 }
@@ -237,10 +234,7 @@ async fn connect(route: &Route, settings: &Settings) -> Result<(TcpStream, Endpo
                 warn!(listen = %route.listen, backend = %route.spec,
                     "{reason}: refusing connections until discovery finds some");
             }
-            return Err(match reason {
-                NoBackend::NotYetDiscovered => "no backends discovered yet".into(),
-                NoBackend::Empty => "no backends".into(),
-            });
+            return Err(reason.to_string());
         }
     };
     let mut failures = Vec::with_capacity(plan.len());

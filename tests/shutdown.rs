@@ -1,0 +1,133 @@
+//! SIGTERM/SIGINT: stop accepting, let open transfers finish within the grace period,
+//! close what is still open when it ends, exit 0.
+
+mod support;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A backend that sends `chunks` chunks of 64 KiB, each only after the test says go, so
+/// the test controls when the transfer is in flight.
+async fn paced_backend(chunks: usize) -> (std::net::SocketAddr, tokio::sync::mpsc::Sender<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (go, mut go_rx) = tokio::sync::mpsc::channel::<()>(chunks);
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        for i in 0..chunks {
+            if go_rx.recv().await.is_none() {
+                return;
+            }
+            s.write_all(&pattern(i as u64, 64 * 1024)).await.unwrap();
+        }
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    });
+    (addr, go)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_open_transfer_and_refuses_new_connections() {
+    let (backend, go) = paced_backend(4).await;
+    let mut amb = Ambassador::start(&[
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--shutdown-grace",
+        "30s",
+        &backend.to_string(),
+    ]);
+    let mut client = TcpStream::connect(amb.addr).await.unwrap();
+    go.send(()).await.unwrap();
+    let mut first = vec![0u8; 64 * 1024];
+    client.read_exact(&mut first).await.unwrap();
+
+    amb.signal("TERM");
+    amb.wait_for_log("stopped accepting");
+    let refused = TcpStream::connect(amb.addr).await;
+    assert!(
+        refused.is_err(),
+        "a new connection was accepted during shutdown"
+    );
+
+    // The open transfer goes on to its end.
+    for _ in 1..4 {
+        go.send(()).await.unwrap();
+    }
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest.len(), 3 * 64 * 1024);
+    assert_eq!(rest[..64 * 1024], pattern(1, 64 * 1024)[..]);
+    drop(client);
+
+    let status = amb.wait_exit();
+    assert_eq!(status.code(), Some(0), "{:#?}", amb.log());
+    assert_eq!(amb.count_log("grace period over"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grace_period_ends_connections_still_open_and_exits_0() {
+    let (backend, go) = paced_backend(2).await;
+    let mut amb = Ambassador::start(&[
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--shutdown-grace",
+        "500ms",
+        &backend.to_string(),
+    ]);
+    let mut client = TcpStream::connect(amb.addr).await.unwrap();
+    go.send(()).await.unwrap();
+    let mut first = vec![0u8; 64 * 1024];
+    client.read_exact(&mut first).await.unwrap();
+
+    amb.signal("INT");
+    let status = amb.wait_exit();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(amb.count_log("grace period over"), 1, "{:#?}", amb.log());
+    let line = amb.wait_for_log("connection closed");
+    assert_eq!(field(&line, "close").as_deref(), Some("shutdown"), "{line}");
+    // The client sees its connection end.
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(DEADLINE, client.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "client connection left open");
+    drop(go);
+}
+
+/// Running out of file descriptors makes accept fail; the ambassador backs off and
+/// serves again once descriptors are free, instead of exiting.
+#[tokio::test(flavor = "multi_thread")]
+async fn accept_errors_back_off_and_recover() {
+    let backend = named_backend("127.0.0.1:0", "still-here").await;
+    // A low descriptor limit through the shell's ulimit, then the binary itself.
+    let script = format!(
+        "ulimit -n 40 && exec {} --bind 127.0.0.1 --port 0 {}",
+        env!("CARGO_BIN_EXE_ambassadord"),
+        backend.addr
+    );
+    let mut amb = Ambassador::start_with_shell(&script);
+    let mut held = Vec::new();
+    for _ in 0..60 {
+        if let Ok(s) = TcpStream::connect(amb.addr).await {
+            held.push(s);
+        }
+    }
+    amb.wait_for_log("accept failed");
+    drop(held);
+    let reply = eventually("a connection is served again", || async {
+        read_reply(amb.addr)
+            .await
+            .ok()
+            .filter(|r| r == "still-here\n")
+    })
+    .await;
+    assert_eq!(reply, "still-here\n");
+    assert!(
+        amb.child_running(),
+        "ambassadord exited after accept errors"
+    );
+}

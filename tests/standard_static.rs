@@ -1,0 +1,303 @@
+//! Standard mode with static backends, through the real binary on loopback.
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpStream as StdTcpStream};
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn port_arg(addr: SocketAddr) -> String {
+    addr.to_string()
+}
+
+/// 8 MB each way through the proxy arrive intact, and the backend's reply that follows
+/// the client's EOF still arrives (half-close is passed on, not turned into a close).
+#[tokio::test(flavor = "multi_thread")]
+async fn eight_megabytes_each_way_with_half_close_arrive_intact() {
+    let backend = integrity_backend().await;
+    let amb = Ambassador::start(&[
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        &port_arg(backend.addr),
+    ]);
+    integrity_exchange(amb.addr, 1, 8 << 20).await;
+}
+
+/// 200 connections at once, each with its own data, all checked.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_concurrent_connections_each_intact() {
+    let backend = integrity_backend().await;
+    let amb = Ambassador::start(&[
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        &port_arg(backend.addr),
+    ]);
+    let mut tasks = tokio::task::JoinSet::new();
+    for seed in 0..200u64 {
+        let addr = amb.addr;
+        tasks.spawn(async move {
+            integrity_exchange(addr, 1000 + seed, 64 * 1024 + seed as usize).await
+        });
+    }
+    let mut done = 0;
+    while let Some(r) = tasks.join_next().await {
+        r.expect("a connection failed its integrity check");
+        done += 1;
+    }
+    assert_eq!(done, 200);
+}
+
+/// The per-connection log line names client, backend, byte counts, duration and close.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_log_line_per_connection_with_bytes_and_close_reason() {
+    let backend = integrity_backend().await;
+    let mut amb = Ambassador::start(&[
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        &port_arg(backend.addr),
+    ]);
+    integrity_exchange(amb.addr, 7, 1000).await;
+    let line = amb.wait_for_log("connection closed");
+    assert_eq!(field(&line, "sent").as_deref(), Some("1016"), "{line}");
+    assert_eq!(field(&line, "received").as_deref(), Some("1032"), "{line}");
+    assert_eq!(
+        field(&line, "backend").as_deref(),
+        Some(backend.addr.to_string().as_str()),
+        "{line}"
+    );
+    assert!(
+        field(&line, "client").is_some_and(|c| c.starts_with("127.0.0.1:")),
+        "{line}"
+    );
+    assert!(field(&line, "duration_ms").is_some(), "{line}");
+    let close = field(&line, "close").unwrap_or_default();
+    assert!(
+        close == "backend_closed" || close == "client_closed",
+        "{line}"
+    );
+    assert_eq!(amb.count_log("connection closed"), 1);
+}
+
+/// Both backends serve; after one dies every later connection still succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn both_backends_serve_and_a_dead_one_is_skipped() {
+    let a = named_backend("127.0.0.1:0", "a").await;
+    let b = named_backend("127.0.0.1:0", "b").await;
+    let spec = format!("{},{}", a.addr, b.addr);
+    let amb = Ambassador::start(&["--bind", "127.0.0.1", "--port", "0", &spec]);
+
+    let mut seen = HashSet::new();
+    for _ in 0..10 {
+        seen.insert(read_reply(amb.addr).await.unwrap());
+    }
+    assert_eq!(seen, HashSet::from(["a\n".to_string(), "b\n".to_string()]));
+
+    b.kill();
+    eventually("b's port refuses", || async {
+        StdTcpStream::connect(b_addr(&spec)).is_err().then_some(())
+    })
+    .await;
+    for i in 0..20 {
+        let reply = read_reply(amb.addr)
+            .await
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(reply, "a\n", "connection {i}");
+    }
+}
+
+fn b_addr(spec: &str) -> SocketAddr {
+    spec.split(',').nth(1).unwrap().parse().unwrap()
+}
+
+/// A listener whose accept queue is full: the kernel drops further SYNs, so a connect
+/// to it hangs like one to a black-holed host. Keeps its queued connections open.
+struct BlackHole {
+    addr: SocketAddr,
+    _listener: socket2::Socket,
+    _queued: Vec<StdTcpStream>,
+}
+
+fn black_hole() -> BlackHole {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..16 {
+        match StdTcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => queued.push(s),
+            Err(_) => {
+                return BlackHole {
+                    addr,
+                    _listener: listener,
+                    _queued: queued,
+                };
+            }
+        }
+    }
+    panic!("could not fill the accept queue of {addr}");
+}
+
+/// A backend that never answers the SYN costs one connect timeout, then the next backend
+/// serves the connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_timeout_moves_on_to_the_next_backend() {
+    let hole = black_hole();
+    let good = named_backend("127.0.0.1:0", "good").await;
+    let spec = format!("{},{}", hole.addr, good.addr);
+    let mut amb = Ambassador::start(&[
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--connect-timeout",
+        "300ms",
+        "--log-level",
+        "debug",
+        &spec,
+    ]);
+    for i in 0..4 {
+        let reply = read_reply(amb.addr)
+            .await
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(reply, "good\n", "connection {i}");
+    }
+    let line = amb.wait_for_log("connect timed out");
+    assert!(line.contains(&hole.addr.to_string()), "{line}");
+}
+
+/// Every backend down: the client is closed, and the log says why naming each backend.
+#[tokio::test(flavor = "multi_thread")]
+async fn all_backends_down_closes_the_client_with_a_reason() {
+    let dead = named_backend("127.0.0.1:0", "x").await;
+    let addr = dead.addr;
+    dead.kill();
+    eventually("port refuses", || async {
+        StdTcpStream::connect(addr).is_err().then_some(())
+    })
+    .await;
+    let mut amb = Ambassador::start(&["--bind", "127.0.0.1", "--port", "0", &addr.to_string()]);
+    let mut s = TcpStream::connect(amb.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let n = s.read_to_end(&mut buf).await.unwrap_or(0);
+    assert_eq!(n, 0);
+    let line = amb.wait_for_log("connection refused");
+    assert!(
+        line.contains("every backend failed") && line.contains(&addr.to_string()),
+        "{line}"
+    );
+}
+
+/// A host-name backend is resolved (here from /etc/hosts).
+#[tokio::test(flavor = "multi_thread")]
+async fn host_name_backend_localhost() {
+    let backend = named_backend("127.0.0.1:0", "by-name").await;
+    let spec = format!("localhost:{}", backend.addr.port());
+    let amb = Ambassador::start(&["--bind", "127.0.0.1", "--port", "0", &spec]);
+    for _ in 0..3 {
+        assert_eq!(read_reply(amb.addr).await.unwrap(), "by-name\n");
+    }
+}
+
+/// IPv6 loopback both as the listen address and as a bracketed backend.
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_loopback() {
+    let backend = named_backend("[::1]:0", "six").await;
+    let spec = format!("[::1]:{}", backend.addr.port());
+    let amb = Ambassador::start(&["--bind", "::1", "--port", "0", &spec]);
+    assert!(amb.addr.is_ipv6());
+    assert_eq!(read_reply(amb.addr).await.unwrap(), "six\n");
+}
+
+/// With no --bind, the listener takes IPv4 and IPv6 alike; with no --port, the backend's.
+#[tokio::test(flavor = "multi_thread")]
+async fn default_bind_is_dual_stack_on_the_backends_port() {
+    // The backend sits on 127.0.0.2 so the ambassador can take the same port number on
+    // every address without clashing with it... except 127.0.0.2 is one of those
+    // addresses, so use an ephemeral port number that is free on the wildcard instead.
+    let probe = std::net::TcpListener::bind("[::]:0").unwrap();
+    let port = probe.local_addr().unwrap().port();
+    drop(probe);
+    let backend = named_backend("127.0.0.1:0", "dual").await;
+    let amb = Ambassador::start(&["--port", &port.to_string(), &backend.addr.to_string()]);
+    assert_eq!(amb.addr.port(), port);
+    let v4: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let v6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+    assert_eq!(read_reply(v4).await.unwrap(), "dual\n");
+    assert_eq!(read_reply(v6).await.unwrap(), "dual\n");
+
+    // Without --port it listens on the (first) backend's own port.
+    let listener = tokio::net::TcpListener::bind("127.0.0.3:0").await.unwrap();
+    let backend_port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let amb = Ambassador::start(&["--bind", "127.0.0.1", &format!("127.0.0.3:{backend_port}")]);
+    assert_eq!(amb.addr.port(), backend_port);
+}
+
+/// Bytes written by the client after the backend finished sending are still delivered
+/// (half-close in the other direction).
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_eof_first_keeps_the_client_direction_open() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let amb = Ambassador::start(&["--bind", "127.0.0.1", "--port", "0", &addr.to_string()]);
+    let mut c = TcpStream::connect(amb.addr).await.unwrap();
+    let mut hello = Vec::new();
+    c.read_to_end(&mut hello).await.unwrap();
+    assert_eq!(hello, b"hello");
+    c.write_all(b"late words").await.unwrap();
+    c.shutdown().await.unwrap();
+    assert_eq!(server.await.unwrap(), b"late words");
+}
+
+/// With --idle-timeout, a silent connection is closed and the log says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_timeout_closes_a_silent_connection() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let _server = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(s);
+    });
+    let mut amb = Ambassador::start(&[
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--idle-timeout",
+        "300ms",
+        &addr.to_string(),
+    ]);
+    let mut c = TcpStream::connect(amb.addr).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, c.read_to_end(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    let line = amb.wait_for_log("connection closed");
+    assert_eq!(
+        field(&line, "close").as_deref(),
+        Some("idle_timeout"),
+        "{line}"
+    );
+}
