@@ -67,6 +67,10 @@ struct Cli {
     )]
     shutdown_grace: String,
 
+    /// DNS server for host names and SRV lookups, IP[:PORT] [default: /etc/resolv.conf]
+    #[arg(long, value_name = "IP[:PORT]", env = "AMBASSADORD_DNS")]
+    dns: Option<String>,
+
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives [default: RUST_LOG, else info]
     #[arg(long, value_name = "FILTER", env = "AMBASSADORD_LOG_LEVEL")]
     log_level: Option<String>,
@@ -92,6 +96,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub routes: Vec<RouteConfig>,
+    /// `--dns`: ask this nameserver instead of the ones in /etc/resolv.conf.
+    pub dns: Option<std::net::SocketAddr>,
     pub settings: Settings,
     pub log: LogConfig,
 }
@@ -266,11 +272,17 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
         })?;
     }
 
+    let dns = match &cli.dns {
+        None => None,
+        Some(s) => Some(parse_dns(s).map_err(|why| at("dns", s, &why))?),
+    };
+
     Ok(Config {
         routes: vec![RouteConfig {
             listen: Listen { ip, port },
             spec,
         }],
+        dns,
         settings: Settings {
             connect_timeout,
             idle_timeout,
@@ -281,6 +293,22 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
             format: cli.log_format,
         },
     })
+}
+
+/// A nameserver: `IP`, `IP:PORT` or `[IPV6]:PORT` (port 53 when left out). It must be
+/// an address: the resolver cannot look up its own server.
+fn parse_dns(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = s.parse::<std::net::SocketAddr>() {
+        return Ok(addr);
+    }
+    match s
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        Ok(ip) => Ok((ip, 53).into()),
+        Err(_) => Err("not an IP address or IP:PORT".into()),
+    }
 }
 
 /// A duration such as `5s`, `250ms`, `2m`, `1h` or `1.5s`; a bare number is seconds.
@@ -344,6 +372,18 @@ mod tests {
     }
 
     #[test]
+    fn discovery_specs_listen_on_10000_and_dns_parses() {
+        let c = parse(&["--dns", "127.0.0.1:5353", "redis.service.consul"]).unwrap();
+        assert_eq!(c.routes[0].listen.port, 10000);
+        assert_eq!(c.dns, Some("127.0.0.1:5353".parse().unwrap()));
+        let c = parse(&["--dns", "::1", "etcd://127.0.0.1:2379/nodes"]).unwrap();
+        assert_eq!(c.dns, Some("[::1]:53".parse().unwrap()));
+        assert_eq!(c.routes[0].listen.port, 10000);
+        let c = parse(&["--port", "7000", "consul://127.0.0.1:8500/nodes"]).unwrap();
+        assert_eq!(c.routes[0].listen.port, 7000);
+    }
+
+    #[test]
     fn several_backends_listen_on_the_first_port() {
         let c = parse(&["a:6379,b:6380"]).unwrap();
         assert_eq!(c.routes[0].listen.port, 6379);
@@ -370,7 +410,11 @@ mod tests {
     fn errors_name_the_flag_and_value() {
         let cases: &[(&[&str], &str)] = &[
             (&[], "no backend given"),
-            (&["redis"], "backend 'redis': missing ':PORT'"),
+            (&["10.0.0.5"], "backend '10.0.0.5': missing ':PORT'"),
+            (
+                &["--dns", "dns.example", "a:1"],
+                "--dns 'dns.example': not an IP address",
+            ),
             (&["--port", "abc", "a:1"], "--port 'abc': not a port number"),
             (
                 &["--port", "70000", "a:1"],

@@ -4,21 +4,45 @@
 //! message read in a container log points straight at the typo.
 //!
 //! ```text
-//! spec    = static
-//! static  = hostport *( "," hostport )
+//! spec    = static | srv | kv
+//! static  = hostport *( "," hostport )    ; listens on the first port
+//! srv     = dns-name                      ; SRV records; listens on 10000
+//! kv      = ("etcd" | "consul") "://" host [":" port] path    ; listens on 10000
 //! hostport= host ":" port | "[" ipv6 "]" ":" port
-//! host    = ipv4 | dns-name            ; letters, digits, '-', '_' and dots
+//! host    = ipv4 | dns-name               ; letters, digits, '-', '_' and dots
 //! port    = 1..65535
+//! path    = "/" key                       ; etcd default port 2379, consul 8500
 //! ```
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+/// The port standard mode listens on for discovered (SRV, etcd, Consul) backends.
+pub const DISCOVERY_LISTEN_PORT: u16 = 10000;
+pub const ETCD_DEFAULT_PORT: u16 = 2379;
+pub const CONSUL_DEFAULT_PORT: u16 = 8500;
+
 /// A parsed backend spec.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Spec {
     /// A fixed list of `HOST:PORT`; host names are resolved (and re-resolved on TTL).
     Static(Vec<HostPort>),
+    /// A DNS name whose SRV records list the backends (e.g. `redis.service.consul`).
+    Srv(String),
+    /// Backends from etcd v3 keys.
+    Etcd(KvSpec),
+    /// Backends from Consul's KV store.
+    Consul(KvSpec),
+}
+
+/// Where a KV store is and which key holds the backends: the values of the key's
+/// children if it has any, else the key's own value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KvSpec {
+    pub server: HostPort,
+    /// The key as written after the server, with its leading '/' and without a
+    /// trailing one (e.g. `/path/to/backend/nodes`).
+    pub path: String,
 }
 
 /// A host (IP literal or DNS name) and a port.
@@ -53,10 +77,24 @@ impl Spec {
         if trimmed.is_empty() {
             return Err(fail("the backend is empty".into()));
         }
-        if let Some((scheme, _)) = trimmed.split_once("://") {
-            return Err(fail(format!(
-                "unsupported scheme '{scheme}://' (expected HOST:PORT[,HOST:PORT...])"
-            )));
+        if let Some((scheme, rest)) = trimmed.split_once("://") {
+            let (make, default_port): (fn(KvSpec) -> Spec, u16) = match scheme {
+                "etcd" => (Spec::Etcd, ETCD_DEFAULT_PORT),
+                "consul" => (Spec::Consul, CONSUL_DEFAULT_PORT),
+                _ => {
+                    return Err(fail(format!(
+                        "unsupported scheme '{scheme}://' (use etcd:// or consul://, or HOST:PORT)"
+                    )));
+                }
+            };
+            return KvSpec::parse(rest, default_port).map(make).map_err(fail);
+        }
+        if !trimmed.contains([':', ',']) {
+            // A lone name without a port is an SRV name; an IP without one is a mistake.
+            return match parse_host(trimmed).map_err(fail)? {
+                Host::Name(name) => Ok(Spec::Srv(name)),
+                Host::Ip(_) => Err(fail("missing ':PORT'".into())),
+            };
         }
         let mut list = Vec::new();
         let several = trimmed.contains(',');
@@ -79,6 +117,7 @@ impl Spec {
     pub fn default_listen_port(&self) -> u16 {
         match self {
             Spec::Static(list) => list[0].port,
+            Spec::Srv(_) | Spec::Etcd(_) | Spec::Consul(_) => DISCOVERY_LISTEN_PORT,
         }
     }
 
@@ -87,6 +126,9 @@ impl Spec {
         match self {
             Spec::Static(list) if list.iter().all(|hp| matches!(hp.host, Host::Ip(_))) => "static",
             Spec::Static(_) => "static (resolved)",
+            Spec::Srv(_) => "dns-srv",
+            Spec::Etcd(_) => "etcd",
+            Spec::Consul(_) => "consul",
         }
     }
 }
@@ -103,7 +145,55 @@ impl fmt::Display for Spec {
                 }
                 Ok(())
             }
+            Spec::Srv(name) => f.write_str(name),
+            Spec::Etcd(kv) => write!(f, "etcd://{}{}", kv.server, kv.path),
+            Spec::Consul(kv) => write!(f, "consul://{}{}", kv.server, kv.path),
         }
+    }
+}
+
+impl KvSpec {
+    /// Parses `HOST[:PORT]/PATH` (what follows the scheme).
+    fn parse(rest: &str, default_port: u16) -> Result<KvSpec, String> {
+        let Some(slash) = rest.find('/') else {
+            return Err(
+                "missing the key path after the server (as in etcd://127.0.0.1:2379/path/to/nodes)"
+                    .into(),
+            );
+        };
+        let (server, path) = rest.split_at(slash);
+        if server.is_empty() {
+            return Err("missing the server before the key path".into());
+        }
+        if let Some(c) = path
+            .chars()
+            .find(|c| matches!(c, '?' | '#' | ',') || c.is_whitespace())
+        {
+            return Err(format!("the key path '{path}' contains {c:?}"));
+        }
+        let path = path.trim_end_matches('/');
+        if path.is_empty() {
+            return Err("the key path is empty".into());
+        }
+        let server = if server.ends_with(']') || !server.contains(':') {
+            let host = match server.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+                Some(v6) => Host::Ip(IpAddr::V6(
+                    v6.parse()
+                        .map_err(|_| format!("'{v6}' is not an IPv6 address"))?,
+                )),
+                None => parse_host(server)?,
+            };
+            HostPort {
+                host,
+                port: default_port,
+            }
+        } else {
+            HostPort::parse(server)?
+        };
+        Ok(KvSpec {
+            server,
+            path: path.to_string(),
+        })
     }
 }
 
@@ -257,6 +347,18 @@ mod tests {
             ("", "the backend is empty"),
             ("   ", "the backend is empty"),
             ("10.0.0.5", "backend '10.0.0.5': missing ':PORT'"),
+            ("10.0.0.5,b:1", "'10.0.0.5': missing ':PORT'"),
+            (
+                "redis.service.consul,b:1",
+                "'redis.service.consul': missing ':PORT'",
+            ),
+            ("bad_srv-.example", "starts or ends with '-'"),
+            ("etcd://127.0.0.1:2379", "missing the key path"),
+            ("etcd://127.0.0.1:2379/", "the key path is empty"),
+            ("etcd:///path", "missing the server"),
+            ("consul://h:x/path", "port 'x' is not a number"),
+            ("consul://h/p?recurse", "contains '?'"),
+            ("zk://h:1/p", "unsupported scheme 'zk://'"),
             ("redis:", "backend 'redis:': the port is empty"),
             (
                 "redis:abc",
@@ -301,8 +403,55 @@ mod tests {
     }
 
     #[test]
+    fn discovery_specs() {
+        let kv = |host: &str, port, path: &str| KvSpec {
+            server: HostPort::parse(&format!("{host}:{port}")).unwrap(),
+            path: path.into(),
+        };
+        let cases: &[(&str, Spec)] = &[
+            (
+                "redis.service.consul",
+                Spec::Srv("redis.service.consul".into()),
+            ),
+            (
+                "_redis._tcp.example.com",
+                Spec::Srv("_redis._tcp.example.com".into()),
+            ),
+            ("localhost", Spec::Srv("localhost".into())),
+            (
+                "etcd://127.0.0.1:2379/path/to/backend/nodes",
+                Spec::Etcd(kv("127.0.0.1", 2379, "/path/to/backend/nodes")),
+            ),
+            ("etcd://etcd/nodes/", Spec::Etcd(kv("etcd", 2379, "/nodes"))),
+            (
+                "consul://127.0.0.1:8500/path/to/backend/nodes",
+                Spec::Consul(kv("127.0.0.1", 8500, "/path/to/backend/nodes")),
+            ),
+            (
+                "consul://consul/svc",
+                Spec::Consul(kv("consul", 8500, "/svc")),
+            ),
+            (
+                "consul://[::1]/svc",
+                Spec::Consul(kv("[::1]", 8500, "/svc")),
+            ),
+        ];
+        for (input, want) in cases {
+            let got = Spec::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(&got, want, "{input}");
+            assert_eq!(got.default_listen_port(), DISCOVERY_LISTEN_PORT);
+        }
+    }
+
+    #[test]
     fn display_round_trips() {
-        for s in ["10.0.0.1:80,[::1]:81,redis:6379", "my_redis:6379"] {
+        for s in [
+            "10.0.0.1:80,[::1]:81,redis:6379",
+            "my_redis:6379",
+            "redis.service.consul",
+            "etcd://127.0.0.1:2379/a/b",
+            "consul://[::1]:8500/a",
+        ] {
             assert_eq!(Spec::parse(s).unwrap().to_string(), s);
         }
     }

@@ -2,12 +2,12 @@
 //! never libc's getaddrinfo, so the static binary works in a FROM-scratch image and no
 //! lookup ever blocks a runtime thread.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{ResolveHosts, ResolverConfig};
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use tokio::time::Instant;
 use tracing::warn;
@@ -57,6 +57,33 @@ impl Resolver {
                 }
             }
         }
+    }
+
+    /// A resolver that asks only `server` (UDP, and TCP for truncated answers), for
+    /// `--dns`. Names in /etc/hosts still resolve from there.
+    pub fn with_nameserver(server: SocketAddr) -> Resolver {
+        let mut connections = vec![ConnectionConfig::udp(), ConnectionConfig::tcp()];
+        for c in &mut connections {
+            c.port = server.port();
+        }
+        let mut ns = NameServerConfig::udp_and_tcp(server.ip());
+        ns.connections = connections;
+        let builder = TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(vec![ns]),
+            TokioRuntimeProvider::default(),
+        );
+        let inner = builder
+            .build()
+            .expect("a resolver with one plain nameserver has nothing to fail on");
+        Resolver {
+            inner,
+            degraded: None,
+        }
+    }
+
+    /// The underlying hickory resolver, for record types beyond A/AAAA (SRV).
+    pub fn hickory(&self) -> &TokioResolver {
+        &self.inner
     }
 
     /// A and AAAA for `name`, sorted so an unchanged answer compares equal.

@@ -28,6 +28,7 @@ pub struct HostsSource {
 }
 
 impl HostsSource {
+    /// `resolver` may be `None` only when every host is an IP literal.
     pub fn new(list: Vec<HostPort>, resolver: Option<Resolver>) -> Self {
         HostsSource {
             list,
@@ -109,6 +110,8 @@ fn earliest(a: Option<Instant>, b: Instant) -> Option<Instant> {
 }
 
 impl Source for HostsSource {
+    type Item = EndpointSet;
+
     async fn next(&mut self) -> Result<EndpointSet, SourceError> {
         match self.refresh_at {
             Some(at) => sleep_until(at).await,
@@ -128,6 +131,7 @@ mod tests {
     fn list(spec: &str) -> Vec<HostPort> {
         match Spec::parse(spec).unwrap() {
             Spec::Static(list) => list,
+            other => panic!("not a static spec: {other}"),
         }
     }
 

@@ -6,10 +6,16 @@
 //! skips unchanged sets, keeps the last good set through errors (retrying with jittered,
 //! capped backoff and logging the outage once), and stops when nobody listens any more.
 
+pub mod consul;
 pub mod dns;
+pub mod etcd;
 pub mod hosts;
+pub mod kv;
+pub mod srv;
 
+use std::fmt::Display;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -29,26 +35,42 @@ pub struct SourceError(pub String);
 
 /// One discovery mechanism for one backend spec.
 pub trait Source: Send + 'static {
+    /// What the source publishes: an [`EndpointSet`] for sources the data path reads, or
+    /// an intermediate value (a KV store's backend list) that another stage resolves.
+    type Item: Clone + PartialEq + Display + Send + Sync + 'static;
+
+    /// Whether a change is worth an info line (false for intermediate stages, whose
+    /// change the final stage announces).
+    const ANNOUNCE: bool = true;
+
     /// Reads the backends, first waiting until there may be something new to read (a TTL
     /// running out, a watch firing). The first call reads at once. After an error the
     /// driver backs off and calls again; the source should then read afresh.
-    fn next(&mut self) -> impl Future<Output = Result<EndpointSet, SourceError>> + Send;
+    fn next(&mut self) -> impl Future<Output = Result<Self::Item, SourceError>> + Send;
 }
 
 /// Shared context for building sources: the resolver is created once, on first need.
 #[derive(Default)]
 pub struct Discovery {
+    /// `--dns`: the nameserver for every lookup instead of /etc/resolv.conf.
+    nameserver: Option<SocketAddr>,
     resolver: std::sync::OnceLock<dns::Resolver>,
 }
 
 impl Discovery {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(nameserver: Option<SocketAddr>) -> Self {
+        Discovery {
+            nameserver,
+            resolver: std::sync::OnceLock::new(),
+        }
     }
 
     fn resolver(&self) -> dns::Resolver {
         self.resolver
-            .get_or_init(dns::Resolver::from_system)
+            .get_or_init(|| match self.nameserver {
+                Some(server) => dns::Resolver::with_nameserver(server),
+                None => dns::Resolver::from_system(),
+            })
             .clone()
     }
 
@@ -62,18 +84,36 @@ impl Discovery {
                     .iter()
                     .any(|hp| matches!(hp.host, Host::Name(_)))
                     .then(|| self.resolver());
-                spawn_source(
-                    name,
-                    hosts::HostsSource::new(list.clone(), resolver),
-                    cancel,
-                )
+                let source = hosts::HostsSource::new(list.clone(), resolver);
+                spawn_source(name, source, cancel)
+            }
+            Spec::Srv(srv_name) => {
+                let source = srv::SrvSource::new(srv_name.clone(), self.resolver());
+                spawn_source(name, source, cancel)
+            }
+            Spec::Etcd(kv) => {
+                let store = etcd::EtcdSource::new(kv.clone());
+                let lists = spawn_source(name.clone(), store, cancel.clone());
+                spawn_source(name, kv::Resolving::new(lists, self.resolver()), cancel)
+            }
+            Spec::Consul(kv) => {
+                let token = std::env::var("CONSUL_HTTP_TOKEN")
+                    .ok()
+                    .filter(|t| !t.is_empty());
+                let store = consul::ConsulSource::new(kv.clone(), token);
+                let lists = spawn_source(name.clone(), store, cancel.clone());
+                spawn_source(name, kv::Resolving::new(lists, self.resolver()), cancel)
             }
         }
     }
 }
 
 /// Runs `source` in its own task and publishes what it finds.
-pub fn spawn_source<S: Source>(name: String, source: S, cancel: CancellationToken) -> Endpoints {
+pub fn spawn_source<S: Source>(
+    name: String,
+    source: S,
+    cancel: CancellationToken,
+) -> watch::Receiver<Option<S::Item>> {
     let (tx, rx) = watch::channel(None);
     tokio::spawn(drive(name, source, tx, cancel));
     rx
@@ -82,7 +122,7 @@ pub fn spawn_source<S: Source>(name: String, source: S, cancel: CancellationToke
 async fn drive<S: Source>(
     name: String,
     mut source: S,
-    tx: watch::Sender<Option<EndpointSet>>,
+    tx: watch::Sender<Option<S::Item>>,
     cancel: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
@@ -104,7 +144,11 @@ async fn drive<S: Source>(
                     if current.as_ref() == Some(&set) {
                         return false;
                     }
-                    info!(source = %name, endpoints = %set, "backends changed");
+                    if S::ANNOUNCE {
+                        info!(source = %name, endpoints = %set, "backends changed");
+                    } else {
+                        debug!(source = %name, read = %set, "source read changed");
+                    }
                     *current = Some(set);
                     true
                 });
@@ -185,6 +229,8 @@ mod tests {
     struct Scripted(VecDeque<Result<EndpointSet, SourceError>>);
 
     impl Source for Scripted {
+        type Item = EndpointSet;
+
         async fn next(&mut self) -> Result<EndpointSet, SourceError> {
             match self.0.pop_front() {
                 Some(r) => r,

@@ -58,7 +58,7 @@ impl Server {
     /// Binds every route's listener and starts its discovery. Fails if any listener
     /// cannot be bound.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
-        let discovery = Discovery::new();
+        let discovery = Discovery::new(config.dns);
         let discovery_stop = CancellationToken::new();
         let mut listeners = Vec::with_capacity(config.routes.len());
         for route in config.routes {
