@@ -28,9 +28,23 @@ pub const EXIT_USAGE: u8 = 64;
         ambassadord --bind 127.0.0.1 --port 7000 10.0.0.5:6379"
 )]
 struct Cli {
-    /// Where to forward: HOST:PORT[,HOST:PORT...]; host names are resolved and refreshed on TTL
+    /// Where to forward: HOST:PORT[,HOST:PORT...], an SRV name, etcd://HOST:PORT/PATH or consul://HOST:PORT/PATH
     #[arg(value_name = "BACKEND", env = "AMBASSADORD_BACKEND")]
     backend: Option<String>,
+
+    /// Omni mode: route each connection by the connecting container's BACKEND_<port> env
+    /// var (or ambassadord.backend.<port> label); listens on 10000
+    #[arg(long, env = "AMBASSADORD_OMNIMODE")]
+    omnimode: bool,
+
+    /// Docker Engine API for omni mode (read-only use): unix:///path or tcp://HOST:PORT
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    docker_host: String,
 
     /// Address to listen on [default: every address, IPv4 and IPv6]
     #[arg(long, value_name = "IP", env = "AMBASSADORD_BIND")]
@@ -98,6 +112,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `--dns`: ask this nameserver instead of the ones in /etc/resolv.conf.
     pub dns: Option<std::net::SocketAddr>,
+    /// `--docker-host`: where omni mode reads containers from.
+    pub docker_host: String,
     pub settings: Settings,
     pub log: LogConfig,
 }
@@ -127,11 +143,28 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-/// One listener and the backend spec its connections go to.
+/// One listener and where its connections go.
 #[derive(Debug, Clone)]
 pub struct RouteConfig {
     pub listen: Listen,
-    pub spec: Spec,
+    pub target: RouteTarget,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteTarget {
+    /// Standard mode: one backend spec.
+    Spec(Spec),
+    /// Omni mode: each connecting container's own declaration for the port.
+    Omni,
+}
+
+impl fmt::Display for RouteTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteTarget::Spec(spec) => write!(f, "{spec}"),
+            RouteTarget::Omni => f.write_str("omni (each container's BACKEND_<port>)"),
+        }
+    }
 }
 
 /// Where to listen: an address (`None` = every address, IPv4 and IPv6) and a port.
@@ -205,19 +238,25 @@ fn origin(matches: &ArgMatches, id: &str) -> String {
 fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
     let at = |id: &str, value: &str, why: &str| format!("{} '{value}': {why}", origin(m, id));
 
-    let Some(backend) = cli.backend else {
-        return Err(
-            "no backend given: pass BACKEND (for example 10.0.0.5:6379) or set AMBASSADORD_BACKEND"
-                .into(),
-        );
-    };
-    let spec = Spec::parse(&backend).map_err(|e| {
-        if origin(m, "backend") == "BACKEND" {
-            e.to_string()
-        } else {
-            format!("{} (from {})", e, origin(m, "backend"))
+    let target = match (&cli.backend, cli.omnimode) {
+        (Some(backend), true) => {
+            return Err(format!(
+                "--omnimode takes no BACKEND (got '{backend}' from {}): each container declares its own",
+                origin(m, "backend")
+            ));
         }
-    })?;
+        (None, true) => RouteTarget::Omni,
+        (None, false) => {
+            return Err("no backend given: pass BACKEND (for example 10.0.0.5:6379) or set AMBASSADORD_BACKEND".into());
+        }
+        (Some(backend), false) => RouteTarget::Spec(Spec::parse(backend).map_err(|e| {
+            if origin(m, "backend") == "BACKEND" {
+                e.to_string()
+            } else {
+                format!("{} (from {})", e, origin(m, "backend"))
+            }
+        })?),
+    };
 
     let ip = match &cli.bind {
         None => None,
@@ -228,9 +267,10 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
                 .map_err(|_| at("bind", s, "not an IP address"))?,
         ),
     };
-    let port = match &cli.port {
-        None => spec.default_listen_port(),
-        Some(s) => s
+    let port = match (&cli.port, &target) {
+        (None, RouteTarget::Spec(spec)) => spec.default_listen_port(),
+        (None, RouteTarget::Omni) => crate::spec::DISCOVERY_LISTEN_PORT,
+        (Some(s), _) => s
             .parse::<u16>()
             .map_err(|_| at("port", s, "not a port number (0-65535)"))?,
     };
@@ -280,9 +320,10 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
     Ok(Config {
         routes: vec![RouteConfig {
             listen: Listen { ip, port },
-            spec,
+            target,
         }],
         dns,
+        docker_host: cli.docker_host,
         settings: Settings {
             connect_timeout,
             idle_timeout,
@@ -381,6 +422,18 @@ mod tests {
         assert_eq!(c.routes[0].listen.port, 10000);
         let c = parse(&["--port", "7000", "consul://127.0.0.1:8500/nodes"]).unwrap();
         assert_eq!(c.routes[0].listen.port, 7000);
+    }
+
+    #[test]
+    fn omnimode_listens_on_10000_and_takes_no_backend() {
+        let c = parse(&["--omnimode"]).unwrap();
+        assert_eq!(c.routes[0].target, RouteTarget::Omni);
+        assert_eq!(c.routes[0].listen.port, 10000);
+        let err = parse(&["--omnimode", "a:1"]).unwrap_err();
+        assert!(
+            err.contains("--omnimode takes no BACKEND (got 'a:1'"),
+            "{err}"
+        );
     }
 
     #[test]

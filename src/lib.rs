@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod discovery;
+pub mod docker;
 pub mod endpoint;
 pub mod proxy;
 pub mod spec;

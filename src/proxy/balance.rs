@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::{info, warn};
 
 use crate::discovery::Endpoints;
 use crate::endpoint::{Endpoint, EndpointSet};
@@ -39,11 +40,15 @@ impl std::fmt::Display for NoBackend {
     }
 }
 
-/// The endpoints of one route and the state that balancing keeps across connections.
+/// The endpoints of one spec and the state that balancing keeps across connections.
 pub struct Balancer {
+    /// The spec, for log lines.
+    name: String,
     endpoints: Endpoints,
     next: AtomicUsize,
     health: Health,
+    /// Set while there is nothing to connect to, so that is logged once.
+    unavailable: AtomicBool,
 }
 
 /// The order one connection tries endpoints in.
@@ -67,12 +72,18 @@ impl Plan {
 }
 
 impl Balancer {
-    pub fn new(endpoints: Endpoints) -> Self {
+    pub fn new(name: String, endpoints: Endpoints) -> Self {
         Balancer {
+            name,
             endpoints,
             next: AtomicUsize::new(0),
             health: Health::default(),
+            unavailable: AtomicBool::new(false),
         }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// The current set, as the data path sees it.
@@ -80,11 +91,29 @@ impl Balancer {
         self.endpoints.borrow().clone()
     }
 
+    /// The order to try endpoints in for one new connection. Going from having backends
+    /// to having none (and back) is logged once, not once per connection.
     pub fn plan(&self) -> Result<Plan, NoBackend> {
         let set = match &*self.endpoints.borrow() {
-            None => return Err(NoBackend::NotYetDiscovered),
-            Some(set) if set.is_empty() => return Err(NoBackend::Empty),
-            Some(set) => set.clone(),
+            None => Err(NoBackend::NotYetDiscovered),
+            Some(set) if set.is_empty() => Err(NoBackend::Empty),
+            Some(set) => Ok(set.clone()),
+        };
+        let set = match set {
+            Ok(set) => {
+                if self.unavailable.load(Ordering::Relaxed)
+                    && self.unavailable.swap(false, Ordering::Relaxed)
+                {
+                    info!(backend = %self.name, "backends available again");
+                }
+                set
+            }
+            Err(reason) => {
+                if !self.unavailable.swap(true, Ordering::Relaxed) {
+                    warn!(backend = %self.name, "{reason}: refusing connections until discovery finds some");
+                }
+                return Err(reason);
+            }
         };
         let turn = self.next.fetch_add(1, Ordering::Relaxed);
         let mut order = Vec::with_capacity(set.len());
@@ -189,7 +218,7 @@ mod tests {
 
     fn balancer(endpoints: Vec<Endpoint>) -> (Balancer, watch::Sender<Option<EndpointSet>>) {
         let (tx, rx) = watch::channel(Some(EndpointSet::new(endpoints)));
-        (Balancer::new(rx), tx)
+        (Balancer::new("test".into(), rx), tx)
     }
 
     fn order(b: &Balancer) -> Vec<String> {
@@ -267,7 +296,7 @@ mod tests {
     #[test]
     fn empty_and_undiscovered_are_told_apart() {
         let (tx, rx) = watch::channel(None);
-        let b = Balancer::new(rx);
+        let b = Balancer::new("test".into(), rx);
         assert_eq!(b.plan().err(), Some(NoBackend::NotYetDiscovered));
         tx.send(Some(EndpointSet::empty())).unwrap();
         assert_eq!(b.plan().err(), Some(NoBackend::Empty));

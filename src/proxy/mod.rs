@@ -8,11 +8,11 @@
 pub mod balance;
 pub mod copy;
 pub mod listen;
+pub mod omni;
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -22,10 +22,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, Settings};
+use crate::config::{Config, RouteTarget, Settings};
 use crate::discovery::Discovery;
+use crate::docker::index::ContainerIndex;
 use crate::endpoint::Endpoint;
 use balance::Balancer;
+use omni::Omni;
 
 /// A failure that stops the ambassador from starting.
 #[derive(Debug, thiserror::Error)]
@@ -36,15 +38,21 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error("{0}")]
+    Docker(String),
 }
 
 /// One listening address and where its connections go.
 struct Route {
     listen: SocketAddr,
-    spec: String,
-    balancer: Balancer,
-    /// Set while the route has nothing to connect to, so that is logged once.
-    unavailable: AtomicBool,
+    target: Target,
+}
+
+enum Target {
+    /// Standard mode: every connection goes to one spec's backends.
+    Fixed(Arc<Balancer>),
+    /// Omni mode: each connection goes where its container declares.
+    Omni(Arc<Omni>),
 }
 
 /// Bound listeners with their routes, ready to serve.
@@ -56,31 +64,37 @@ pub struct Server {
 
 impl Server {
     /// Binds every route's listener and starts its discovery. Fails if any listener
-    /// cannot be bound.
+    /// cannot be bound or the Docker host is malformed.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
-        let discovery = Discovery::new(config.dns);
+        let discovery = Arc::new(Discovery::new(config.dns));
         let discovery_stop = CancellationToken::new();
         let mut listeners = Vec::with_capacity(config.routes.len());
         for route in config.routes {
-            let listener = listen::bind(route.listen.ip, route.listen.port).map_err(|source| {
-                StartError::Bind {
-                    addr: route.listen.to_string(),
-                    source,
-                }
-            })?;
-            let local = listener.local_addr().map_err(|source| StartError::Bind {
+            let bind_error = |source| StartError::Bind {
                 addr: route.listen.to_string(),
                 source,
-            })?;
-            let endpoints = discovery.spawn(&route.spec, discovery_stop.child_token());
-            info!(listen = %local, backend = %route.spec, kind = route.spec.kind(), "listening");
+            };
+            let listener = listen::bind(route.listen.ip, route.listen.port).map_err(bind_error)?;
+            let local = listener.local_addr().map_err(bind_error)?;
+            let (target, kind) = match &route.target {
+                RouteTarget::Spec(spec) => {
+                    let endpoints = discovery.spawn(spec, discovery_stop.child_token());
+                    let balancer = Balancer::new(spec.to_string(), endpoints);
+                    (Target::Fixed(Arc::new(balancer)), spec.kind())
+                }
+                RouteTarget::Omni => {
+                    let index = ContainerIndex::new(Some(&config.docker_host))
+                        .map_err(StartError::Docker)?;
+                    let omni = Omni::start(index, discovery.clone(), discovery_stop.child_token());
+                    (Target::Omni(omni), "omni")
+                }
+            };
+            info!(listen = %local, backend = %route.target, kind, "listening");
             listeners.push((
                 listener,
                 Arc::new(Route {
                     listen: local,
-                    spec: route.spec.to_string(),
-                    balancer: Balancer::new(endpoints),
-                    unavailable: AtomicBool::new(false),
+                    target,
                 }),
             ));
         }
@@ -195,14 +209,29 @@ async fn serve(
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let _ = client.set_nodelay(true);
 
-    let (backend, endpoint) = tokio::select! {
-        r = connect(&route, &settings) => match r {
-            Ok(pair) => pair,
-            Err(reason) => {
-                error!(listen = %route.listen, client = %peer, backend = %route.spec,
-                    duration_ms = start.elapsed().as_millis() as u64, "connection refused: {reason}");
-                return;
+    let refused = |reason: &str, route_label: &str| {
+        error!(listen = %route.listen, client = %peer, route = route_label,
+            duration_ms = start.elapsed().as_millis() as u64, "connection refused: {reason}");
+    };
+    let (balancer, label) = match &route.target {
+        Target::Fixed(balancer) => (balancer.clone(), None),
+        Target::Omni(omni) => {
+            let routed = tokio::select! {
+                r = omni.route(&client, peer.ip()) => r,
+                _ = force_close.cancelled() => return,
+            };
+            match routed {
+                Ok(r) => (r.balancer, Some(r.label)),
+                Err(reason) => return refused(&reason, "omni"),
             }
+        }
+    };
+    let label = label.as_deref().unwrap_or(balancer.name());
+
+    let (backend, endpoint) = tokio::select! {
+        r = connect(&balancer, &settings) => match r {
+            Ok(pair) => pair,
+            Err(reason) => return refused(&reason, label),
         },
         _ = force_close.cancelled() => return,
     };
@@ -210,38 +239,28 @@ async fn serve(
     let t = copy::pipe(&client, &backend, settings.idle_timeout, &force_close).await;
     let duration_ms = start.elapsed().as_millis() as u64;
     match t.close.error() {
-        None => info!(listen = %route.listen, client = %peer, backend = %endpoint, sent = t.sent,
-            received = t.received, duration_ms, close = %t.close, "connection closed"),
+        None => info!(listen = %route.listen, client = %peer, route = label, backend = %endpoint,
+            sent = t.sent, received = t.received, duration_ms, close = %t.close, "connection closed"),
         Some(error) => {
-            warn!(listen = %route.listen, client = %peer, backend = %endpoint, sent = t.sent,
-            received = t.received, duration_ms, close = %t.close, error = %error, "connection closed")
+            warn!(listen = %route.listen, client = %peer, route = label, backend = %endpoint,
+            sent = t.sent, received = t.received, duration_ms, close = %t.close, error = %error,
+            "connection closed")
         }
     }
 }
 
 /// Connects to the first endpoint in the balancer's order that accepts, trying each
 /// once. The error says why none could be used.
-async fn connect(route: &Route, settings: &Settings) -> Result<(TcpStream, Endpoint), String> {
-    let plan = match route.balancer.plan() {
-        Ok(plan) => {
-            if route.unavailable.swap(false, Ordering::Relaxed) {
-                info!(listen = %route.listen, backend = %route.spec, "backends available again");
-            }
-            plan
-        }
-        Err(reason) => {
-            if !route.unavailable.swap(true, Ordering::Relaxed) {
-                warn!(listen = %route.listen, backend = %route.spec,
-                    "{reason}: refusing connections until discovery finds some");
-            }
-            return Err(reason.to_string());
-        }
-    };
+async fn connect(
+    balancer: &Balancer,
+    settings: &Settings,
+) -> Result<(TcpStream, Endpoint), String> {
+    let plan = balancer.plan().map_err(|reason| reason.to_string())?;
     let mut failures = Vec::with_capacity(plan.len());
     for endpoint in plan.iter() {
         match timeout(settings.connect_timeout, TcpStream::connect(endpoint.addr)).await {
             Ok(Ok(stream)) => {
-                route.balancer.connect_succeeded(endpoint.addr);
+                balancer.connect_succeeded(endpoint.addr);
                 let _ = stream.set_nodelay(true);
                 return Ok((stream, endpoint.clone()));
             }
@@ -257,7 +276,7 @@ async fn connect(route: &Route, settings: &Settings) -> Result<(TcpStream, Endpo
                 ));
             }
         }
-        route.balancer.connect_failed(endpoint.addr);
+        balancer.connect_failed(endpoint.addr);
     }
     Err(format!("every backend failed: {}", failures.join("; ")))
 }

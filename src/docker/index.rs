@@ -1,0 +1,547 @@
+//! The omni-mode container index: which container owns each IP address, and what it
+//! declares, kept current from the Docker Engine API.
+//!
+//! Read-only API use: events, container list, container inspect. The index subscribes to
+//! events first (from a point in time just before the list, so nothing falls in the gap),
+//! then lists and inspects every running container, then applies the buffered events in
+//! order. `die`/`destroy` evict a container so a reused IP never inherits another
+//! container's backends; network connect/disconnect re-inspect it. If the event stream
+//! fails (daemon restart, socket gone), the index keeps routing from what it knows,
+//! reconnects with backoff, and re-lists on reconnect. A lookup miss does one targeted
+//! refresh with a deadline; nothing else on the connection path calls Docker.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bollard::Docker;
+use bollard::models::{ContainerInspectResponse, EventMessage, EventMessageTypeEnum};
+use bollard::query_parameters::{EventsOptions, ListContainersOptions};
+use futures_util::StreamExt;
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::declare::{Declarations, declarations};
+use crate::discovery::Backoff;
+
+/// How long a connection from an unknown address may wait for the targeted refresh.
+pub const MISS_DEADLINE: Duration = Duration::from_secs(2);
+/// After a refresh that did not find an address, further misses for it are refused at
+/// once for this long, so an unknown peer cannot make every connection call Docker.
+const NEGATIVE_TTL: Duration = Duration::from_secs(1);
+
+/// One running container as omni mode needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    pub id: String,
+    /// Without Docker's leading '/'.
+    pub name: String,
+    pub ips: Vec<IpAddr>,
+    pub declarations: Declarations,
+}
+
+impl Container {
+    /// Builds the index entry from an inspect answer; `None` for a container that is
+    /// not running or has no ID. Bad declarations are logged, naming the container.
+    pub fn from_inspect(c: &ContainerInspectResponse) -> Option<Container> {
+        let id = c.id.clone()?;
+        if c.state.as_ref().and_then(|s| s.running) == Some(false) {
+            return None;
+        }
+        let name = c
+            .name
+            .as_deref()
+            .unwrap_or(&id)
+            .trim_start_matches('/')
+            .to_string();
+        let env = c
+            .config
+            .as_ref()
+            .and_then(|cfg| cfg.env.clone())
+            .unwrap_or_default();
+        let labels = c
+            .config
+            .as_ref()
+            .and_then(|cfg| cfg.labels.clone())
+            .unwrap_or_default();
+        let (declarations, problems) = declarations(&name, &env, &labels);
+        for problem in problems {
+            warn!("{problem}");
+        }
+        let mut ips = Vec::new();
+        let networks = c
+            .network_settings
+            .as_ref()
+            .and_then(|n| n.networks.as_ref());
+        for (network, endpoint) in networks.into_iter().flatten() {
+            for addr in [&endpoint.ip_address, &endpoint.global_ipv6_address]
+                .into_iter()
+                .flatten()
+                .filter(|a| !a.is_empty())
+            {
+                match addr.parse::<IpAddr>() {
+                    Ok(ip) => ips.push(ip),
+                    Err(_) => warn!(
+                        "container '{name}': network '{network}' reports address '{addr}', which is not an IP; ignored"
+                    ),
+                }
+            }
+        }
+        ips.sort();
+        ips.dedup();
+        Some(Container {
+            id,
+            name,
+            ips,
+            declarations,
+        })
+    }
+}
+
+#[derive(Default)]
+struct State {
+    by_ip: HashMap<IpAddr, Arc<Container>>,
+    by_id: HashMap<String, Arc<Container>>,
+    /// Addresses a refresh recently failed to find.
+    unknown: HashMap<IpAddr, Instant>,
+}
+
+impl State {
+    fn upsert(&mut self, c: Container) {
+        self.evict(&c.id);
+        let c = Arc::new(c);
+        for ip in &c.ips {
+            self.unknown.remove(ip);
+            self.by_ip.insert(*ip, c.clone());
+        }
+        self.by_id.insert(c.id.clone(), c);
+    }
+
+    fn evict(&mut self, id: &str) {
+        if let Some(old) = self.by_id.remove(id) {
+            for ip in &old.ips {
+                // Only if the address still points at this container: a new container
+                // may already have been given it.
+                if self.by_ip.get(ip).is_some_and(|c| c.id == id) {
+                    self.by_ip.remove(ip);
+                }
+            }
+        }
+    }
+}
+
+/// The IP → container index. Cheap to read from every connection task.
+pub struct ContainerIndex {
+    docker: Docker,
+    state: RwLock<State>,
+    /// Serialises targeted refreshes so a burst of misses makes one call at a time.
+    refreshing: Mutex<()>,
+    /// Bumped on every change, for whoever tracks what containers declare.
+    changes: watch::Sender<u64>,
+}
+
+impl ContainerIndex {
+    /// Connects to the Engine API at `host` (`unix:///path`, `tcp://host:port` or
+    /// `http://…`; `None` means DOCKER_HOST, else the local socket). Does no I/O yet.
+    pub fn new(host: Option<&str>) -> Result<Arc<ContainerIndex>, String> {
+        let docker = connect(host)?;
+        Ok(Arc::new(ContainerIndex {
+            docker,
+            state: RwLock::new(State::default()),
+            refreshing: Mutex::new(()),
+            changes: watch::Sender::new(0),
+        }))
+    }
+
+    /// The container that owns `ip`, if the index knows it.
+    pub fn get(&self, ip: IpAddr) -> Option<Arc<Container>> {
+        self.read().by_ip.get(&ip).cloned()
+    }
+
+    /// Every container known, for status pages and for pruning unused sources.
+    pub fn containers(&self) -> Vec<Arc<Container>> {
+        self.read().by_id.values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A receiver that changes whenever the index does.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The container that owns `ip`; on a miss, one targeted refresh bounded by
+    /// [`MISS_DEADLINE`].
+    pub async fn lookup(&self, ip: IpAddr) -> Option<Arc<Container>> {
+        if let Some(c) = self.get(ip) {
+            return Some(c);
+        }
+        if self
+            .read()
+            .unknown
+            .get(&ip)
+            .is_some_and(|until| *until > Instant::now())
+        {
+            return None;
+        }
+        let refreshed = tokio::time::timeout(MISS_DEADLINE, async {
+            let _one_at_a_time = self.refreshing.lock().await;
+            // Another connection's refresh may have found it meanwhile.
+            if let Some(c) = self.get(ip) {
+                return Some(c);
+            }
+            match self.refresh_ip(ip).await {
+                Ok(found) => found,
+                Err(e) => {
+                    debug!(peer = %ip, error = %e, "targeted refresh failed");
+                    None
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten();
+        if refreshed.is_none() {
+            self.write()
+                .unknown
+                .insert(ip, Instant::now() + NEGATIVE_TTL);
+        }
+        refreshed
+    }
+
+    /// Lists running containers, finds the one with `ip`, and inspects it alone.
+    async fn refresh_ip(&self, ip: IpAddr) -> Result<Option<Arc<Container>>, String> {
+        let listed = self
+            .docker
+            .list_containers(None::<ListContainersOptions>)
+            .await
+            .map_err(|e| format!("listing containers: {e}"))?;
+        let owner = listed.iter().find(|c| {
+            let networks = c
+                .network_settings
+                .as_ref()
+                .and_then(|n| n.networks.as_ref());
+            networks.into_iter().flatten().any(|(_, ep)| {
+                [&ep.ip_address, &ep.global_ipv6_address]
+                    .into_iter()
+                    .flatten()
+                    .any(|a| a.parse::<IpAddr>().ok() == Some(ip))
+            })
+        });
+        let Some(id) = owner.and_then(|c| c.id.clone()) else {
+            return Ok(None);
+        };
+        self.inspect_and_store(&id).await?;
+        Ok(self.get(ip))
+    }
+
+    async fn inspect_and_store(&self, id: &str) -> Result<(), String> {
+        match self.docker.inspect_container(id, None).await {
+            Ok(inspect) => {
+                match Container::from_inspect(&inspect) {
+                    Some(c) => {
+                        debug!(container = %c.name, ips = ?c.ips, ports = ?c.declarations.keys().collect::<Vec<_>>(), "container indexed");
+                        self.write().upsert(c);
+                    }
+                    None => self.write().evict(id),
+                }
+                self.changed();
+                Ok(())
+            }
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => {
+                self.write().evict(id);
+                self.changed();
+                Ok(())
+            }
+            Err(e) => Err(format!("inspecting container {id}: {e}")),
+        }
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps the index current until `stop` fires: subscribe, list, follow events;
+    /// on failure keep the index, back off, and start over.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+        let mut failing = false;
+        loop {
+            let result = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.sync_and_follow(&mut failing, &mut backoff) => r,
+            };
+            let e = match result {
+                Ok(()) => "the event stream ended".to_string(),
+                Err(e) => e,
+            };
+            if !failing {
+                warn!(error = %e, containers = self.len(), "lost the Docker engine; routing from the last known containers while reconnecting");
+                failing = true;
+            } else {
+                debug!(error = %e, "Docker engine still unreachable");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    }
+
+    async fn sync_and_follow(
+        &self,
+        failing: &mut bool,
+        backoff: &mut Backoff,
+    ) -> Result<(), String> {
+        // Events from a moment before the list, replayed by the daemon, cover the gap
+        // between subscribing and listing; applying one twice is harmless.
+        let since = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs().saturating_sub(1))
+            .unwrap_or(0);
+        let filters = HashMap::from([(
+            "type".to_string(),
+            vec!["container".to_string(), "network".to_string()],
+        )]);
+        let mut events = self.docker.events(Some(EventsOptions {
+            since: Some(since.to_string()),
+            until: None,
+            filters: Some(filters),
+        }));
+        let (tx, mut rx) = mpsc::unbounded_channel::<Result<EventMessage, String>>();
+        let pump = tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                let stop = event.is_err();
+                if tx
+                    .send(event.map_err(|e| format!("event stream: {e}")))
+                    .is_err()
+                    || stop
+                {
+                    return;
+                }
+            }
+        });
+        let _abort_pump = AbortOnDrop(pump);
+
+        self.relist().await?;
+        if *failing {
+            info!(
+                containers = self.len(),
+                "Docker engine reachable again; index rebuilt"
+            );
+            *failing = false;
+        } else {
+            info!(containers = self.len(), "container index ready");
+        }
+        backoff.reset();
+
+        while let Some(event) = rx.recv().await {
+            self.apply(event?).await;
+        }
+        Ok(())
+    }
+
+    /// Replaces the whole index with what the engine says now.
+    async fn relist(&self) -> Result<(), String> {
+        let listed = self
+            .docker
+            .list_containers(None::<ListContainersOptions>)
+            .await
+            .map_err(|e| format!("listing containers: {e}"))?;
+        let ids: Vec<String> = listed.into_iter().filter_map(|c| c.id).collect();
+        let mut fresh = State::default();
+        // Inspect a few at a time: hundreds of containers should not take long, nor
+        // flood the daemon.
+        let mut pending = futures_util::stream::iter(ids.into_iter().map(|id| {
+            let docker = self.docker.clone();
+            async move {
+                let inspected = docker.inspect_container(&id, None).await;
+                (id, inspected)
+            }
+        }))
+        .buffer_unordered(8);
+        while let Some((id, result)) = pending.next().await {
+            match result {
+                Ok(inspect) => {
+                    if let Some(c) = Container::from_inspect(&inspect) {
+                        fresh.upsert(c);
+                    }
+                }
+                // Gone between list and inspect.
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => {}
+                Err(e) => return Err(format!("inspecting container {id}: {e}")),
+            }
+        }
+        *self.write() = fresh;
+        self.changed();
+        Ok(())
+    }
+
+    async fn apply(&self, event: EventMessage) {
+        let action = event.action.as_deref().unwrap_or("");
+        let actor = event.actor.as_ref();
+        let id = match event.typ {
+            Some(EventMessageTypeEnum::CONTAINER) => actor.and_then(|a| a.id.clone()),
+            // Network events name the container in their attributes.
+            Some(EventMessageTypeEnum::NETWORK) => actor
+                .and_then(|a| a.attributes.as_ref())
+                .and_then(|attrs| attrs.get("container").cloned()),
+            _ => None,
+        };
+        let Some(id) = id else { return };
+        match (event.typ, action) {
+            (Some(EventMessageTypeEnum::CONTAINER), "die" | "destroy") => {
+                self.write().evict(&id);
+                self.changed();
+                debug!(container = %id, action, "container evicted");
+            }
+            (Some(EventMessageTypeEnum::CONTAINER), "start" | "rename" | "update")
+            | (Some(EventMessageTypeEnum::NETWORK), "connect" | "disconnect") => {
+                if let Err(e) = self.inspect_and_store(&id).await {
+                    warn!(container = %id, error = %e, "cannot inspect container after '{action}'; it is routed from what was known");
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A Docker client for `host`, negotiated lazily by the daemon's answers.
+fn connect(host: Option<&str>) -> Result<Docker, String> {
+    let from_env = std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty());
+    let host = host
+        .map(str::to_string)
+        .or(from_env)
+        .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string());
+    // No client-side timeout: the event stream is a long-lived request.
+    const NO_TIMEOUT: u64 = u64::MAX / 4;
+    let docker = if let Some(path) = host.strip_prefix("unix://") {
+        Docker::connect_with_unix(path, NO_TIMEOUT, bollard::API_DEFAULT_VERSION)
+    } else if host.starts_with("tcp://") || host.starts_with("http://") {
+        Docker::connect_with_http(&host, NO_TIMEOUT, bollard::API_DEFAULT_VERSION)
+    } else {
+        return Err(format!(
+            "Docker host '{host}': use unix:///path/to/docker.sock or tcp://HOST:PORT"
+        ));
+    };
+    docker.map_err(|e| format!("Docker host '{host}': {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bollard::models::{ContainerConfig, ContainerState, EndpointSettings, NetworkSettings};
+
+    fn inspect(id: &str, name: &str, ips: &[&str], env: &[&str]) -> ContainerInspectResponse {
+        let networks = ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| {
+                let mut ep = EndpointSettings::default();
+                if ip.contains(':') {
+                    ep.global_ipv6_address = Some(ip.to_string());
+                } else {
+                    ep.ip_address = Some(ip.to_string());
+                }
+                (format!("net{i}"), ep)
+            })
+            .collect();
+        ContainerInspectResponse {
+            id: Some(id.into()),
+            name: Some(format!("/{name}")),
+            state: Some(ContainerState {
+                running: Some(true),
+                ..Default::default()
+            }),
+            config: Some(ContainerConfig {
+                env: Some(env.iter().map(|s| s.to_string()).collect()),
+                ..Default::default()
+            }),
+            network_settings: Some(NetworkSettings {
+                networks: Some(networks),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn inspect_answer_becomes_an_entry_with_every_address() {
+        let c = Container::from_inspect(&inspect(
+            "abc",
+            "web",
+            &["172.17.0.2", "172.18.0.5", "fd00::5", "not-an-ip"],
+            &["BACKEND_6379=redis:6379"],
+        ))
+        .unwrap();
+        assert_eq!(c.name, "web");
+        assert_eq!(c.ips.len(), 3);
+        assert_eq!(c.declarations[&6379].to_string(), "redis:6379");
+    }
+
+    #[test]
+    fn a_reused_ip_belongs_to_the_new_container_only() {
+        let mut state = State::default();
+        let old =
+            Container::from_inspect(&inspect("old", "a", &["172.17.0.2"], &["BACKEND_80=a:1"]))
+                .unwrap();
+        let new =
+            Container::from_inspect(&inspect("new", "b", &["172.17.0.2"], &["BACKEND_80=b:1"]))
+                .unwrap();
+        state.upsert(old);
+        // The new container starts before the old one's destroy event arrives.
+        state.upsert(new);
+        state.evict("old");
+        let ip: IpAddr = "172.17.0.2".parse().unwrap();
+        assert_eq!(state.by_ip[&ip].id, "new");
+        state.evict("new");
+        assert!(!state.by_ip.contains_key(&ip));
+    }
+
+    #[test]
+    fn stopped_containers_are_not_indexed() {
+        let mut c = inspect("x", "x", &["172.17.0.9"], &[]);
+        c.state = Some(ContainerState {
+            running: Some(false),
+            ..Default::default()
+        });
+        assert!(Container::from_inspect(&c).is_none());
+    }
+
+    #[test]
+    fn docker_host_forms() {
+        assert!(connect(Some("unix:///nonexistent.sock")).is_err());
+        assert!(connect(Some("tcp://127.0.0.1:2375")).is_ok());
+        let err = connect(Some("ssh://host")).unwrap_err();
+        assert!(err.contains("Docker host 'ssh://host'"), "{err}");
+    }
+}

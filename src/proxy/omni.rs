@@ -1,0 +1,154 @@
+//! Omni mode: one ambassador per host routes each connection by what the connecting
+//! container declares for the port it was trying to reach.
+//!
+//! Per connection: the original destination port (SO_ORIGINAL_DST, set by the nat
+//! REDIRECT that `--setup-iptables` installs), the peer's IP → its container through the
+//! [`ContainerIndex`], the container's declaration for that port → a shared source for
+//! that spec → the same balancer and data path as standard mode. Sources are shared by
+//! every container that declares the same spec and stopped once none does.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use nix::sys::socket::{getsockopt, sockopt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use super::balance::Balancer;
+use crate::discovery::Discovery;
+use crate::docker::index::ContainerIndex;
+use crate::spec::Spec;
+
+/// Where one omni connection goes.
+pub struct OmniRoute {
+    pub balancer: Arc<Balancer>,
+    /// `container:port`, for the connection's log line.
+    pub label: String,
+}
+
+struct Shared {
+    balancer: Arc<Balancer>,
+    stop: CancellationToken,
+}
+
+pub struct Omni {
+    index: Arc<ContainerIndex>,
+    discovery: Arc<Discovery>,
+    sources: Mutex<HashMap<Spec, Shared>>,
+    stop: CancellationToken,
+}
+
+impl Omni {
+    /// Starts following the Docker engine and returns the router. Everything it starts
+    /// ends when `stop` fires.
+    pub fn start(
+        index: Arc<ContainerIndex>,
+        discovery: Arc<Discovery>,
+        stop: CancellationToken,
+    ) -> Arc<Omni> {
+        tokio::spawn(index.clone().run(stop.clone()));
+        let omni = Arc::new(Omni {
+            index,
+            discovery,
+            sources: Mutex::new(HashMap::new()),
+            stop,
+        });
+        tokio::spawn(omni.clone().prune_unused());
+        omni
+    }
+
+    pub fn index(&self) -> &ContainerIndex {
+        &self.index
+    }
+
+    /// Finds where `client` (connected from `peer`) should go, or says why it cannot.
+    pub async fn route(&self, client: &TcpStream, peer: IpAddr) -> Result<OmniRoute, String> {
+        let port = original_port(client)?;
+        let Some(container) = self.index.lookup(peer).await else {
+            return Err(format!(
+                "no running container has address {peer} (port {port})"
+            ));
+        };
+        let Some(spec) = container.declarations.get(&port) else {
+            return Err(format!(
+                "container '{}' declares no backend for port {port} (set BACKEND_{port} or label ambassadord.backend.{port})",
+                container.name
+            ));
+        };
+        Ok(OmniRoute {
+            balancer: self.source_for(spec),
+            label: format!("{}:{port}", container.name),
+        })
+    }
+
+    /// The shared balancer for `spec`, starting its source on first use.
+    fn source_for(&self, spec: &Spec) -> Arc<Balancer> {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(shared) = sources.get(spec) {
+            return shared.balancer.clone();
+        }
+        let stop = self.stop.child_token();
+        let endpoints = self.discovery.spawn(spec, stop.clone());
+        let balancer = Arc::new(Balancer::new(spec.to_string(), endpoints));
+        debug!(spec = %spec, "source started");
+        sources.insert(
+            spec.clone(),
+            Shared {
+                balancer: balancer.clone(),
+                stop,
+            },
+        );
+        balancer
+    }
+
+    /// Stops sources that no running container declares any more.
+    async fn prune_unused(self: Arc<Self>) {
+        let mut changes = self.index.subscribe();
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                r = changes.changed() => if r.is_err() { return },
+            }
+            let declared: HashSet<Spec> = self
+                .index
+                .containers()
+                .iter()
+                .flat_map(|c| c.declarations.values().cloned())
+                .collect();
+            let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+            sources.retain(|spec, shared| {
+                let keep = declared.contains(spec);
+                if !keep {
+                    debug!(spec = %spec, "source stopped: no container declares it");
+                    shared.stop.cancel();
+                }
+                keep
+            });
+        }
+    }
+
+    /// How many distinct sources are running (for status and tests).
+    pub fn source_count(&self) -> usize {
+        self.sources.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// The port the client was really connecting to before the nat REDIRECT. A socket that
+/// was not redirected reports its own local address, which is then the answer.
+pub fn original_port(stream: &TcpStream) -> Result<u16, String> {
+    let local = stream
+        .local_addr()
+        .map_err(|e| format!("cannot read the local address: {e}"))?;
+    let v4 = getsockopt(stream, sockopt::OriginalDst).map(|sa| u16::from_be(sa.sin_port));
+    let port = match (v4, local) {
+        (Ok(port), _) => Ok(port),
+        (Err(_), SocketAddr::V6(_)) => {
+            getsockopt(stream, sockopt::Ip6tOriginalDst).map(|sa| u16::from_be(sa.sin6_port))
+        }
+        (Err(e), _) => Err(e),
+    };
+    // ENOENT: conntrack has no entry (not redirected, or no conntrack): not an error.
+    Ok(port.unwrap_or(local.port()))
+}
