@@ -11,6 +11,7 @@
 pub mod config;
 pub mod discovery;
 pub mod endpoint;
+pub mod netfilter;
 pub mod proxy;
 pub mod spec;
 
