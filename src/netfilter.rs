@@ -368,7 +368,7 @@ impl Msg {
     }
 
     fn pad(&mut self) {
-        while self.buf.len() % 4 != 0 {
+        while !self.buf.len().is_multiple_of(4) {
             self.buf.push(0);
         }
     }
@@ -389,7 +389,8 @@ impl Msg {
     fn nest(&mut self, kind: u16, body: impl FnOnce(&mut Msg)) {
         let at = self.buf.len();
         self.buf.extend_from_slice(&[0, 0]);
-        self.buf.extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
+        self.buf
+            .extend_from_slice(&(kind | NLA_F_NESTED).to_ne_bytes());
         body(self);
         let len = (self.buf.len() - at) as u16;
         self.buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
@@ -425,17 +426,17 @@ fn apply(op: Op, batch: &Batch) -> Result<(), NetfilterError> {
         .send(&batch.bytes)
         .map_err(|source| NetfilterError::Socket { op, source })?;
 
-    let mut pending: Vec<u32> = batch
-        .steps
-        .iter()
-        .filter(|s| s.2)
-        .map(|s| s.0)
-        .collect();
+    let mut pending: Vec<u32> = batch.steps.iter().filter(|s| s.2).map(|s| s.0).collect();
     let mut buf = vec![0u8; 64 * 1024];
     while !pending.is_empty() {
         let n = match (&socket).read(&mut buf) {
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(NetfilterError::NoAnswer { op });
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -466,7 +467,10 @@ fn apply(op: Op, batch: &Batch) -> Result<(), NetfilterError> {
 #[derive(Debug, PartialEq, Eq)]
 enum Reply {
     /// NLMSG_ERROR: `errno` 0 is an ACK, otherwise the positive errno of the failure.
-    Ack { seq: u32, errno: i32 },
+    Ack {
+        seq: u32,
+        errno: i32,
+    },
     Other,
 }
 
@@ -595,7 +599,11 @@ mod tests {
     #[test]
     fn port_is_big_endian_in_the_immediate() {
         let base = setup_batch(10000, 0).bytes;
-        for (port, be) in [(80u16, [0x00, 0x50]), (15001, [0x3a, 0x99]), (65535, [0xff, 0xff])] {
+        for (port, be) in [
+            (80u16, [0x00, 0x50]),
+            (15001, [0x3a, 0x99]),
+            (65535, [0xff, 0xff]),
+        ] {
             let got = setup_batch(port, 0).bytes;
             assert_eq!(got.len(), base.len());
             let diff: Vec<usize> = (0..got.len()).filter(|&i| got[i] != base[i]).collect();
@@ -614,7 +622,8 @@ mod tests {
         assert_eq!(seqs, (41..48).collect::<Vec<_>>());
         let acked: Vec<bool> = b.steps.iter().map(|s| s.2).collect();
         assert_eq!(acked, [false, true, true, true, true, true, false]);
-        assert_eq!(b.step(45), Some("add the redirect rule"));
+        assert_eq!(b.step(45), Some("create the nat prerouting chain"));
+        assert_eq!(b.step(46), Some("add the redirect rule"));
     }
 
     /// NLMSG_ERROR replies decode to the errno (positive) and the sequence they answer;
@@ -658,7 +667,12 @@ mod tests {
             source: io::Error::from_raw_os_error(EOPNOTSUPP),
         };
         let s = e.to_string();
-        assert!(s.starts_with("setting up the redirect: the kernel refused to create the nat prerouting chain: "), "{s}");
+        assert!(
+            s.starts_with(
+                "setting up the redirect: the kernel refused to create the nat prerouting chain: "
+            ),
+            "{s}"
+        );
         assert!(s.contains("Linux 5.2"), "{s}");
         assert!(!s.contains('\n'));
     }
