@@ -337,6 +337,8 @@ fn connect_through(listener: &TcpListener, to: SocketAddr) -> SocketAddr {
     client.set_read_timeout(Some(DEADLINE)).unwrap();
     let (mut server, peer) = accept(listener);
     server.set_read_timeout(Some(DEADLINE)).unwrap();
+    // A dual-stack listener sees an IPv4 peer v4-mapped.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     assert_eq!(peer, client.local_addr().unwrap());
     client.write_all(b"ping\n").unwrap();
     let mut buf = [0u8; 5];
@@ -396,4 +398,28 @@ fn redirected_connection_reaches_the_omni_port_with_its_original_destination() {
         let e = TcpStream::connect_timeout(&to, DEADLINE).expect_err("redirect removed");
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{to}: {e}");
     }
+}
+
+/// Omni mode listens on one dual-stack socket ([::] accepting IPv4 too, as
+/// `proxy::listen::bind` does). Through it, an IPv4 connection arrives v4-mapped and
+/// SO_ORIGINAL_DST at the IPv4 level still returns its original address and port, and an
+/// IPv6 one answers at the IPv6 level.
+#[test]
+fn dual_stack_listener_gets_the_original_destination_of_both_families() {
+    let Some(mut ns) = Netns::new() else { return };
+    let (v4, v6) = ns.veth();
+    let omni = 10000;
+    let listener = ns.inside(move || {
+        let addr = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), omni);
+        let socket = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+        socket.set_only_v6(false).unwrap();
+        socket.bind(&addr.into()).unwrap();
+        socket.listen(16).unwrap();
+        TcpListener::from(socket)
+    });
+    assert_ok(&ns.ambassadord(&["--setup-iptables"]), "setup");
+    let to = SocketAddr::new(v4.into(), 5432);
+    assert_eq!(connect_through(&listener, to), to);
+    let to = SocketAddr::new(v6.into(), 5432);
+    assert_eq!(connect_through(&listener, to), to);
 }
