@@ -134,7 +134,7 @@ pub enum NetfilterError {
     )]
     Permission { op: Op },
     #[error(
-        "{}: this kernel has no nf_tables netlink interface (CONFIG_NF_TABLES): {source}",
+        "{}: this kernel has no nf_tables (CONFIG_NF_TABLES, module nf_tables): {source}",
         .op.doing()
     )]
     NoNfTables { op: Op, source: io::Error },
@@ -452,6 +452,13 @@ fn apply(op: Op, batch: &Batch) -> Result<(), NetfilterError> {
             }
             if errno == EPERM {
                 return Err(NetfilterError::Permission { op });
+            }
+            // nfnetlink refuses the batch itself when the nf_tables subsystem is missing.
+            if errno == EOPNOTSUPP && Some(&seq) == batch.steps.first().map(|s| &s.0) {
+                return Err(NetfilterError::NoNfTables {
+                    op,
+                    source: io::Error::from_raw_os_error(errno),
+                });
             }
             return Err(NetfilterError::Kernel {
                 op,
