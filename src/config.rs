@@ -98,6 +98,18 @@ struct Cli {
         default_value = "text"
     )]
     log_format: LogFormat,
+
+    /// Redirect every incoming TCP connection in this network namespace to --port (default 10000) with an nf_tables nat rule, then exit; needs CAP_NET_ADMIN, no BACKEND
+    #[arg(
+        long,
+        env = "AMBASSADORD_SETUP_IPTABLES",
+        conflicts_with = "remove_iptables"
+    )]
+    setup_iptables: bool,
+
+    /// Remove the redirect --setup-iptables made, then exit
+    #[arg(long, env = "AMBASSADORD_REMOVE_IPTABLES")]
+    remove_iptables: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -109,6 +121,8 @@ pub enum LogFormat {
 /// Everything the ambassador needs to run, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// What the process does: serve (the default), or a one-shot netfilter change.
+    pub action: Action,
     pub routes: Vec<RouteConfig>,
     /// `--dns`: ask this nameserver instead of the ones in /etc/resolv.conf.
     pub dns: Option<std::net::SocketAddr>,
@@ -116,6 +130,20 @@ pub struct Config {
     pub docker_host: String,
     pub settings: Settings,
     pub log: LogConfig,
+}
+
+/// The port omni mode listens on, and so where --setup-iptables redirects by default.
+pub const OMNI_PORT: u16 = 10000;
+
+/// What the process does once configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Listen and forward until shut down.
+    Serve,
+    /// `--setup-iptables`: redirect incoming TCP in this network namespace to `port`, exit.
+    SetupRedirect { port: u16 },
+    /// `--remove-iptables`: remove that redirect, exit.
+    RemoveRedirect,
 }
 
 /// Behaviour shared by every route.
@@ -238,6 +266,10 @@ fn origin(matches: &ArgMatches, id: &str) -> String {
 fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
     let at = |id: &str, value: &str, why: &str| format!("{} '{value}': {why}", origin(m, id));
 
+    if cli.setup_iptables || cli.remove_iptables {
+        return redirect_action(&cli, m);
+    }
+
     let target = match (&cli.backend, cli.omnimode) {
         (Some(backend), true) => {
             return Err(format!(
@@ -269,7 +301,7 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
     };
     let port = match (&cli.port, &target) {
         (None, RouteTarget::Spec(spec)) => spec.default_listen_port(),
-        (None, RouteTarget::Omni) => crate::spec::DISCOVERY_LISTEN_PORT,
+        (None, RouteTarget::Omni) => OMNI_PORT,
         (Some(s), _) => s
             .parse::<u16>()
             .map_err(|_| at("port", s, "not a port number (0-65535)"))?,
@@ -318,6 +350,7 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
     };
 
     Ok(Config {
+        action: Action::Serve,
         routes: vec![RouteConfig {
             listen: Listen { ip, port },
             target,
@@ -331,6 +364,56 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
         },
         log: LogConfig {
             filter: cli.log_level,
+            format: cli.log_format,
+        },
+    })
+}
+
+/// `--setup-iptables` / `--remove-iptables`: one-shot actions that serve nothing, so a
+/// BACKEND on the command line is a mistake worth naming (one from the environment is
+/// ignored, so the same container environment can run both roles).
+fn redirect_action(cli: &Cli, m: &ArgMatches) -> Result<Config, String> {
+    let flag = if cli.setup_iptables {
+        origin(m, "setup_iptables")
+    } else {
+        origin(m, "remove_iptables")
+    };
+    if let (Some(b), Some(ValueSource::CommandLine)) = (&cli.backend, m.value_source("backend")) {
+        return Err(format!(
+            "{flag} runs once and exits; it takes no BACKEND (got '{b}')"
+        ));
+    }
+    let action = if cli.remove_iptables {
+        Action::RemoveRedirect
+    } else {
+        let port = match &cli.port {
+            None => OMNI_PORT,
+            Some(s) => match s.parse::<u16>() {
+                Ok(0) => {
+                    return Err(format!(
+                        "{} '{s}': the redirect needs a real port (1-65535)",
+                        origin(m, "port")
+                    ));
+                }
+                Ok(p) => p,
+                Err(_) => {
+                    return Err(format!(
+                        "{} '{s}': not a port number (1-65535)",
+                        origin(m, "port")
+                    ));
+                }
+            },
+        };
+        Action::SetupRedirect { port }
+    };
+    Ok(Config {
+        action,
+        routes: Vec::new(),
+        dns: None,
+        docker_host: cli.docker_host.clone(),
+        settings: Settings::default(),
+        log: LogConfig {
+            filter: cli.log_level.clone(),
             format: cli.log_format,
         },
     })
@@ -500,6 +583,44 @@ mod tests {
             (
                 &["--nope", "a:1"],
                 "unexpected argument '--nope' found (see --help)",
+            ),
+        ];
+        for (args, want) in cases {
+            let err = parse(args).expect_err(want);
+            assert!(err.contains(want), "{args:?}: got {err:?}, want {want:?}");
+            assert!(!err.contains('\n'), "{args:?}: not one line: {err:?}");
+        }
+    }
+
+    /// The redirect actions need no BACKEND, default to the omni port, take --port, and
+    /// reject a port that cannot be redirected to or a BACKEND given with them.
+    #[test]
+    fn redirect_actions() {
+        let c = parse(&["--setup-iptables"]).unwrap();
+        assert_eq!(c.action, Action::SetupRedirect { port: 10000 });
+        assert!(c.routes.is_empty());
+        let c = parse(&["--setup-iptables", "--port", "15001"]).unwrap();
+        assert_eq!(c.action, Action::SetupRedirect { port: 15001 });
+        let c = parse(&["--remove-iptables"]).unwrap();
+        assert_eq!(c.action, Action::RemoveRedirect);
+        let c = parse(&["a:1"]).unwrap();
+        assert_eq!(c.action, Action::Serve);
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &["--setup-iptables", "--port", "0"],
+                "--port '0': the redirect needs a real port",
+            ),
+            (
+                &["--setup-iptables", "--port", "x"],
+                "--port 'x': not a port number",
+            ),
+            (
+                &["--setup-iptables", "a:1"],
+                "--setup-iptables runs once and exits; it takes no BACKEND (got 'a:1')",
+            ),
+            (
+                &["--setup-iptables", "--remove-iptables"],
+                "cannot be used with",
             ),
         ];
         for (args, want) in cases {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod discovery;
 pub mod docker;
 pub mod endpoint;
+pub mod netfilter;
 pub mod proxy;
 pub mod spec;
 

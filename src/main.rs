@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use ambassadord::Config;
-use ambassadord::config::{ConfigError, EXIT_USAGE, LogConfig, LogFormat};
+use ambassadord::config::{Action, ConfigError, EXIT_USAGE, LogConfig, LogFormat};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
@@ -23,6 +23,28 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&config.log);
+
+    // The netfilter actions are one synchronous netlink exchange: no runtime needed.
+    let oneshot = match config.action {
+        Action::Serve => None,
+        Action::SetupRedirect { port } => Some(
+            ambassadord::netfilter::setup_redirect(port)
+                .map(|()| info!(port, "redirecting incoming TCP in this network namespace")),
+        ),
+        Action::RemoveRedirect => Some(
+            ambassadord::netfilter::remove_redirect()
+                .map(|()| info!("removed the redirect of incoming TCP")),
+        ),
+    };
+    if let Some(outcome) = oneshot {
+        return match outcome {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

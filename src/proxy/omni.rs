@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use nix::sys::socket::{getsockopt, sockopt};
+use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
@@ -141,14 +141,14 @@ pub fn original_port(stream: &TcpStream) -> Result<u16, String> {
     let local = stream
         .local_addr()
         .map_err(|e| format!("cannot read the local address: {e}"))?;
-    let v4 = getsockopt(stream, sockopt::OriginalDst).map(|sa| u16::from_be(sa.sin_port));
-    let port = match (v4, local) {
-        (Ok(port), _) => Ok(port),
-        (Err(_), SocketAddr::V6(_)) => {
-            getsockopt(stream, sockopt::Ip6tOriginalDst).map(|sa| u16::from_be(sa.sin6_port))
-        }
-        (Err(e), _) => Err(e),
-    };
+    // On a dual-stack listener an IPv4 client arrives v4-mapped and answers the IPv4
+    // option; an IPv6 client answers only the IPv6 one.
+    let sock = SockRef::from(stream);
+    let original = sock.original_dst_v4().or_else(|e| match local {
+        SocketAddr::V6(_) => sock.original_dst_v6(),
+        SocketAddr::V4(_) => Err(e),
+    });
+    let port = original.ok().and_then(|sa| sa.as_socket()).map(|sa| sa.port());
     // ENOENT: conntrack has no entry (not redirected, or no conntrack): not an error.
     Ok(port.unwrap_or(local.port()))
 }

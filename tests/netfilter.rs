@@ -1,0 +1,425 @@
+//! `--setup-iptables` / `--remove-iptables` against the real kernel: the real binary runs
+//! in a network namespace each test creates (`ip netns exec`), `nft` (used only here, never
+//! by the product) reads back what it programmed, and real TCP connections over a veth pair
+//! between this namespace and the test's prove the redirect works. Needs root; skipped with
+//! a message otherwise.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Output};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use nix::sched::CloneFlags;
+use serde_json::Value;
+use socket2::{Domain, SockRef, Socket, Type};
+
+/// How long any condition in a test may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Runs a command, panicking with its output when it cannot run or fails.
+fn run(program: &str, args: &[&str]) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (scripts/test installs it): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A network namespace of this test's own, deleted on drop even when the test fails
+/// (which also deletes the veth pair, whose other end lives in it).
+struct Netns {
+    name: String,
+    veth: Option<String>,
+}
+
+impl Netns {
+    /// Creates the namespace with loopback up, or returns `None` (after saying why) when
+    /// the test cannot run here.
+    fn new() -> Option<Netns> {
+        if !is_root() {
+            eprintln!("skipping: creating network namespaces and nf_tables rules needs root");
+            return None;
+        }
+        let name = format!("amb-test-{}", fastrand::u32(..));
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns { name, veth: None };
+        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
+        Some(ns)
+    }
+
+    /// Runs `ip netns exec NS program args...` and returns its output, failing or not.
+    fn exec(&self, program: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .output()
+            .expect("ip netns exec")
+    }
+
+    /// Runs the real binary in the namespace.
+    fn ambassadord(&self, args: &[&str]) -> Output {
+        self.exec(env!("CARGO_BIN_EXE_ambassadord"), args)
+    }
+
+    /// The namespace's whole nf_tables ruleset, as `nft -j` reports it.
+    fn ruleset(&self) -> Vec<Value> {
+        let out = self.exec("nft", &["-j", "list", "ruleset"]);
+        assert!(
+            out.status.success(),
+            "nft -j list ruleset: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: Value = serde_json::from_slice(&out.stdout).expect("nft -j output is JSON");
+        json["nftables"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The `inet ambassadord` table's chains and rules (empty when it does not exist).
+    fn ours(&self) -> (Vec<Value>, Vec<Value>) {
+        let mine = |v: &Value, kind: &str| {
+            let o = &v[kind];
+            o.is_object() && o["family"] == "inet" && o["table"] == "ambassadord"
+        };
+        let all = self.ruleset();
+        let chains = all.iter().filter(|v| mine(v, "chain")).cloned().collect();
+        let rules = all.iter().filter(|v| mine(v, "rule")).cloned().collect();
+        (chains, rules)
+    }
+
+    fn has_table(&self, family: &str, name: &str) -> bool {
+        self.ruleset()
+            .iter()
+            .any(|v| v["table"]["family"] == family && v["table"]["name"] == name)
+    }
+
+    /// Connects this namespace to the test's own with a veth pair, addresses in the
+    /// benchmarking ranges (198.18.0.0/15, and a ULA prefix for IPv6) used only between
+    /// the two. Returns the namespace side's IPv4 and IPv6 addresses.
+    fn veth(&mut self) -> (Ipv4Addr, Ipv6Addr) {
+        let tag = fastrand::u32(..0x100_0000);
+        let (host, inner) = (format!("ambh{tag:06x}"), format!("ambn{tag:06x}"));
+        run(
+            "ip",
+            &[
+                "link", "add", &host, "type", "veth", "peer", "name", &inner, "netns", &self.name,
+            ],
+        );
+        self.veth = Some(host.clone());
+        let (a, b) = ((tag >> 8) as u8, (tag as u8) & 0xfc);
+        let v4 = |last: u8| Ipv4Addr::new(198, 18, a, b + last);
+        let v6 = |last: u16| {
+            Ipv6Addr::new(
+                0xfd61,
+                0x6d62,
+                (tag >> 16) as u16,
+                tag as u16,
+                0,
+                0,
+                0,
+                last,
+            )
+        };
+        run(
+            "ip",
+            &["addr", "add", &format!("{}/30", v4(1)), "dev", &host],
+        );
+        run(
+            "ip",
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{}/64", v6(1)),
+                "dev",
+                &host,
+                "nodad",
+            ],
+        );
+        run("ip", &["link", "set", &host, "up"]);
+        let ns = |args: &[&str]| run("ip", &[&["-n", &self.name][..], args].concat());
+        ns(&["addr", "add", &format!("{}/30", v4(2)), "dev", &inner]);
+        ns(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", v6(2)),
+            "dev",
+            &inner,
+            "nodad",
+        ]);
+        ns(&["link", "set", &inner, "up"]);
+        (v4(2), v6(2))
+    }
+
+    /// Runs `f` on a thread that has entered the namespace, so sockets it creates live
+    /// there (sockets keep their namespace when used from any other thread afterwards).
+    fn inside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open the namespace");
+            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("thread inside the namespace")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Some(veth) = &self.veth {
+            let _ = Command::new("ip").args(["link", "del", veth]).output();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: exit {:?}, stderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts the table holds exactly the plan: one nat chain hooked at prerouting with
+/// dstnat priority, and one rule redirecting TCP to `port`.
+fn assert_one_redirect(ns: &Netns, port: u16) {
+    let (chains, rules) = ns.ours();
+    assert_eq!(chains.len(), 1, "chains: {chains:?}");
+    let c = &chains[0]["chain"];
+    assert_eq!(
+        (&c["name"], &c["type"], &c["hook"], &c["prio"], &c["policy"]),
+        (
+            &Value::from("prerouting"),
+            &Value::from("nat"),
+            &Value::from("prerouting"),
+            &Value::from(-100),
+            &Value::from("accept")
+        ),
+        "{c}"
+    );
+    assert_eq!(rules.len(), 1, "rules: {rules:?}");
+    let expr = &rules[0]["rule"]["expr"];
+    let want: Value = serde_json::json!([
+        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+        {"redirect": {"port": port}}
+    ]);
+    assert_eq!(expr, &want);
+}
+
+/// `--setup-iptables --port P` installs exactly one redirect to P; running it again (same
+/// port, then without --port, so the default 10000) still leaves exactly one rule.
+#[test]
+fn setup_installs_one_redirect_and_running_again_keeps_one() {
+    let Some(ns) = Netns::new() else { return };
+    assert_ok(
+        &ns.ambassadord(&["--setup-iptables", "--port", "15001"]),
+        "setup",
+    );
+    assert_one_redirect(&ns, 15001);
+    assert_ok(
+        &ns.ambassadord(&["--setup-iptables", "--port", "15001"]),
+        "setup again",
+    );
+    assert_one_redirect(&ns, 15001);
+    assert_ok(
+        &ns.ambassadord(&["--setup-iptables"]),
+        "setup with the default port",
+    );
+    assert_one_redirect(&ns, 10000);
+}
+
+/// `--remove-iptables` removes the table, succeeds when there is nothing to remove, and
+/// leaves other tables in the namespace alone (setup does too).
+#[test]
+fn remove_deletes_only_our_table_and_is_harmless_when_absent() {
+    let Some(ns) = Netns::new() else { return };
+    assert_ok(
+        &ns.ambassadord(&["--remove-iptables"]),
+        "remove with nothing there",
+    );
+    assert_ok(
+        &ns.exec("nft", &["add", "table", "inet", "someone_else"]),
+        "nft add table",
+    );
+    assert_ok(&ns.ambassadord(&["--setup-iptables"]), "setup");
+    assert!(ns.has_table("inet", "ambassadord"));
+    assert_ok(&ns.ambassadord(&["--remove-iptables"]), "remove");
+    assert!(!ns.has_table("inet", "ambassadord"), "{:?}", ns.ruleset());
+    assert!(ns.has_table("inet", "someone_else"), "{:?}", ns.ruleset());
+    assert_ok(&ns.ambassadord(&["--remove-iptables"]), "remove again");
+}
+
+/// Without CAP_NET_ADMIN both actions exit 1 with the one-line message that says which
+/// capability is missing and how to grant it, and change nothing.
+#[test]
+fn without_cap_net_admin_exits_1_with_a_clear_message() {
+    let Some(ns) = Netns::new() else { return };
+    let bin = env!("CARGO_BIN_EXE_ambassadord");
+    for (flag, doing) in [
+        ("--setup-iptables", "setting up the redirect"),
+        ("--remove-iptables", "removing the redirect"),
+    ] {
+        let out = ns.exec(
+            "setpriv",
+            &[
+                "--inh-caps=-all",
+                "--bounding-set=-net_admin",
+                "--",
+                bin,
+                flag,
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {stderr}");
+        let want = format!(
+            "{doing} needs CAP_NET_ADMIN (run the container with --privileged or --cap-add NET_ADMIN)"
+        );
+        assert!(stderr.contains(&want), "{flag}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{flag}: {stderr}");
+    }
+    assert!(!ns.has_table("inet", "ambassadord"));
+}
+
+/// A listener on `port` inside the namespace, IPv4 or IPv6 only (so each family's
+/// redirect is proven on its own).
+fn listen_inside(ns: &Netns, ip: IpAddr, port: u16) -> TcpListener {
+    ns.inside(move || {
+        let addr = SocketAddr::new(ip, port);
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).unwrap();
+        if ip.is_ipv6() {
+            socket.set_only_v6(true).unwrap();
+        }
+        socket.set_reuse_address(true).unwrap();
+        socket.bind(&addr.into()).unwrap();
+        socket.listen(16).unwrap();
+        socket.into()
+    })
+}
+
+/// Accepts one connection, or fails the test at the deadline.
+fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    let listener = listener.try_clone().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(listener.accept());
+    });
+    rx.recv_timeout(DEADLINE)
+        .expect("no connection arrived at the omni port")
+        .expect("accept")
+}
+
+/// Connects to `to` and exchanges a line each way with the accepted end, then returns
+/// the original destination the accepted socket reports.
+fn connect_through(listener: &TcpListener, to: SocketAddr) -> SocketAddr {
+    let mut client = TcpStream::connect_timeout(&to, DEADLINE)
+        .unwrap_or_else(|e| panic!("connect to {to}: {e}"));
+    client.set_read_timeout(Some(DEADLINE)).unwrap();
+    let (mut server, peer) = accept(listener);
+    server.set_read_timeout(Some(DEADLINE)).unwrap();
+    // A dual-stack listener sees an IPv4 peer v4-mapped.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    assert_eq!(peer, client.local_addr().unwrap());
+    client.write_all(b"ping\n").unwrap();
+    let mut buf = [0u8; 5];
+    server.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping\n");
+    server.write_all(b"pong\n").unwrap();
+    client.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"pong\n");
+    let sock = SockRef::from(&server);
+    let orig = if to.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    };
+    orig.expect("SO_ORIGINAL_DST")
+        .as_socket()
+        .expect("an IP address")
+}
+
+/// With the redirect installed, a TCP connection from outside the namespace (over a veth
+/// pair) to an arbitrary port on the namespace's address, IPv4 and IPv6, arrives at the
+/// listener on the omni port, data flows both ways, and SO_ORIGINAL_DST on the accepted
+/// socket returns the address and port the client asked for (what omni mode routes by).
+/// Before setup and after `--remove-iptables` the same connection is refused.
+#[test]
+fn redirected_connection_reaches_the_omni_port_with_its_original_destination() {
+    let Some(mut ns) = Netns::new() else { return };
+    let (v4, v6) = ns.veth();
+    let omni = 15002;
+    let l4 = listen_inside(&ns, Ipv4Addr::UNSPECIFIED.into(), omni);
+    let l6 = listen_inside(&ns, Ipv6Addr::UNSPECIFIED.into(), omni);
+    let targets = [
+        SocketAddr::new(v4.into(), 4242),
+        SocketAddr::new(v6.into(), 6379),
+    ];
+
+    for to in targets {
+        let e = TcpStream::connect_timeout(&to, DEADLINE).expect_err("nothing listens there yet");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{to}: {e}");
+    }
+
+    let port = omni.to_string();
+    assert_ok(
+        &ns.ambassadord(&["--setup-iptables", "--port", &port]),
+        "setup",
+    );
+    assert_eq!(connect_through(&l4, targets[0]), targets[0]);
+    assert_eq!(connect_through(&l6, targets[1]), targets[1]);
+    // Another port, and the omni port itself (redirected onto itself: harmless).
+    let other = SocketAddr::new(v4.into(), 80);
+    assert_eq!(connect_through(&l4, other), other);
+    let itself = SocketAddr::new(v4.into(), omni);
+    assert_eq!(connect_through(&l4, itself), itself);
+
+    assert_ok(&ns.ambassadord(&["--remove-iptables"]), "remove");
+    for to in targets {
+        let e = TcpStream::connect_timeout(&to, DEADLINE).expect_err("redirect removed");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{to}: {e}");
+    }
+}
+
+/// Omni mode listens on one dual-stack socket ([::] accepting IPv4 too, as
+/// `proxy::listen::bind` does). Through it, an IPv4 connection arrives v4-mapped and
+/// SO_ORIGINAL_DST at the IPv4 level still returns its original address and port, and an
+/// IPv6 one answers at the IPv6 level.
+#[test]
+fn dual_stack_listener_gets_the_original_destination_of_both_families() {
+    let Some(mut ns) = Netns::new() else { return };
+    let (v4, v6) = ns.veth();
+    let omni = 10000;
+    let listener = ns.inside(move || {
+        let addr = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), omni);
+        let socket = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+        socket.set_only_v6(false).unwrap();
+        socket.bind(&addr.into()).unwrap();
+        socket.listen(16).unwrap();
+        TcpListener::from(socket)
+    });
+    assert_ok(&ns.ambassadord(&["--setup-iptables"]), "setup");
+    let to = SocketAddr::new(v4.into(), 5432);
+    assert_eq!(connect_through(&listener, to), to);
+    let to = SocketAddr::new(v6.into(), 5432);
+    assert_eq!(connect_through(&listener, to), to);
+}
