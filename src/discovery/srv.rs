@@ -177,11 +177,11 @@ fn host_text(host: &Name) -> String {
 }
 
 /// Why a lookup that found nothing is definitive, or `None` for a real failure.
-fn definitive_empty(e: &NetError) -> Option<&'static str> {
+fn definitive_empty(e: &NetError, what: &str) -> Option<String> {
     if e.is_nx_domain() {
-        Some("does not exist (NXDOMAIN)")
+        Some("does not exist (NXDOMAIN)".to_string())
     } else if e.is_no_records_found() {
-        Some("has no records of that type (NODATA)")
+        Some(format!("has no {what} records (NODATA)"))
     } else {
         None
     }
@@ -210,6 +210,11 @@ impl SrvSource {
         }
     }
 
+    /// When the next call to [`Source::next`] will read again (`None`: at once).
+    pub fn next_read(&self) -> Option<Instant> {
+        self.refresh_at
+    }
+
     async fn read(&mut self) -> Result<EndpointSet, SourceError> {
         let hickory = self.resolver.hickory().clone();
         // Our schedule is the cache (TTL clamped to the floor and ceiling): without this
@@ -219,7 +224,7 @@ impl SrvSource {
         let lookup = match hickory.lookup(self.name.as_str(), RecordType::SRV).await {
             Ok(lookup) => lookup,
             Err(e) => {
-                return match definitive_empty(&e) {
+                return match definitive_empty(&e, "SRV") {
                     Some(why) => Ok(self.empty(format!("'{}' {why}", self.name))),
                     None => Err(SourceError(format!(
                         "SRV lookup for '{}' failed: {e}",
@@ -287,8 +292,8 @@ impl SrvSource {
                     }
                     addrs.insert(host, ips);
                 }
-                Err(e) => match definitive_empty(&e) {
-                    Some(why) => problems.push(self.no_address(&host, why)),
+                Err(e) => match definitive_empty(&e, "address") {
+                    Some(why) => problems.push(self.no_address(&host, &why)),
                     None => transient.push(format!(
                         "'{}': cannot resolve SRV target '{}': {e}",
                         self.name,
