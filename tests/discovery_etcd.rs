@@ -214,6 +214,45 @@ async fn unreachable_at_startup_then_coming_up() {
     wait_serving(&amb, &["a"]).await;
 }
 
+/// A server that is not etcd (a reply that is not the gateway's JSON) gets a message
+/// naming the server, the key and what was wrong, and the proxy keeps listening.
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_reply_is_named_with_server_and_key() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let not_etcd = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let body = "<html>not etcd</html>";
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    let mut amb = start_ambassador(&format!("etcd://{server}/svc/n"));
+    let line = amb.wait_for_log("discovery failed");
+    for needle in [
+        &format!("etcd {server}: reading '/svc/n'"),
+        "malformed range reply",
+        "<html>not etcd</html>",
+        "no backends yet",
+    ] {
+        assert!(line.contains(needle), "{needle:?} not in {line}");
+    }
+    assert!(amb.child_running());
+    assert_eq!(read_reply(amb.addr).await.unwrap_or_default(), "");
+    not_etcd.abort();
+}
+
 /// Measures how long a change takes from the put to the first connection routed to the
 /// new backend, and prints the figures (a measurement, not a pass/fail timing). It
 /// does assert that every change is applied.
