@@ -242,13 +242,15 @@ impl EtcdSource {
         })
     }
 
-    /// Waits for the next watch reply that changes something, applies it, and returns
-    /// whether the watch must be replaced by a fresh read (compaction).
-    async fn follow(&mut self) -> Result<Followed, SourceError> {
+    /// Waits for the next watch reply that changes something and applies it to `state`,
+    /// or reports that the watch must give way to a fresh read (compaction).
+    async fn follow(
+        &self,
+        state: &mut State,
+        watch: &mut WatchStream,
+    ) -> Result<Followed, SourceError> {
         let doing = "watching";
         loop {
-            let state = self.state.as_mut().expect("follow needs a read");
-            let watch = state.watch.as_mut().expect("follow needs a watch");
             let replies = match watch.next_replies().await {
                 Ok(replies) => replies,
                 Err(e) => return Err(self.fail(doing, e)),
@@ -316,37 +318,27 @@ impl Source for EtcdSource {
 
     async fn next(&mut self) -> Result<BackendList, SourceError> {
         loop {
-            let Some(state) = &mut self.state else {
-                // First call, or after an error or a compaction: read afresh.
+            // Taken out while in use: whatever ends this call other than a change applied
+            // (an error, a compaction) leaves no state, so the next read starts afresh.
+            let Some(mut state) = self.state.take() else {
                 let state = self.read().await?;
                 debug!(source = %self.name, revision = state.revision, keys = state.keys.len(), "etcd read");
                 self.state = Some(state);
                 return Ok(self.list());
             };
-            if state.watch.is_none() {
-                let start = state.revision + 1;
-                match self.watch(start).await {
-                    Ok(watch) => {
-                        if let Some(state) = &mut self.state {
-                            state.watch = Some(watch);
-                        }
-                    }
-                    Err(e) => {
-                        self.state = None;
-                        return Err(e);
-                    }
+            let mut watch = match state.watch.take() {
+                Some(watch) => watch,
+                None => self.watch(state.revision + 1).await?,
+            };
+            match self.follow(&mut state, &mut watch).await? {
+                Followed::Changed => {
+                    state.watch = Some(watch);
+                    self.state = Some(state);
+                    return Ok(self.list());
                 }
-            }
-            match self.follow().await {
-                Ok(Followed::Changed) => return Ok(self.list()),
-                Ok(Followed::Compacted(at)) => {
+                Followed::Compacted(at) => {
                     info!(source = %self.name, compact_revision = at,
                         "etcd compacted past the watched revision; reading afresh");
-                    self.state = None;
-                }
-                Err(e) => {
-                    self.state = None;
-                    return Err(e);
                 }
             }
         }
