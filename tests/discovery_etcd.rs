@@ -94,7 +94,8 @@ async fn single_value_with_a_comma_list_serves_when_there_are_no_children() {
 }
 
 /// A value that is not a backend is skipped with one warning naming key and value; the
-/// good backend serves, and a later change does not repeat the warning.
+/// good backend serves, and a later change does not repeat the warning. (The store is
+/// named `localhost` here, so this also proves a store given by name is found.)
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_value_is_skipped_with_a_warning_naming_key_and_value() {
     let etcd = Etcd::start().await;
@@ -102,7 +103,8 @@ async fn bad_value_is_skipped_with_a_warning_naming_key_and_value() {
     let b = named_backend("127.0.0.1:0", "b").await;
     etcd.put("/svc/n/good", &a.addr.to_string()).await;
     etcd.put("/svc/n/bad", "redis:abc").await;
-    let mut amb = start_ambassador(&etcd.url("/svc/n"));
+    // The store by name: resolved through the project's resolver (/etc/hosts here).
+    let mut amb = start_ambassador(&format!("etcd://localhost:{}/svc/n", etcd.client.port()));
     wait_serving(&amb, &["a"]).await;
     let warning = "key '/svc/n/bad': value 'redis:abc' is not a backend";
     let line = amb.wait_for_log(warning);

@@ -117,22 +117,32 @@ impl EtcdSource {
         list
     }
 
+    /// Connects to the store, trying each address a server name resolves to in turn
+    /// (IPv4 first, as the resolver sorts them).
     async fn connect(&self) -> Result<TcpStream, String> {
-        let ip = match (&self.spec.server.host, &self.resolver) {
-            (Host::Ip(ip), _) => *ip,
-            (Host::Name(name), Some(resolver)) => {
-                let resolved = resolver.lookup_ip(name).await?;
-                *resolved
-                    .addrs
-                    .first()
-                    .ok_or_else(|| format!("'{name}' resolved to no address"))?
-            }
+        let ips = match (&self.spec.server.host, &self.resolver) {
+            (Host::Ip(ip), _) => vec![*ip],
+            (Host::Name(name), Some(resolver)) => resolver.lookup_ip(name).await?.addrs,
             (Host::Name(name), None) => return Err(format!("no resolver for '{name}'")),
         };
-        let addr = SocketAddr::new(ip, self.spec.server.port);
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+        let mut failures = Vec::new();
+        let mut connected = None;
+        for ip in ips {
+            let addr = SocketAddr::new(ip, self.spec.server.port);
+            match TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    connected = Some(stream);
+                    break;
+                }
+                Err(e) => failures.push(format!("cannot connect to {addr}: {e}")),
+            }
+        }
+        let Some(stream) = connected else {
+            return Err(match failures.is_empty() {
+                true => format!("'{}' resolved to no address", self.spec.server),
+                false => failures.join("; "),
+            });
+        };
         let _ = stream.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new()
             .with_time(KEEPALIVE_IDLE)
