@@ -172,6 +172,9 @@ impl Source for Resolving {
                         // The store's stage stopped: nothing will change any more.
                         std::future::pending::<()>().await;
                     }
+                    // `changed()` marked the new list as seen, so `has_changed()` above
+                    // would miss it: drop the old hosts to make the loop take it.
+                    self.hosts = None;
                 }
                 read = async {
                     match &mut self.hosts {
@@ -270,5 +273,30 @@ mod tests {
         assert!(set.to_string().contains("127.0.0.1:81"), "{set}");
         tx.send(Some(BackendList::default())).unwrap();
         assert!(stage.next().await.unwrap().is_empty());
+    }
+
+    /// A list that arrives while the stage is already waiting (the usual case: a store
+    /// change long after the last read) is taken, not lost to `changed()` marking it seen.
+    #[tokio::test]
+    async fn resolving_takes_a_list_sent_while_waiting() {
+        let (tx, rx) = watch::channel(None);
+        let mut stage = Resolving::new(rx, Resolver::from_system());
+        tx.send(Some(BackendList(vec![
+            HostPort::parse("10.0.0.1:80").unwrap(),
+        ])))
+        .unwrap();
+        assert_eq!(stage.next().await.unwrap().to_string(), "10.0.0.1:80");
+        let waiting = tokio::spawn(async move { stage.next().await });
+        tokio::task::yield_now().await;
+        tx.send(Some(BackendList(vec![
+            HostPort::parse("10.0.0.2:80").unwrap(),
+        ])))
+        .unwrap();
+        let set = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the stage missed the new list")
+            .unwrap()
+            .unwrap();
+        assert_eq!(set.to_string(), "10.0.0.2:80");
     }
 }

@@ -92,7 +92,7 @@ impl Discovery {
                 spawn_source(name, source, cancel)
             }
             Spec::Etcd(kv) => {
-                let store = etcd::EtcdSource::new(kv.clone());
+                let store = etcd::EtcdSource::new(kv.clone()).with_resolver(self.resolver());
                 let lists = spawn_source(name.clone(), store, cancel.clone());
                 spawn_source(name, kv::Resolving::new(lists, self.resolver()), cancel)
             }
