@@ -25,12 +25,17 @@ pub const EXIT_USAGE: u8 = 64;
     after_help = "Examples:\n  \
         ambassadord 192.168.1.100:8080                  listens on 8080, forwards to 192.168.1.100:8080\n  \
         ambassadord redis-1:6379,redis-2:6379           balanced over both; a dead one is skipped\n  \
-        ambassadord --bind 127.0.0.1 --port 7000 10.0.0.5:6379"
+        ambassadord --bind 127.0.0.1 --port 7000 10.0.0.5:6379\n  \
+        ambassadord --links                             one listener per Docker link port (docker run --link)"
 )]
 struct Cli {
     /// Where to forward: HOST:PORT[,HOST:PORT...]; host names are resolved and refreshed on TTL
     #[arg(value_name = "BACKEND", env = "AMBASSADORD_BACKEND")]
     backend: Option<String>,
+
+    /// Forward each Docker link in the environment (<ALIAS>_PORT_<n>_TCP=tcp://IP:n), listening on its port
+    #[arg(long, env = "AMBASSADORD_LINKS", conflicts_with_all = ["backend", "port"])]
+    links: bool,
 
     /// Address to listen on [default: every address, IPv4 and IPv6]
     #[arg(long, value_name = "IP", env = "AMBASSADORD_BIND")]
@@ -100,6 +105,9 @@ pub struct Config {
     pub dns: Option<std::net::SocketAddr>,
     pub settings: Settings,
     pub log: LogConfig,
+    /// Bad input that validation skipped rather than refused (a malformed link variable);
+    /// [`crate::run`] logs each as a warning once logging is set up.
+    pub warnings: Vec<String>,
 }
 
 /// Behaviour shared by every route.
@@ -205,20 +213,6 @@ fn origin(matches: &ArgMatches, id: &str) -> String {
 fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
     let at = |id: &str, value: &str, why: &str| format!("{} '{value}': {why}", origin(m, id));
 
-    let Some(backend) = cli.backend else {
-        return Err(
-            "no backend given: pass BACKEND (for example 10.0.0.5:6379) or set AMBASSADORD_BACKEND"
-                .into(),
-        );
-    };
-    let spec = Spec::parse(&backend).map_err(|e| {
-        if origin(m, "backend") == "BACKEND" {
-            e.to_string()
-        } else {
-            format!("{} (from {})", e, origin(m, "backend"))
-        }
-    })?;
-
     let ip = match &cli.bind {
         None => None,
         Some(s) => Some(
@@ -228,11 +222,50 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
                 .map_err(|_| at("bind", s, "not an IP address"))?,
         ),
     };
-    let port = match &cli.port {
-        None => spec.default_listen_port(),
-        Some(s) => s
-            .parse::<u16>()
-            .map_err(|_| at("port", s, "not a port number (0-65535)"))?,
+
+    let mut warnings = Vec::new();
+    let routes = if cli.links {
+        // One route per linked port; clap has refused BACKEND and --port alongside.
+        let links = crate::docker::links::from_env().map_err(|e| e.to_string())?;
+        warnings.extend(
+            (links.skipped.iter()).map(|s| format!("--links: skipped a link variable: {s}")),
+        );
+        links
+            .links
+            .into_iter()
+            .map(|link| RouteConfig {
+                listen: Listen {
+                    ip,
+                    port: link.port,
+                },
+                spec: Spec::Static(vec![link.target]),
+            })
+            .collect()
+    } else {
+        let Some(backend) = cli.backend else {
+            return Err(
+                "no backend given: pass BACKEND (for example 10.0.0.5:6379), set AMBASSADORD_BACKEND, \
+                 or use --links"
+                    .into(),
+            );
+        };
+        let spec = Spec::parse(&backend).map_err(|e| {
+            if origin(m, "backend") == "BACKEND" {
+                e.to_string()
+            } else {
+                format!("{} (from {})", e, origin(m, "backend"))
+            }
+        })?;
+        let port = match &cli.port {
+            None => spec.default_listen_port(),
+            Some(s) => s
+                .parse::<u16>()
+                .map_err(|_| at("port", s, "not a port number (0-65535)"))?,
+        };
+        vec![RouteConfig {
+            listen: Listen { ip, port },
+            spec,
+        }]
     };
 
     let connect_timeout = parse_duration(&cli.connect_timeout)
@@ -278,10 +311,7 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
     };
 
     Ok(Config {
-        routes: vec![RouteConfig {
-            listen: Listen { ip, port },
-            spec,
-        }],
+        routes,
         dns,
         settings: Settings {
             connect_timeout,
@@ -292,6 +322,7 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
             filter: cli.log_level,
             format: cli.log_format,
         },
+        warnings,
     })
 }
 
@@ -447,6 +478,14 @@ mod tests {
             (
                 &["--nope", "a:1"],
                 "unexpected argument '--nope' found (see --help)",
+            ),
+            (
+                &["--links", "a:1"],
+                "the argument '--links' cannot be used with '[BACKEND]'",
+            ),
+            (
+                &["--links", "--port", "80"],
+                "the argument '--links' cannot be used with '--port <PORT>'",
             ),
         ];
         for (args, want) in cases {
