@@ -34,7 +34,12 @@ struct Cli {
     backend: Option<String>,
 
     /// Forward each Docker link in the environment (<ALIAS>_PORT_<n>_TCP=tcp://IP:n), listening on its port
-    #[arg(long, env = "AMBASSADORD_LINKS", conflicts_with_all = ["backend", "port"])]
+    #[arg(
+        long,
+        env = "AMBASSADORD_LINKS",
+        conflicts_with_all = ["backend", "port"],
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     links: bool,
 
     /// Address to listen on [default: every address, IPv4 and IPv6]

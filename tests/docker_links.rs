@@ -94,7 +94,7 @@ fn links_that_cannot_be_served_exit_64_naming_the_variables() {
         (
             &[],
             &[
-                ("AMBASSADORD_LINKS", "true"),
+                ("AMBASSADORD_LINKS", "1"),
                 ("DNS_PORT_53_UDP", "udp://172.17.0.2:53"),
                 ("WEB_PORT_80_TCP", "tcp://172.17.0.3"),
             ],

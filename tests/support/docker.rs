@@ -284,6 +284,23 @@ impl Engine {
         }
     }
 
+    /// The daemon's socket on this machine, for `-v PATH:/var/run/docker.sock` (omni
+    /// mode's container reads the Engine API through it); `None` for a TCP DOCKER_HOST.
+    pub fn socket_path(&self) -> Option<&str> {
+        self.host.strip_prefix("unix://")
+    }
+
+    /// Creates a user-defined bridge network named `<role>-<unique>`, removed (after the
+    /// containers on it, which must be dropped first) when the guard drops.
+    pub fn network(&self, role: &str) -> Network<'_> {
+        let name = unique_name(role);
+        let pid_label = format!("{LABEL}.pid={}", std::process::id());
+        self.docker_ok(&[
+            "network", "create", "--label", LABEL, "--label", &pid_label, &name,
+        ]);
+        Network { engine: self, name }
+    }
+
     /// Runs a container to completion (`docker run --rm`) and returns its output.
     pub fn run(&self, args: &[&str]) -> Output {
         let pid_label = format!("{LABEL}.pid={}", std::process::id());
@@ -295,24 +312,30 @@ impl Engine {
     /// Removes containers left by test processes that no longer exist (a run that was
     /// killed before its guards dropped).
     fn remove_leftovers(&self) {
-        let Ok(list) = self.docker(&[
-            "ps",
-            "-a",
-            "--filter",
-            &format!("label={LABEL}"),
-            "--format",
-            &format!("{{{{.ID}}}} {{{{.Label \"{LABEL}.pid\"}}}}"),
-        ]) else {
+        // Containers first: a network cannot be removed while one is attached.
+        self.remove_dead(&["ps", "-a"], &["rm", "-f", "-v"]);
+        self.remove_dead(&["network", "ls"], &["network", "rm"]);
+    }
+
+    /// Lists with `list` what carries [`LABEL`] and removes with `remove` each object
+    /// whose `LABEL.pid` process is gone.
+    fn remove_dead(&self, list: &[&str], remove: &[&str]) {
+        let filter = format!("label={LABEL}");
+        let format = format!("{{{{.ID}}}} {{{{.Label \"{LABEL}.pid\"}}}}");
+        let mut args = list.to_vec();
+        args.extend(["--filter", &filter, "--format", &format]);
+        let Ok(listed) = self.docker(&args) else {
             return;
         };
-        for line in list.lines() {
+        for line in listed.lines() {
             let mut parts = line.split_whitespace();
             let (Some(id), pid) = (parts.next(), parts.next()) else {
                 continue;
             };
-            let alive = pid.is_some_and(|p| Path::new("/proc").join(p).exists());
-            if !alive {
-                let _ = self.docker(&["rm", "-f", "-v", id]);
+            if !pid.is_some_and(|p| Path::new("/proc").join(p).exists()) {
+                let mut args = remove.to_vec();
+                args.push(id);
+                let _ = self.docker(&args);
             }
         }
     }
@@ -407,6 +430,18 @@ impl Container<'_> {
 impl Drop for Container<'_> {
     fn drop(&mut self) {
         let _ = self.engine.docker(&["rm", "-f", "-v", &self.name]);
+    }
+}
+
+/// A user-defined network, removed when dropped.
+pub struct Network<'e> {
+    engine: &'e Engine,
+    pub name: String,
+}
+
+impl Drop for Network<'_> {
+    fn drop(&mut self) {
+        let _ = self.engine.docker(&["network", "rm", &self.name]);
     }
 }
 
