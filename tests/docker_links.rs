@@ -309,3 +309,36 @@ fn a_container_linked_only_over_udp_exits_64() {
         "{stderr}"
     );
 }
+
+/// The Dockerfile (for users with a registry) and scripts/build-image (used here) compile
+/// the binary the same way, and build-image finds the Dockerfile's final stage in the
+/// shape it rewrites; the Dockerfile's builder stage itself cannot be built without a
+/// registry, so this is what keeps the two images the same.
+#[test]
+fn dockerfile_and_build_image_build_the_same_image() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let script = std::fs::read_to_string(root.join("scripts/build-image")).unwrap();
+    for same in [
+        "RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=true",
+        "target=\"$(uname -m)-unknown-linux-gnu\"",
+        "cargo build --locked --release",
+    ] {
+        assert!(dockerfile.contains(same), "Dockerfile lacks {same:?}");
+        assert!(script.contains(same), "scripts/build-image lacks {same:?}");
+    }
+    let final_stage = dockerfile
+        .split_once("\n# --- final stage")
+        .expect("the final-stage marker build-image looks for")
+        .1;
+    for line in [
+        "FROM scratch",
+        "COPY --from=builder /ambassadord /ambassadord",
+        "ENTRYPOINT [\"/ambassadord\"]",
+    ] {
+        assert!(
+            final_stage.lines().any(|l| l == line),
+            "the final stage lacks {line:?}"
+        );
+    }
+}
