@@ -233,7 +233,10 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
         // One route per linked port; clap has refused BACKEND and --port alongside.
         let links = crate::docker::links::from_env().map_err(|e| e.to_string())?;
         warnings.extend(
-            (links.skipped.iter()).map(|s| format!("--links: skipped a link variable: {s}")),
+            links
+                .skipped
+                .iter()
+                .map(|s| format!("--links: skipped a link variable: {s}")),
         );
         links
             .links
