@@ -25,7 +25,8 @@ pub const EXIT_USAGE: u8 = 64;
     after_help = "Examples:\n  \
         ambassadord 192.168.1.100:8080                  listens on 8080, forwards to 192.168.1.100:8080\n  \
         ambassadord redis-1:6379,redis-2:6379           balanced over both; a dead one is skipped\n  \
-        ambassadord --bind 127.0.0.1 --port 7000 10.0.0.5:6379"
+        ambassadord --bind 127.0.0.1 --port 7000 10.0.0.5:6379\n  \
+        ambassadord --links                             one listener per Docker link port (docker run --link)"
 )]
 struct Cli {
     /// Where to forward: HOST:PORT[,HOST:PORT...], an SRV name, etcd://HOST:PORT/PATH or consul://HOST:PORT/PATH
@@ -45,6 +46,15 @@ struct Cli {
         default_value = "unix:///var/run/docker.sock"
     )]
     docker_host: String,
+
+    /// Forward each Docker link in the environment (<ALIAS>_PORT_<n>_TCP=tcp://IP:n), listening on its port
+    #[arg(
+        long,
+        env = "AMBASSADORD_LINKS",
+        conflicts_with_all = ["backend", "port"],
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    links: bool,
 
     /// Address to listen on [default: every address, IPv4 and IPv6]
     #[arg(long, value_name = "IP", env = "AMBASSADORD_BIND")]
@@ -130,6 +140,9 @@ pub struct Config {
     pub docker_host: String,
     pub settings: Settings,
     pub log: LogConfig,
+    /// Bad input that validation skipped rather than refused (a malformed link variable);
+    /// [`crate::run`] logs each as a warning once logging is set up.
+    pub warnings: Vec<String>,
 }
 
 /// The port omni mode listens on, and so where --setup-iptables redirects by default.
@@ -270,26 +283,6 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
         return redirect_action(&cli, m);
     }
 
-    let target = match (&cli.backend, cli.omnimode) {
-        (Some(backend), true) => {
-            return Err(format!(
-                "--omnimode takes no BACKEND (got '{backend}' from {}): each container declares its own",
-                origin(m, "backend")
-            ));
-        }
-        (None, true) => RouteTarget::Omni,
-        (None, false) => {
-            return Err("no backend given: pass BACKEND (for example 10.0.0.5:6379) or set AMBASSADORD_BACKEND".into());
-        }
-        (Some(backend), false) => RouteTarget::Spec(Spec::parse(backend).map_err(|e| {
-            if origin(m, "backend") == "BACKEND" {
-                e.to_string()
-            } else {
-                format!("{} (from {})", e, origin(m, "backend"))
-            }
-        })?),
-    };
-
     let ip = match &cli.bind {
         None => None,
         Some(s) => Some(
@@ -299,12 +292,66 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
                 .map_err(|_| at("bind", s, "not an IP address"))?,
         ),
     };
-    let port = match (&cli.port, &target) {
-        (None, RouteTarget::Spec(spec)) => spec.default_listen_port(),
-        (None, RouteTarget::Omni) => OMNI_PORT,
-        (Some(s), _) => s
-            .parse::<u16>()
-            .map_err(|_| at("port", s, "not a port number (0-65535)"))?,
+
+    let mut warnings = Vec::new();
+    let routes = if cli.links {
+        if cli.omnimode {
+            return Err("--links and --omnimode cannot be combined: choose one mode".into());
+        }
+        // One route per linked port; clap has refused BACKEND and --port alongside.
+        let links = crate::docker::links::from_env().map_err(|e| e.to_string())?;
+        warnings.extend(
+            links
+                .skipped
+                .iter()
+                .map(|s| format!("--links: skipped a link variable: {s}")),
+        );
+        links
+            .links
+            .into_iter()
+            .map(|link| RouteConfig {
+                listen: Listen {
+                    ip,
+                    port: link.port,
+                },
+                target: RouteTarget::Spec(Spec::Static(vec![link.target])),
+            })
+            .collect()
+    } else {
+        let target = match (&cli.backend, cli.omnimode) {
+            (Some(backend), true) => {
+                return Err(format!(
+                    "--omnimode takes no BACKEND (got '{backend}' from {}): each container declares its own",
+                    origin(m, "backend")
+                ));
+            }
+            (None, true) => RouteTarget::Omni,
+            (None, false) => {
+                return Err(
+                    "no backend given: pass BACKEND (for example 10.0.0.5:6379), set AMBASSADORD_BACKEND, \
+                     or use --links or --omnimode"
+                        .into(),
+                );
+            }
+            (Some(backend), false) => RouteTarget::Spec(Spec::parse(backend).map_err(|e| {
+                if origin(m, "backend") == "BACKEND" {
+                    e.to_string()
+                } else {
+                    format!("{} (from {})", e, origin(m, "backend"))
+                }
+            })?),
+        };
+        let port = match (&cli.port, &target) {
+            (None, RouteTarget::Spec(spec)) => spec.default_listen_port(),
+            (None, RouteTarget::Omni) => OMNI_PORT,
+            (Some(s), _) => s
+                .parse::<u16>()
+                .map_err(|_| at("port", s, "not a port number (0-65535)"))?,
+        };
+        vec![RouteConfig {
+            listen: Listen { ip, port },
+            target,
+        }]
     };
 
     let connect_timeout = parse_duration(&cli.connect_timeout)
@@ -351,10 +398,7 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
 
     Ok(Config {
         action: Action::Serve,
-        routes: vec![RouteConfig {
-            listen: Listen { ip, port },
-            target,
-        }],
+        routes,
         dns,
         docker_host: cli.docker_host,
         settings: Settings {
@@ -366,6 +410,7 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
             filter: cli.log_level,
             format: cli.log_format,
         },
+        warnings,
     })
 }
 
@@ -411,6 +456,7 @@ fn redirect_action(cli: &Cli, m: &ArgMatches) -> Result<Config, String> {
         routes: Vec::new(),
         dns: None,
         docker_host: cli.docker_host.clone(),
+        warnings: Vec::new(),
         settings: Settings::default(),
         log: LogConfig {
             filter: cli.log_level.clone(),
@@ -583,6 +629,14 @@ mod tests {
             (
                 &["--nope", "a:1"],
                 "unexpected argument '--nope' found (see --help)",
+            ),
+            (
+                &["--links", "a:1"],
+                "the argument '--links' cannot be used with '[BACKEND]'",
+            ),
+            (
+                &["--links", "--port", "80"],
+                "the argument '--links' cannot be used with '--port <PORT>'",
             ),
         ];
         for (args, want) in cases {

@@ -22,6 +22,9 @@ pub use proxy::{Server, StartError};
 /// Binds every listener, then serves until `shutdown` resolves and open connections
 /// have drained (or the grace period ran out).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let server = Server::bind(config).await?;
     server.run(shutdown).await;
     Ok(())

@@ -148,7 +148,10 @@ pub fn original_port(stream: &TcpStream) -> Result<u16, String> {
         SocketAddr::V6(_) => sock.original_dst_v6(),
         SocketAddr::V4(_) => Err(e),
     });
-    let port = original.ok().and_then(|sa| sa.as_socket()).map(|sa| sa.port());
+    let port = original
+        .ok()
+        .and_then(|sa| sa.as_socket())
+        .map(|sa| sa.port());
     // ENOENT: conntrack has no entry (not redirected, or no conntrack): not an error.
     Ok(port.unwrap_or(local.port()))
 }

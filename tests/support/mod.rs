@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod dnsmasq;
+pub mod docker;
 pub mod etcd;
 
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,28 @@
+# ambassadord as a FROM-scratch image: one fully static binary and nothing else.
+#
+#   docker build -t ambassadord:latest .
+#   docker run -d --expose 6379 ambassadord:latest 10.0.0.5:6379
+#
+# This needs a registry for the rust builder image. scripts/build-image makes the same
+# image with no registry: it runs the builder stage's cargo command on the host and then
+# builds the final stage below, taken from this file, so the two stay in step.
+# The binary is static glibc: it never calls getaddrinfo (names go through its own DNS
+# resolver, hickory), so it needs no libc, NSS or resolver files in the image; Docker
+# bind-mounts /etc/resolv.conf and /etc/hosts into every container.
+
+ARG RUST_VERSION=1.95
+FROM rust:${RUST_VERSION}-bookworm AS builder
+WORKDIR /src
+COPY . .
+RUN target="$(uname -m)-unknown-linux-gnu" \
+ && RUSTFLAGS='-C target-feature=+crt-static' CARGO_PROFILE_RELEASE_STRIP=true \
+    cargo build --locked --release --target "$target" \
+ && cp "target/$target/release/ambassadord" /ambassadord
+
+# --- final stage (scripts/build-image builds from here on, with the binary it built) ---
+FROM scratch
+COPY --from=builder /ambassadord /ambassadord
+# Standard mode's port for discovered backends and omni mode's port; --links and static
+# backends listen on their own ports (docker run --expose them).
+EXPOSE 10000
+ENTRYPOINT ["/ambassadord"]
