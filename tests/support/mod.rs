@@ -3,6 +3,8 @@
 //! deadline instead of sleeping.
 #![allow(dead_code)]
 
+pub mod consul;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
