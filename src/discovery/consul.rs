@@ -9,7 +9,9 @@
 //! index that goes backwards (a restored snapshot, a restarted dev agent) resets the
 //! index to 0 so the next request reads at once, an index below 1 is treated as 1, the
 //! requests are rate limited, and the client's timeout stays above the wait plus the
-//! server's wait/16 jitter.
+//! server's wait/16 jitter. A query blocks only on the connection whose reply gave its
+//! index: a new connection (the server may have restarted with a lower index) starts
+//! with a plain read.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -106,11 +108,12 @@ impl ConsulSource {
     fn request_target(&self) -> String {
         let mut target = format!("/v1/kv/{}?recurse", encode_path(&self.key));
         if self.index > 0 {
-            target.push_str(&format!(
-                "&index={}&wait={}ms",
-                self.index,
-                self.wait.as_millis()
-            ));
+            // Go duration syntax, as Consul parses it.
+            let wait = match self.wait.subsec_millis() {
+                0 => format!("{}s", self.wait.as_secs()),
+                _ => format!("{}ms", self.wait.as_millis()),
+            };
+            target.push_str(&format!("&index={}&wait={wait}", self.index));
         }
         target
     }
@@ -449,7 +452,9 @@ mod tests {
         s.index = 42;
         assert_eq!(
             s.request_target(),
-            "/v1/kv/svc/web?recurse&index=42&wait=2000ms"
+            "/v1/kv/svc/web?recurse&index=42&wait=2s"
         );
+        s.wait = Duration::from_millis(300);
+        assert!(s.request_target().ends_with("&wait=300ms"));
     }
 }
