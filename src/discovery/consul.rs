@@ -1,20 +1,318 @@
-//! Consul KV discovery (in progress: replaced by the full source before release).
+//! Consul KV discovery: lists the keys under a path over Consul's HTTP API and watches
+//! them with blocking queries, publishing the backend list the children-or-value rule
+//! gives.
+//!
+//! One request does both jobs: `GET /v1/kv/<path>?recurse&index=N&wait=W` lists the
+//! same prefix it waits on, so no change can fall between a read and a watch. The loop
+//! follows Consul's documented rules for blocking queries: a return is no proof of change
+//! (a wait that ran out comes back with the same index, and is not worth returning), an
+//! index that goes backwards (a restored snapshot, a restarted dev agent) resets the
+//! index to 0 so the next request reads at once, an index below 1 is treated as 1, the
+//! requests are rate limited, and the client's timeout stays above the wait plus the
+//! server's wait/16 jitter. A query blocks only on the connection whose reply gave its
+//! index: a new connection (the server may have restarted with a lower index) starts
+//! with a plain read.
 
-use super::kv::BackendList;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use base64::Engine;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::body::Bytes;
+use hyper::client::conn::http1;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until, timeout};
+use tracing::{debug, info};
+
+use super::dns::Resolver;
+use super::kv::{BackendList, BadEntryLog, KvEntry, backends_from_entries};
 use super::{Source, SourceError};
-use crate::spec::KvSpec;
+use crate::spec::{Host, KvSpec};
+
+/// How long one blocking query may wait on the server. Short enough that a server that
+/// vanished without closing the connection is noticed within about a minute, long
+/// enough that an idle watch costs one request a minute.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+/// Added to the wait (after Consul's own wait/16 jitter) before the client gives up.
+const TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Consul asks clients to rate limit their blocking loop; successive requests start at
+/// least this far apart, which only ever delays a watch on a prefix that changes more
+/// often than ten times a second.
+const MIN_REQUEST_GAP: Duration = Duration::from_millis(100);
+/// A reply larger than this is refused rather than buffered.
+const MAX_BODY: usize = 16 << 20;
 
 pub struct ConsulSource {
     spec: KvSpec,
-    _token: Option<String>,
+    /// The Consul key: the spec's path without its leading '/'.
+    key: String,
+    token: Option<String>,
+    resolver: Option<Resolver>,
+    wait: Duration,
+    /// The X-Consul-Index of the last reply used; 0 means "read at once, do not block".
+    index: u64,
+    conn: Option<Conn>,
+    last_request: Option<Instant>,
+    bad: BadEntryLog,
+    name: String,
 }
 
 impl ConsulSource {
+    /// A source for `spec`; `token` (CONSUL_HTTP_TOKEN) is sent as `X-Consul-Token`.
     pub fn new(spec: KvSpec, token: Option<String>) -> Self {
+        let key = spec.path.trim_start_matches('/').to_string();
+        let name = format!("consul://{}{}", spec.server, spec.path);
         ConsulSource {
             spec,
-            _token: token,
+            key,
+            token,
+            resolver: None,
+            wait: DEFAULT_WAIT,
+            index: 0,
+            conn: None,
+            last_request: None,
+            bad: BadEntryLog::default(),
+            name,
         }
+    }
+
+    /// The resolver for a server given by name (`--dns`); without one, the system's.
+    pub fn with_resolver(mut self, resolver: Resolver) -> Self {
+        self.resolver = Some(resolver);
+        self
+    }
+
+    /// How long each blocking query waits on the server (Consul caps it at 10 minutes).
+    pub fn with_wait(mut self, wait: Duration) -> Self {
+        self.wait = wait.clamp(Duration::from_millis(1), Duration::from_secs(600));
+        self
+    }
+
+    /// Where errors say they came from: the server and the key.
+    fn context(&self) -> String {
+        format!("consul {} key '{}'", self.spec.server, self.key)
+    }
+
+    fn fail(&mut self, what: impl std::fmt::Display) -> SourceError {
+        // The next call must read afresh: no connection, no index to block on.
+        self.conn = None;
+        self.index = 0;
+        SourceError(format!("{}: {what}", self.context()))
+    }
+
+    fn request_target(&self) -> String {
+        let mut target = format!("/v1/kv/{}?recurse", encode_path(&self.key));
+        if self.index > 0 {
+            // Go duration syntax, as Consul parses it.
+            let wait = match self.wait.subsec_millis() {
+                0 => format!("{}s", self.wait.as_secs()),
+                _ => format!("{}ms", self.wait.as_millis()),
+            };
+            target.push_str(&format!("&index={}&wait={wait}", self.index));
+        }
+        target
+    }
+
+    /// Sends one GET and returns the status, the X-Consul-Index and the body.
+    ///
+    /// A blocking query is only sent on the connection whose reply gave the index. A
+    /// closed connection may mean a restarted server, perhaps with a lower index, and
+    /// blocking there on the old index would miss every change until the new index
+    /// passed it (for up to the whole wait). So a new connection starts with a plain read
+    /// (index 0): one cheap extra read per reconnect. For the same reason a request on a
+    /// kept-alive connection that fails is tried once more on a fresh one, as a plain read.
+    async fn get(&mut self) -> Result<Reply, String> {
+        let reused = self.conn.as_ref().is_some_and(|c| !c.sender.is_closed());
+        if !reused {
+            self.index = 0;
+            self.conn = Some(self.connect().await?);
+        }
+        match self.send().await {
+            Err(e) if reused && !e.timed_out => {
+                debug!(source = %self.name, error = %e.message,
+                    "kept-alive connection failed; reading afresh on a new one");
+                self.index = 0;
+                self.conn = Some(self.connect().await?);
+                self.send().await.map_err(|e| e.message)
+            }
+            r => r.map_err(|e| e.message),
+        }
+    }
+
+    async fn send(&mut self) -> Result<Reply, SendError> {
+        let target = self.request_target();
+        // The server may hold a blocking query for wait + wait/16; allow that and more.
+        let limit = match self.index {
+            0 => TIMEOUT_MARGIN * 2,
+            _ => self.wait + self.wait / 16 + TIMEOUT_MARGIN,
+        };
+        tracing::trace!(source = %self.name, %target, "Consul request");
+        let mut req = Request::get(&target)
+            .header(hyper::header::HOST, self.spec.server.to_string())
+            .header(hyper::header::ACCEPT, "application/json");
+        if let Some(token) = &self.token {
+            req = req.header("X-Consul-Token", token);
+        }
+        let req = req.body(Empty::<Bytes>::new()).map_err(|e| SendError {
+            message: format!("cannot build the request for '{target}': {e}"),
+            timed_out: false,
+        })?;
+        let conn = self.conn.as_mut().expect("connected before sending");
+        let exchange = async {
+            conn.sender
+                .ready()
+                .await
+                .map_err(|e| format!("connection lost: {e}"))?;
+            let resp = conn
+                .sender
+                .send_request(req)
+                .await
+                .map_err(|e| format!("request failed: {e}"))?;
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| format!("reading the reply failed: {e}"))?
+                .to_bytes();
+            Ok::<_, String>((parts, body))
+        };
+        let (parts, body) = match timeout(limit, exchange).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(message)) => {
+                return Err(SendError {
+                    message,
+                    timed_out: false,
+                });
+            }
+            Err(_) => {
+                return Err(SendError {
+                    message: format!("no reply within {limit:?}"),
+                    timed_out: true,
+                });
+            }
+        };
+        let index = parts
+            .headers
+            .get("X-Consul-Index")
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or_else(|| format!("X-Consul-Index {v:?} is not a number"))
+            })
+            .transpose()
+            .map_err(|message| SendError {
+                message,
+                timed_out: false,
+            })?;
+        Ok(Reply {
+            sent_index: self.index,
+            status: parts.status,
+            index,
+            body,
+        })
+    }
+
+    /// Opens a new HTTP/1.1 connection to the server, resolving its name if it has one.
+    async fn connect(&mut self) -> Result<Conn, String> {
+        self.conn = None;
+        let addrs: Vec<SocketAddr> = match &self.spec.server.host {
+            Host::Ip(ip) => vec![SocketAddr::new(*ip, self.spec.server.port)],
+            Host::Name(name) => {
+                let resolver = self.resolver.get_or_insert_with(Resolver::from_system);
+                let resolved = resolver.lookup_ip(name).await?;
+                if resolved.addrs.is_empty() {
+                    return Err(format!("'{name}' resolved to no address"));
+                }
+                resolved
+                    .addrs
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, self.spec.server.port))
+                    .collect()
+            }
+        };
+        let mut failures = Vec::new();
+        for addr in addrs {
+            match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    let (sender, connection) = http1::handshake(TokioIo::new(stream))
+                        .await
+                        .map_err(|e| format!("HTTP handshake with {addr} failed: {e}"))?;
+                    let task = tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                    return Ok(Conn { sender, task });
+                }
+                Ok(Err(e)) => failures.push(format!("cannot connect to {addr}: {e}")),
+                Err(_) => failures.push(format!(
+                    "cannot connect to {addr}: no answer within {CONNECT_TIMEOUT:?}"
+                )),
+            }
+        }
+        Err(failures.join("; "))
+    }
+
+    /// Turns a reply into the entries it lists, or says what is wrong with it.
+    fn entries(&self, reply: &Reply) -> Result<Vec<KvEntry>, String> {
+        match reply.status {
+            StatusCode::OK => {}
+            // Consul answers 404 for a prefix with no keys: no backends (yet), still watched.
+            StatusCode::NOT_FOUND if reply.index.is_some() => return Ok(Vec::new()),
+            StatusCode::FORBIDDEN => {
+                return Err(format!(
+                    "permission denied (HTTP 403; is CONSUL_HTTP_TOKEN {}?): {}",
+                    match self.token {
+                        Some(_) => "right",
+                        None => "needed",
+                    },
+                    excerpt(&reply.body)
+                ));
+            }
+            status => {
+                return Err(format!("HTTP {status}: {}", excerpt(&reply.body)));
+            }
+        }
+        if reply.index.is_none() {
+            return Err("the reply has no X-Consul-Index header (is this a Consul server?)".into());
+        }
+        let listed: Vec<ListedEntry> = serde_json::from_slice(&reply.body).map_err(|e| {
+            format!(
+                "the reply is not a JSON list of keys ({e}): {}",
+                excerpt(&reply.body)
+            )
+        })?;
+        listed
+            .into_iter()
+            .map(|e| {
+                let value = match &e.value {
+                    None => Vec::new(),
+                    Some(b64) => base64::engine::general_purpose::STANDARD
+                        .decode(b64)
+                        .map_err(|err| {
+                            format!(
+                                "the reply's Value for key '{}' is not base64 ({err}): '{}'",
+                                e.key,
+                                excerpt(b64.as_bytes())
+                            )
+                        })?,
+                };
+                Ok(KvEntry { key: e.key, value })
+            })
+            .collect()
+    }
+
+    /// Waits so that requests start at least [`MIN_REQUEST_GAP`] apart.
+    async fn rate_limit(&mut self) {
+        if let Some(last) = self.last_request {
+            sleep_until(last + MIN_REQUEST_GAP).await;
+        }
+        self.last_request = Some(Instant::now());
     }
 }
 
@@ -23,9 +321,140 @@ impl Source for ConsulSource {
     const ANNOUNCE: bool = false;
 
     async fn next(&mut self) -> Result<BackendList, SourceError> {
-        Err(SourceError(format!(
-            "Consul discovery for '{}' is not built yet",
-            self.spec.path
-        )))
+        loop {
+            self.rate_limit().await;
+            let known = self.index;
+            let reply = match self.get().await {
+                Ok(reply) => reply,
+                Err(e) => return Err(self.fail(e)),
+            };
+            let entries = match self.entries(&reply) {
+                Ok(entries) => entries,
+                Err(e) => return Err(self.fail(e)),
+            };
+            // Consul's index is never 0 after a read; if a server says so, blocking on 0
+            // would return at once forever, so it is treated as 1.
+            let index = reply.index.unwrap_or(1).max(1);
+            let blocked = reply.sent_index;
+            if blocked > 0 && index == blocked {
+                // The wait ran out with nothing new: not worth a read, block again.
+                continue;
+            }
+            if index < known {
+                info!(source = %self.name, previous = known, index,
+                    "Consul index went backwards; resetting the watch");
+            }
+            self.index = if index < blocked {
+                // A restored snapshot or a restarted agent: blocking on the old index
+                // would miss every change until the new one passed it. Read afresh next.
+                0
+            } else {
+                index
+            };
+            let (list, bad) = backends_from_entries(&self.key, &entries);
+            self.bad.report(&self.name, bad);
+            debug!(source = %self.name, index, backends = %list, "Consul read");
+            return Ok(list);
+        }
+    }
+}
+
+/// One kept-alive HTTP/1.1 connection; dropping it closes the connection.
+struct Conn {
+    sender: http1::SendRequest<Empty<Bytes>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Reply {
+    /// The index the request blocked on; 0 for a plain read.
+    sent_index: u64,
+    status: StatusCode,
+    index: Option<u64>,
+    body: Bytes,
+}
+
+struct SendError {
+    message: String,
+    timed_out: bool,
+}
+
+/// One element of `GET /v1/kv/<prefix>?recurse`; other fields are not needed.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListedEntry {
+    key: String,
+    value: Option<String>,
+}
+
+/// Percent-encodes a key for the request path, keeping '/' and unreserved characters.
+fn encode_path(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// The start of a reply body, on one line, for error messages.
+fn excerpt(body: &[u8]) -> String {
+    const MAX: usize = 200;
+    let text = String::from_utf8_lossy(body);
+    let one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.is_empty() {
+        return "(empty body)".into();
+    }
+    match one_line.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &one_line[..cut]),
+        None => one_line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_percent_encoded_but_slashes_kept() {
+        assert_eq!(encode_path("svc/redis-1/a_b.c~"), "svc/redis-1/a_b.c~");
+        assert_eq!(encode_path("a b/ü%"), "a%20b/%C3%BC%25");
+    }
+
+    #[test]
+    fn excerpts_are_one_line_and_bounded() {
+        assert_eq!(excerpt(b""), "(empty body)");
+        assert_eq!(
+            excerpt(b"rpc error:\n  no leader\n"),
+            "rpc error: no leader"
+        );
+        let long = "x".repeat(500);
+        assert_eq!(excerpt(long.as_bytes()).chars().count(), 201);
+    }
+
+    #[test]
+    fn request_target_blocks_only_with_an_index() {
+        let spec = crate::spec::Spec::parse("consul://127.0.0.1:8500/svc/web").unwrap();
+        let crate::spec::Spec::Consul(kv) = spec else {
+            panic!("not a consul spec")
+        };
+        let mut s = ConsulSource::new(kv, None).with_wait(Duration::from_secs(2));
+        assert_eq!(s.request_target(), "/v1/kv/svc/web?recurse");
+        s.index = 42;
+        assert_eq!(
+            s.request_target(),
+            "/v1/kv/svc/web?recurse&index=42&wait=2s"
+        );
+        s.wait = Duration::from_millis(300);
+        assert!(s.request_target().ends_with("&wait=300ms"));
     }
 }

@@ -135,6 +135,8 @@ pub struct Resolving {
     lists: watch::Receiver<Option<BackendList>>,
     resolver: Resolver,
     hosts: Option<HostsSource>,
+    /// A list was taken; until then the first one is taken whenever it comes.
+    started: bool,
 }
 
 impl Resolving {
@@ -143,6 +145,7 @@ impl Resolving {
             lists,
             resolver,
             hosts: None,
+            started: false,
         }
     }
 }
@@ -151,11 +154,13 @@ impl Source for Resolving {
     type Item = EndpointSet;
 
     async fn next(&mut self) -> Result<EndpointSet, SourceError> {
+        // A list not seen yet (including the first) replaces the current one.
+        let mut take = !self.started || self.lists.has_changed().unwrap_or(false);
         loop {
-            // A list not seen yet (including the first) replaces the current one.
-            if self.lists.has_changed().unwrap_or(false) || self.hosts.is_none() {
+            if take {
                 let list = self.lists.borrow_and_update().clone();
                 if let Some(list) = list {
+                    self.started = true;
                     if list.0.is_empty() {
                         self.hosts = None;
                         return Ok(EndpointSet::empty());
@@ -172,9 +177,9 @@ impl Source for Resolving {
                         // The store's stage stopped: nothing will change any more.
                         std::future::pending::<()>().await;
                     }
-                    // `changed()` marked the new list as seen, so `has_changed()` above
-                    // would miss it: drop the old hosts to make the loop take it.
-                    self.hosts = None;
+                    // changed() marked the new list seen, so has_changed() no longer
+                    // says so: take it on the next turn.
+                    take = true;
                 }
                 read = async {
                     match &mut self.hosts {
@@ -275,28 +280,33 @@ mod tests {
         assert!(stage.next().await.unwrap().is_empty());
     }
 
-    /// A list that arrives while the stage is already waiting (the usual case: a store
-    /// change long after the last read) is taken, not lost to `changed()` marking it seen.
+    /// Regression: a list published while next() was already waiting was marked seen
+    /// by `changed()` and then ignored, so KV changes never reached the data path.
     #[tokio::test]
-    async fn resolving_takes_a_list_sent_while_waiting() {
-        let (tx, rx) = watch::channel(None);
+    async fn resolving_takes_a_list_that_arrives_while_waiting() {
+        let one = |a: &str| Some(BackendList(vec![HostPort::parse(a).unwrap()]));
+        let (tx, rx) = watch::channel(one("10.0.0.1:80"));
         let mut stage = Resolving::new(rx, Resolver::from_system());
-        tx.send(Some(BackendList(vec![
-            HostPort::parse("10.0.0.1:80").unwrap(),
-        ])))
-        .unwrap();
         assert_eq!(stage.next().await.unwrap().to_string(), "10.0.0.1:80");
-        let waiting = tokio::spawn(async move { stage.next().await });
+        let waiting = tokio::spawn(async move { (stage.next().await, stage) });
         tokio::task::yield_now().await;
-        tx.send(Some(BackendList(vec![
-            HostPort::parse("10.0.0.2:80").unwrap(),
-        ])))
-        .unwrap();
-        let set = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+        tx.send(one("10.0.0.2:80")).unwrap();
+        let (read, _stage) = tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
             .await
-            .expect("the stage missed the new list")
-            .unwrap()
+            .expect("the new list was never taken")
             .unwrap();
-        assert_eq!(set.to_string(), "10.0.0.2:80");
+        assert_eq!(read.unwrap().to_string(), "10.0.0.2:80");
+    }
+
+    /// Regression: after an empty list, next() returned the same empty set again at once,
+    /// forever (a busy loop in the driver); it must wait for the next list.
+    #[tokio::test(start_paused = true)]
+    async fn resolving_waits_after_an_empty_list() {
+        let (tx, rx) = watch::channel(Some(BackendList::default()));
+        let mut stage = Resolving::new(rx, Resolver::from_system());
+        assert!(stage.next().await.unwrap().is_empty());
+        let again = tokio::time::timeout(std::time::Duration::from_secs(3600), stage.next());
+        assert!(again.await.is_err(), "next() returned without a new list");
+        drop(tx);
     }
 }

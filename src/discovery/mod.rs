@@ -100,7 +100,8 @@ impl Discovery {
                 let token = std::env::var("CONSUL_HTTP_TOKEN")
                     .ok()
                     .filter(|t| !t.is_empty());
-                let store = consul::ConsulSource::new(kv.clone(), token);
+                let store =
+                    consul::ConsulSource::new(kv.clone(), token).with_resolver(self.resolver());
                 let lists = spawn_source(name.clone(), store, cancel.clone());
                 spawn_source(name, kv::Resolving::new(lists, self.resolver()), cancel)
             }

@@ -3,6 +3,7 @@
 //! deadline instead of sleeping.
 #![allow(dead_code)]
 
+pub mod consul;
 pub mod dnsmasq;
 pub mod docker;
 pub mod etcd;

@@ -1,0 +1,559 @@
+//! Consul KV discovery against the Consul emulator (tests/support/consul.rs): the
+//! emulator's own behaviour, the source's blocking-query loop, and the real binary
+//! following keys as they change, lose their store and come back.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ambassadord::discovery::Source;
+use ambassadord::discovery::consul::ConsulSource;
+use ambassadord::spec::{KvSpec, Spec};
+use support::consul::{ConsulEmulator, http};
+use support::*;
+
+fn kv_spec(consul: &ConsulEmulator, path: &str) -> KvSpec {
+    match Spec::parse(&consul.url(path)).unwrap() {
+        Spec::Consul(kv) => kv,
+        other => panic!("not a consul spec: {other:?}"),
+    }
+}
+
+fn start_ambassador(consul: &ConsulEmulator, path: &str, env: &[(&str, &str)]) -> Ambassador {
+    let url = consul.url(path);
+    Ambassador::start_with_env(&["--bind", "127.0.0.1", "--port", "0", &url], env)
+}
+
+/// The names that answer `tries` connections in a row (errors and refusals count as "").
+async fn names(proxy: SocketAddr, tries: usize) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..tries {
+        let reply = read_reply(proxy).await.unwrap_or_default();
+        seen.insert(reply.trim().to_string());
+    }
+    seen
+}
+
+/// Waits until the proxy serves exactly `expected`, every one of them.
+async fn serves_exactly(proxy: SocketAddr, expected: &[&str]) {
+    let want: BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
+    let tries = 3 * expected.len() + 2;
+    eventually(&format!("serving exactly {want:?}"), || {
+        let want = want.clone();
+        async move { (names(proxy, tries).await == want).then_some(()) }
+    })
+    .await;
+}
+
+/// Waits until the ambassador has logged a line containing all of `needles`.
+async fn logged(amb: &Ambassador, needles: &[&str]) -> String {
+    eventually(&format!("a log line with {needles:?}"), || {
+        let found = amb
+            .log()
+            .into_iter()
+            .find(|l| needles.iter().all(|n| l.contains(n)));
+        async move { found }
+    })
+    .await
+}
+
+// ---- The emulator itself -------------------------------------------------------------
+
+/// The emulator answers like Consul's KV API: JSON entries with base64 values and their
+/// indexes, X-Consul-Index on every read, 404 with X-Consul-Index for a missing prefix,
+/// PUT and DELETE ?recurse over HTTP.
+#[tokio::test(flavor = "multi_thread")]
+async fn emulator_lists_keys_with_indexes_and_404s_a_missing_prefix() {
+    let consul = ConsulEmulator::start().await;
+    let put = http(consul.addr, "PUT", "/v1/kv/svc/a", None, "10.0.0.1:80").await;
+    assert_eq!((put.status, put.body.as_str()), (200, "true"));
+    consul.put("svc/b", "10.0.0.2:80");
+    consul.put("other", "x");
+
+    let one = http(consul.addr, "GET", "/v1/kv/svc/a", None, "").await;
+    assert_eq!(one.status, 200);
+    let entries: serde_json::Value = serde_json::from_str(&one.body).unwrap();
+    let e = &entries[0];
+    assert_eq!(e["Key"], "svc/a");
+    assert_eq!(e["Value"], "MTAuMC4wLjE6ODA="); // base64 of 10.0.0.1:80
+    assert_eq!(
+        (e["CreateIndex"].as_u64(), e["ModifyIndex"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(
+        (e["LockIndex"].as_u64(), e["Flags"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(one.index, Some(1), "a key's index is its ModifyIndex");
+
+    let list = http(consul.addr, "GET", "/v1/kv/svc?recurse", None, "").await;
+    let keys: Vec<String> = serde_json::from_str::<Vec<serde_json::Value>>(&list.body)
+        .unwrap()
+        .iter()
+        .map(|e| e["Key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(keys, ["svc/a", "svc/b"]);
+    assert_eq!(list.index, Some(2), "a prefix's index is its newest write");
+
+    let missing = http(consul.addr, "GET", "/v1/kv/nothing?recurse", None, "").await;
+    assert_eq!((missing.status, missing.index), (404, Some(3)));
+
+    let del = http(consul.addr, "DELETE", "/v1/kv/svc?recurse", None, "").await;
+    assert_eq!(del.status, 200);
+    let gone = http(consul.addr, "GET", "/v1/kv/svc?recurse", None, "").await;
+    assert_eq!(gone.status, 404);
+    assert_eq!(
+        gone.index,
+        Some(4),
+        "the delete's tombstones keep the prefix's index"
+    );
+
+    let bad = http(consul.addr, "GET", "/v1/kv/svc?index=1&wait=soon", None, "").await;
+    assert_eq!((bad.status, bad.body.as_str()), (400, "Invalid wait time"));
+}
+
+/// A blocking query is held while nothing under its prefix changes (a write elsewhere
+/// does not release it) and is answered by the first write under the prefix, with the
+/// new value and index.
+#[tokio::test(flavor = "multi_thread")]
+async fn emulator_blocking_query_is_held_until_a_write_under_its_prefix() {
+    let consul = ConsulEmulator::start().await;
+    let index = consul.put("svc/a", "10.0.0.1:80");
+    let addr = consul.addr;
+    let target = format!("/v1/kv/svc?recurse&index={index}&wait=60s");
+    let query = tokio::spawn(async move { http(addr, "GET", &target, None, "").await });
+    let c = &consul;
+    eventually("the query to be held", || async move {
+        (c.waiting() == 1).then_some(())
+    })
+    .await;
+
+    consul.put("elsewhere", "x");
+    // Still held: the write outside the prefix did not answer it (if it had, the reply
+    // below would predate the next write and lack its value).
+    assert_eq!(consul.waiting(), 1);
+    let changed = consul.put("svc/b", "10.0.0.2:80");
+    let reply = query.await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.index, Some(changed), "{reply:?}");
+    assert!(reply.body.contains("svc/b"), "{reply:?}");
+    assert_eq!(consul.waiting(), 0);
+}
+
+/// When the wait runs out with no change, the query is answered with the same index and
+/// data, and not before the wait: a return is no proof of change.
+#[tokio::test(flavor = "multi_thread")]
+async fn emulator_blocking_query_answers_unchanged_when_the_wait_runs_out() {
+    let consul = ConsulEmulator::start().await;
+    let index = consul.put("svc/a", "10.0.0.1:80");
+    let wait = Duration::from_millis(800);
+    let started = Instant::now();
+    let reply = http(
+        consul.addr,
+        "GET",
+        &format!("/v1/kv/svc?recurse&index={index}&wait=800ms"),
+        None,
+        "",
+    )
+    .await;
+    // A lower bound only: the server must not answer early. No upper bound is checked.
+    assert!(
+        started.elapsed() >= wait,
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!((reply.status, reply.index), (200, Some(index)));
+    assert!(reply.body.contains("svc/a"));
+    assert_eq!(consul.answered(), 1);
+}
+
+/// With ACLs on, a request without the token or with a wrong one is refused with 403.
+#[tokio::test(flavor = "multi_thread")]
+async fn emulator_needs_the_token_when_acls_are_on() {
+    let consul = ConsulEmulator::start_with_token("s3cret").await;
+    consul.put("svc/a", "10.0.0.1:80");
+    let none = http(consul.addr, "GET", "/v1/kv/svc?recurse", None, "").await;
+    assert_eq!(none.status, 403);
+    assert!(none.body.contains("Permission denied"), "{none:?}");
+    let wrong = http(consul.addr, "GET", "/v1/kv/svc?recurse", Some("nope"), "").await;
+    assert_eq!(wrong.status, 403);
+    let right = http(consul.addr, "GET", "/v1/kv/svc?recurse", Some("s3cret"), "").await;
+    assert_eq!(right.status, 200);
+}
+
+/// Stopped, the port refuses; restarted, the same port serves the same data; a restore
+/// lowers the index and answers a held query at once with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn emulator_restarts_on_the_same_port_and_restore_lowers_the_index() {
+    let consul = ConsulEmulator::start().await;
+    for i in 0..5 {
+        consul.put("svc/a", &format!("10.0.0.{i}:80"));
+    }
+    consul.stop().await;
+    assert!(tokio::net::TcpStream::connect(consul.addr).await.is_err());
+    consul.restart().await;
+    let again = http(consul.addr, "GET", "/v1/kv/svc?recurse", None, "").await;
+    assert_eq!((again.status, again.index), (200, Some(5)));
+
+    let addr = consul.addr;
+    let query = tokio::spawn(async move {
+        http(addr, "GET", "/v1/kv/svc?recurse&index=5&wait=60s", None, "").await
+    });
+    let c = &consul;
+    eventually("the query to be held", || async move {
+        (c.waiting() == 1).then_some(())
+    })
+    .await;
+    consul.restore(2);
+    let reply = query.await.unwrap();
+    assert_eq!(reply.index, Some(2), "{reply:?}");
+
+    consul.restart_with_index(1).await;
+    let low = http(consul.addr, "GET", "/v1/kv/svc?recurse", None, "").await;
+    assert_eq!((low.status, low.index), (200, Some(1)));
+}
+
+// ---- The source's blocking-query loop ------------------------------------------------
+
+/// Waits that run out (even with the server's full wait/16 jitter) are neither returned
+/// as changes nor errors: next() keeps blocking through them and returns only when a
+/// write arrives. This fails if the client's timeout were not above wait + wait/16.
+#[tokio::test(flavor = "multi_thread")]
+async fn source_wait_running_out_is_not_a_change() {
+    let consul = ConsulEmulator::start().await;
+    consul.set_max_jitter(true);
+    consul.put("svc/a", "127.0.0.1:1001");
+    let mut source =
+        ConsulSource::new(kv_spec(&consul, "/svc"), None).with_wait(Duration::from_millis(300));
+    assert_eq!(source.next().await.unwrap().to_string(), "127.0.0.1:1001");
+
+    let next = tokio::spawn(async move { source.next().await });
+    let c = &consul;
+    eventually("three waits to run out", || async move {
+        (c.answered() >= 3).then_some(())
+    })
+    .await;
+    assert!(!next.is_finished(), "next() returned without a change");
+    consul.put("svc/b", "127.0.0.1:1002");
+    let list = next.await.unwrap().unwrap();
+    assert_eq!(list.to_string(), "127.0.0.1:1001,127.0.0.1:1002");
+}
+
+/// When a blocking query comes back with a lower index (a snapshot restore), the source
+/// resets its index: later writes, whose indexes are still below the old one, are seen
+/// at once instead of after the old index is passed.
+#[tokio::test(flavor = "multi_thread")]
+async fn source_index_going_backwards_resets_the_watch() {
+    let consul = ConsulEmulator::start().await;
+    for i in 1..=20 {
+        consul.put("svc/a", &format!("127.0.0.1:{}", 1000 + i));
+    }
+    let mut source = ConsulSource::new(kv_spec(&consul, "/svc"), None);
+    assert_eq!(source.next().await.unwrap().to_string(), "127.0.0.1:1020");
+
+    let next = tokio::spawn(async move {
+        let r = source.next().await;
+        (source, r)
+    });
+    let c = &consul;
+    eventually("the watch to be held", || async move {
+        (c.waiting() == 1).then_some(())
+    })
+    .await;
+    consul.restore(3);
+    let (mut source, r) = next.await.unwrap();
+    assert_eq!(r.unwrap().to_string(), "127.0.0.1:1020");
+
+    // Index 4: far below the 20 the source held before the restore.
+    consul.put("svc/b", "127.0.0.1:2000");
+    let list = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let list = source.next().await.unwrap();
+            if list.0.len() == 2 {
+                return list;
+            }
+        }
+    })
+    .await
+    .expect("the write after the restore was not seen");
+    assert_eq!(list.to_string(), "127.0.0.1:1020,127.0.0.1:2000");
+}
+
+/// A store that restarts with a lower index between two requests (the source holding no
+/// query at the time) is read afresh on the new connection rather than blocked on with
+/// the old index, which would hide every change until the new index passed the old.
+#[tokio::test(flavor = "multi_thread")]
+async fn source_reads_afresh_after_reconnecting_to_a_restarted_store() {
+    let consul = ConsulEmulator::start().await;
+    for i in 1..=20 {
+        consul.put("svc/a", &format!("127.0.0.1:{}", 1000 + i));
+    }
+    let mut source = ConsulSource::new(kv_spec(&consul, "/svc"), None);
+    assert_eq!(source.next().await.unwrap().to_string(), "127.0.0.1:1020");
+    consul.restart_with_index(2).await;
+    consul.put("svc/a", "127.0.0.1:2000"); // index 3
+    let list = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let list = source.next().await.unwrap();
+            if list.to_string() == "127.0.0.1:2000" {
+                return list;
+            }
+        }
+    })
+    .await;
+    assert!(list.is_ok(), "the write after the restart was not seen");
+}
+
+/// A prefix with no keys (404 with X-Consul-Index) is an empty list, not an error, and
+/// it stays watched: the first key written under it is returned.
+#[tokio::test(flavor = "multi_thread")]
+async fn source_missing_prefix_is_no_backends_and_still_watched() {
+    let consul = ConsulEmulator::start().await;
+    consul.put("unrelated", "x");
+    let mut source = ConsulSource::new(kv_spec(&consul, "/svc"), None);
+    assert!(source.next().await.unwrap().0.is_empty());
+    let next = tokio::spawn(async move { source.next().await });
+    let c = &consul;
+    eventually("the watch to be held", || async move {
+        (c.waiting() == 1).then_some(())
+    })
+    .await;
+    consul.put("svc/a", "127.0.0.1:1001");
+    assert_eq!(next.await.unwrap().unwrap().to_string(), "127.0.0.1:1001");
+}
+
+/// Errors name the server and key and say what was wrong: the HTTP status and body, a
+/// reply that is not JSON, a refused token, a server that is down.
+#[tokio::test(flavor = "multi_thread")]
+async fn source_errors_name_the_server_key_and_problem() {
+    let consul = ConsulEmulator::start_with_token("s3cret").await;
+    consul.put("svc/a", "127.0.0.1:1001");
+    let spec = kv_spec(&consul, "/svc");
+    let at = format!("consul {} key 'svc'", consul.addr);
+    let mut source = ConsulSource::new(spec.clone(), Some("s3cret".into()));
+
+    consul.set_fault(Some((500, "rpc error making call: No cluster leader")));
+    let e = source.next().await.unwrap_err().to_string();
+    assert!(e.starts_with(&at), "{e}");
+    assert!(e.contains("500") && e.contains("No cluster leader"), "{e}");
+
+    consul.set_fault(Some((200, "{\"not\": a list")));
+    let e = source.next().await.unwrap_err().to_string();
+    assert!(e.starts_with(&at), "{e}");
+    assert!(
+        e.contains("not a JSON list") && e.contains("{\"not\": a list"),
+        "{e}"
+    );
+
+    consul.set_fault(Some((200, r#"[{"Key":"svc/a","Value":"%%%"}]"#)));
+    let e = source.next().await.unwrap_err().to_string();
+    assert!(
+        e.contains("key 'svc/a' is not base64") && e.contains("%%%"),
+        "{e}"
+    );
+
+    consul.set_fault(None);
+    assert_eq!(source.next().await.unwrap().to_string(), "127.0.0.1:1001");
+
+    let mut wrong = ConsulSource::new(spec.clone(), Some("nope".into()));
+    let e = wrong.next().await.unwrap_err().to_string();
+    assert!(
+        e.starts_with(&at) && e.contains("403") && e.contains("ACL not found"),
+        "{e}"
+    );
+
+    consul.stop().await;
+    let e = source.next().await.unwrap_err().to_string();
+    assert!(e.starts_with(&at) && e.contains("cannot connect"), "{e}");
+}
+
+// ---- Through the real binary ---------------------------------------------------------
+
+/// A child's value changed, a child added, a child removed: each is served within the
+/// deadline. Also measures how long a change takes to reach new connections (printed,
+/// not asserted).
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_child_changed_added_removed_and_propagation_time() {
+    let a = named_backend("127.0.0.1:0", "a").await;
+    let b = named_backend("127.0.0.1:0", "b").await;
+    let c = named_backend("127.0.0.1:0", "c").await;
+    let consul = ConsulEmulator::start().await;
+    consul.put("svc/web/", ""); // a folder marker, as the Consul UI writes
+    consul.put("svc/web/one", &a.addr.to_string());
+    let amb = start_ambassador(&consul, "/svc/web", &[]);
+    serves_exactly(amb.addr, &["a"]).await;
+
+    consul.put("svc/web/one", &b.addr.to_string());
+    serves_exactly(amb.addr, &["b"]).await;
+    consul.put("svc/web/two", &c.addr.to_string());
+    serves_exactly(amb.addr, &["b", "c"]).await;
+    consul.delete("svc/web/one");
+    serves_exactly(amb.addr, &["c"]).await;
+
+    // Propagation: from the write to the first connection served by the new backend.
+    // "Quiet": the write lands while the watch is held (the usual case). "Back to back":
+    // each write follows the last one at once, so the 100 ms request rate limit shows.
+    let c_ref = &consul;
+    for quiet in [true, false] {
+        let mut times = Vec::new();
+        for (backend, name) in [(&a, "a"), (&c, "c")].iter().cycle().take(10) {
+            if quiet {
+                eventually("the watch to be held", || async move {
+                    (c_ref.waiting() == 1).then_some(())
+                })
+                .await;
+            }
+            let written = Instant::now();
+            consul.put("svc/web/two", &backend.addr.to_string());
+            loop {
+                if read_reply(amb.addr).await.unwrap_or_default().trim() == *name {
+                    break;
+                }
+                assert!(
+                    written.elapsed() < DEADLINE,
+                    "change to {name} never served"
+                );
+            }
+            times.push(written.elapsed());
+        }
+        times.sort();
+        println!(
+            "consul propagation ({}) over {} changes: min {:?}, median {:?}, max {:?}",
+            if quiet { "quiet" } else { "back to back" },
+            times.len(),
+            times[0],
+            times[times.len() / 2],
+            times[times.len() - 1]
+        );
+    }
+}
+
+/// With no children, the key's own value is used, and it may list several backends.
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_single_value_with_a_comma_list() {
+    let a = named_backend("127.0.0.1:0", "a").await;
+    let b = named_backend("127.0.0.1:0", "b").await;
+    let consul = ConsulEmulator::start().await;
+    consul.put("redis", &format!("{}, {}", a.addr, b.addr));
+    consul.put("redisx/one", "127.0.0.1:9"); // a sibling sharing the prefix: not a child
+    let amb = start_ambassador(&consul, "/redis", &[]);
+    serves_exactly(amb.addr, &["a", "b"]).await;
+    consul.put("redis", &b.addr.to_string());
+    serves_exactly(amb.addr, &["b"]).await;
+}
+
+/// A value that is not a backend is skipped with one warning naming its key and value;
+/// the good children keep serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_bad_value_is_skipped_with_a_warning_naming_key_and_value() {
+    let a = named_backend("127.0.0.1:0", "a").await;
+    let b = named_backend("127.0.0.1:0", "b").await;
+    let consul = ConsulEmulator::start().await;
+    consul.put("svc/a", &a.addr.to_string());
+    consul.put("svc/bad", "redis:abc");
+    let amb = start_ambassador(&consul, "/svc", &[]);
+    serves_exactly(amb.addr, &["a"]).await;
+    let line = logged(&amb, &["key 'svc/bad'", "value 'redis:abc'"]).await;
+    assert!(line.contains("WARN"), "{line}");
+    // Other writes re-read the prefix; the same bad value is not reported again.
+    consul.put("svc/b", &b.addr.to_string());
+    serves_exactly(amb.addr, &["a", "b"]).await;
+    assert_eq!(amb.count_log("value 'redis:abc'"), 1, "{:#?}", amb.log());
+}
+
+/// While the store is down the last set keeps serving (and the log says so once);
+/// changes after a restart are picked up, also when the restarted store's index is lower
+/// than the one the ambassador last saw.
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_store_restart_keeps_last_set_then_follows_changes_even_with_a_lower_index() {
+    let a = named_backend("127.0.0.1:0", "a").await;
+    let b = named_backend("127.0.0.1:0", "b").await;
+    let c = named_backend("127.0.0.1:0", "c").await;
+    let consul = ConsulEmulator::start().await;
+    for _ in 0..30 {
+        consul.put("svc/one", &a.addr.to_string()); // a high index to fall back from
+    }
+    let amb = start_ambassador(&consul, "/svc", &[]);
+    serves_exactly(amb.addr, &["a"]).await;
+
+    consul.stop().await;
+    let line = logged(&amb, &["discovery failed", "keeping the last good set"]).await;
+    assert!(line.contains(&format!("consul {}", consul.addr)), "{line}");
+    serves_exactly(amb.addr, &["a"]).await;
+
+    consul.restart().await;
+    consul.put("svc/one", &b.addr.to_string());
+    serves_exactly(amb.addr, &["b"]).await;
+    logged(&amb, &["discovery recovered"]).await;
+
+    consul.restart_with_index(2).await;
+    assert!(consul.index() < 30);
+    consul.put("svc/one", &c.addr.to_string());
+    serves_exactly(amb.addr, &["c"]).await;
+}
+
+/// CONSUL_HTTP_TOKEN is sent as X-Consul-Token: a store that refuses requests without it
+/// serves the ambassador; with a wrong token the log names the refusal.
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_token_is_sent_as_x_consul_token() {
+    let a = named_backend("127.0.0.1:0", "a").await;
+    let consul = ConsulEmulator::start_with_token("s3cret").await;
+    consul.put("svc/a", &a.addr.to_string());
+    let amb = start_ambassador(&consul, "/svc", &[("CONSUL_HTTP_TOKEN", "s3cret")]);
+    serves_exactly(amb.addr, &["a"]).await;
+
+    let refused = start_ambassador(&consul, "/svc", &[("CONSUL_HTTP_TOKEN", "wrong")]);
+    let line = logged(&refused, &["discovery failed", "403"]).await;
+    assert!(line.contains("ACL not found"), "{line}");
+    serves_exactly(refused.addr, &[""]).await;
+}
+
+/// A store unreachable at startup: the ambassador still listens, refuses connections,
+/// says why in the log, and serves once the store comes up.
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_unreachable_at_startup_listens_refuses_then_serves() {
+    let a = named_backend("127.0.0.1:0", "a").await;
+    let consul = ConsulEmulator::start().await;
+    consul.put("svc/a", &a.addr.to_string());
+    consul.stop().await;
+
+    let amb = start_ambassador(&consul, "/svc", &[]);
+    let line = logged(&amb, &["discovery failed", "no backends yet"]).await;
+    assert!(
+        line.contains(&format!("consul {} key 'svc'", consul.addr))
+            && line.contains("cannot connect"),
+        "{line}"
+    );
+    serves_exactly(amb.addr, &[""]).await;
+    logged(&amb, &["refusing connections until discovery finds some"]).await;
+
+    consul.restart().await;
+    serves_exactly(amb.addr, &["a"]).await;
+}
+
+/// An HTTP 5xx from the store keeps the last set serving and is logged with its status
+/// and body; when the store answers again, changes are followed.
+#[tokio::test(flavor = "multi_thread")]
+async fn consul_server_error_keeps_the_last_set() {
+    let a = named_backend("127.0.0.1:0", "a").await;
+    let b = named_backend("127.0.0.1:0", "b").await;
+    let consul = ConsulEmulator::start().await;
+    consul.put("svc/a", &a.addr.to_string());
+    let amb = start_ambassador(&consul, "/svc", &[]);
+    serves_exactly(amb.addr, &["a"]).await;
+
+    consul.set_fault(Some((500, "No cluster leader")));
+    consul.put("svc/a", &a.addr.to_string()); // wakes the held query into the fault
+    let line = logged(&amb, &["discovery failed", "keeping the last good set"]).await;
+    assert!(
+        line.contains("500") && line.contains("No cluster leader"),
+        "{line}"
+    );
+    serves_exactly(amb.addr, &["a"]).await;
+
+    consul.set_fault(None);
+    consul.put("svc/a", &b.addr.to_string());
+    serves_exactly(amb.addr, &["b"]).await;
+}
