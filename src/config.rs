@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 
+use crate::proxy::copy::CopyMode;
 use crate::spec::Spec;
 
 /// Exit code for bad usage (EX_USAGE from sysexits.h).
@@ -67,6 +68,16 @@ struct Cli {
     )]
     shutdown_grace: String,
 
+    /// How bytes are moved: splice (zero-copy through a pipe, Linux) or userspace (read/write)
+    #[arg(
+        long,
+        value_name = "MODE",
+        env = "AMBASSADORD_COPY",
+        value_enum,
+        default_value = "splice"
+    )]
+    copy: CopyMode,
+
     /// DNS server for host names and SRV lookups, IP[:PORT] [default: /etc/resolv.conf]
     #[arg(long, value_name = "IP[:PORT]", env = "AMBASSADORD_DNS")]
     dns: Option<String>,
@@ -108,6 +119,7 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub shutdown_grace: Duration,
+    pub copy: CopyMode,
 }
 
 impl Default for Settings {
@@ -116,6 +128,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: None,
             shutdown_grace: Duration::from_secs(8),
+            copy: CopyMode::default(),
         }
     }
 }
@@ -287,6 +300,7 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
             connect_timeout,
             idle_timeout,
             shutdown_grace,
+            copy: cli.copy,
         },
         log: LogConfig {
             filter: cli.log_level,

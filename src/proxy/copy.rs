@@ -6,6 +6,10 @@
 //! side is shut down and the other direction keeps flowing until it ends too. A
 //! zero-copy splice path can replace the body of `pipe` without touching its callers.
 //!
+//! On Linux the default [`CopyMode::Splice`] moves bytes with splice(2) through pooled
+//! pipes (see `splice.rs`); [`CopyMode::Userspace`] is the plain read/write copy, kept
+//! for comparison and as the fallback wherever splice is refused (EINVAL/ENOSYS).
+//!
 //! A direction holds a buffer only while data is flowing: it is taken when the socket
 //! turns readable and given back when a read would block, so idle connections cost no
 //! buffer memory.
@@ -23,6 +27,25 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 const BUF_SIZE: usize = 64 * 1024;
+
+/// How bytes are moved between the two sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CopyMode {
+    /// Zero-copy splice(2) through a pipe on Linux; the plain copy elsewhere.
+    #[default]
+    Splice,
+    /// read(2) into a buffer, write(2) out of it.
+    Userspace,
+}
+
+impl CopyMode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CopyMode::Splice => "splice",
+            CopyMode::Userspace => "userspace",
+        }
+    }
+}
 
 /// What happened on one proxied connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,13 +100,25 @@ impl fmt::Display for Close {
 }
 
 /// Which side an I/O error happened on.
-enum Fault {
+pub(super) enum Fault {
     From(io::Error),
     To(io::Error),
 }
 
-/// Copies both ways until both directions end; see the module documentation.
+/// Copies both ways until both directions end, with the default [`CopyMode`]; see the
+/// module documentation.
 pub async fn pipe(
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle_timeout: Option<Duration>,
+    stop: &CancellationToken,
+) -> Transfer {
+    pipe_with(CopyMode::default(), client, backend, idle_timeout, stop).await
+}
+
+/// [`pipe`] with the copy mode chosen explicitly.
+pub async fn pipe_with(
+    mode: CopyMode,
     client: &TcpStream,
     backend: &TcpStream,
     idle_timeout: Option<Duration>,
@@ -95,8 +130,15 @@ pub async fn pipe(
     // Milliseconds since `start` of the last byte moved either way.
     let last_activity = AtomicU64::new(0);
 
-    let mut up = pin!(one_way(client, backend, &sent, &last_activity, start));
-    let mut down = pin!(one_way(backend, client, &received, &last_activity, start));
+    let mut up = pin!(one_way(mode, client, backend, &sent, &last_activity, start));
+    let mut down = pin!(one_way(
+        mode,
+        backend,
+        client,
+        &received,
+        &last_activity,
+        start
+    ));
     let (mut up_done, mut down_done) = (false, false);
     let mut first_eof = None;
 
@@ -141,8 +183,30 @@ pub async fn pipe(
     }
 }
 
-/// Copies `from` → `to` until EOF on `from`, then shuts down writing on `to`.
+/// Copies `from` → `to` in `mode` until EOF on `from`, then shuts down writing on `to`.
 async fn one_way(
+    mode: CopyMode,
+    from: &TcpStream,
+    to: &TcpStream,
+    count: &AtomicU64,
+    last_activity: &AtomicU64,
+    start: Instant,
+) -> Result<(), Fault> {
+    #[cfg(target_os = "linux")]
+    if mode == CopyMode::Splice {
+        match super::splice::one_way(from, to, count, last_activity, start).await {
+            super::splice::Spliced::Done(r) => return r,
+            // Nothing is in flight: the plain copy takes over where splice stopped.
+            super::splice::Spliced::Unsupported => {}
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = mode;
+    copy_one_way(from, to, count, last_activity, start).await
+}
+
+/// The plain copy: read into a buffer held only while data flows, write it out.
+async fn copy_one_way(
     from: &TcpStream,
     to: &TcpStream,
     count: &AtomicU64,
