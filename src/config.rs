@@ -68,13 +68,13 @@ struct Cli {
     )]
     shutdown_grace: String,
 
-    /// How bytes are moved: splice (zero-copy through a pipe, Linux) or userspace (read/write)
+    /// How bytes are moved: auto (read/write, splice once a stream is bulk), splice (zero-copy through a pipe, Linux) or userspace (read/write)
     #[arg(
         long,
         value_name = "MODE",
         env = "AMBASSADORD_COPY",
         value_enum,
-        default_value = "splice"
+        default_value = "auto"
     )]
     copy: CopyMode,
 

@@ -1,4 +1,4 @@
-//! The two copy modes (`--copy splice`, `--copy userspace`) each keep the data path's
+//! The copy modes (`--copy auto`, `--copy splice`, `--copy userspace`) each keep the data path's
 //! contract: bytes intact both ways, half-close both ways, exact byte counts in the log;
 //! and the splice path holds no pipe while a connection is idle.
 
@@ -10,7 +10,7 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const MODES: [&str; 2] = ["splice", "userspace"];
+const MODES: [&str; 3] = ["auto", "splice", "userspace"];
 
 fn start(mode: &str, backend: SocketAddr) -> Ambassador {
     Ambassador::start(&[
@@ -171,5 +171,41 @@ async fn idle_spliced_connections_hold_no_pipes() {
     assert!(
         fds <= bound,
         "{fds} descriptors open, expected at most {bound}"
+    );
+}
+
+fn open_pipes(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// `--copy auto` (the default) keeps small request/response traffic on the plain copy (no
+/// pipe is ever opened) and switches a bulk stream to splice (a pipe is opened and, once
+/// the stream drains, kept in the pool).
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_splices_bulk_streams_only() {
+    let backend = integrity_backend().await;
+    let amb = Ambassador::start(&[
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        &backend.addr.to_string(),
+    ]);
+    let pid = amb.pid();
+    let before = open_pipes(pid);
+    for seed in 0..20 {
+        integrity_exchange(amb.addr, 100 + seed, 1000).await;
+    }
+    assert_eq!(open_pipes(pid), before, "small exchanges opened a pipe");
+    integrity_exchange(amb.addr, 200, 8 << 20).await;
+    assert!(
+        open_pipes(pid) > before,
+        "an 8 MB stream was not moved with splice"
     );
 }

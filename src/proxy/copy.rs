@@ -6,9 +6,13 @@
 //! side is shut down and the other direction keeps flowing until it ends too. A
 //! zero-copy splice path can replace the body of `pipe` without touching its callers.
 //!
-//! On Linux the default [`CopyMode::Splice`] moves bytes with splice(2) through pooled
-//! pipes (see `splice.rs`); [`CopyMode::Userspace`] is the plain read/write copy, kept
-//! for comparison and as the fallback wherever splice is refused (EINVAL/ENOSYS).
+//! Three copy modes. [`CopyMode::Userspace`] is the plain read/write copy.
+//! [`CopyMode::Splice`] moves bytes with splice(2) through pooled pipes on Linux (see
+//! `splice.rs`). The default, [`CopyMode::Auto`], starts each direction with the plain
+//! copy and switches it to splice once one read fills the whole buffer: the benchmark
+//! (docs/benchmarks.md) shows splice winning on bulk streams and losing on small
+//! request/response traffic, where it costs the same syscalls plus a pipe. The plain copy
+//! is also the fallback wherever splice is refused (EINVAL/ENOSYS/EOPNOTSUPP).
 //!
 //! A direction holds a buffer only while data is flowing: it is taken when the socket
 //! turns readable and given back when a read would block, so idle connections cost no
@@ -31,8 +35,11 @@ const BUF_SIZE: usize = 64 * 1024;
 /// How bytes are moved between the two sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum CopyMode {
-    /// Zero-copy splice(2) through a pipe on Linux; the plain copy elsewhere.
+    /// The plain copy, switching a direction to splice once it carries a bulk stream.
     #[default]
+    Auto,
+    /// Zero-copy splice(2) through a pipe on Linux from the first byte; the plain copy
+    /// elsewhere.
     Splice,
     /// read(2) into a buffer, write(2) out of it.
     Userspace,
@@ -41,6 +48,7 @@ pub enum CopyMode {
 impl CopyMode {
     pub fn as_str(&self) -> &'static str {
         match self {
+            CopyMode::Auto => "auto",
             CopyMode::Splice => "splice",
             CopyMode::Userspace => "userspace",
         }
@@ -193,16 +201,39 @@ async fn one_way(
     start: Instant,
 ) -> Result<(), Fault> {
     #[cfg(target_os = "linux")]
-    if mode == CopyMode::Splice {
-        match super::splice::one_way(from, to, count, last_activity, start).await {
-            super::splice::Spliced::Done(r) => return r,
-            // Nothing is in flight: the plain copy takes over where splice stopped.
-            super::splice::Spliced::Unsupported => {}
+    {
+        let upgrade = match mode {
+            CopyMode::Userspace => false,
+            CopyMode::Auto => {
+                match copy_one_way(from, to, count, last_activity, start, true).await? {
+                    Flow::Ended => return Ok(()),
+                    Flow::Bulk => true,
+                }
+            }
+            CopyMode::Splice => true,
+        };
+        if upgrade {
+            match super::splice::one_way(from, to, count, last_activity, start).await {
+                super::splice::Spliced::Done(r) => return r,
+                // Nothing is in flight: the plain copy takes over where splice stopped.
+                super::splice::Spliced::Unsupported => {}
+            }
         }
     }
     #[cfg(not(target_os = "linux"))]
     let _ = mode;
-    copy_one_way(from, to, count, last_activity, start).await
+    copy_one_way(from, to, count, last_activity, start, false)
+        .await
+        .map(|_| ())
+}
+
+/// Why the plain copy returned.
+enum Flow {
+    /// EOF from `from`, passed on to `to`.
+    Ended,
+    /// One read filled the whole buffer (asked for with `stop_on_bulk`): a bulk stream
+    /// that splice moves more cheaply. Everything read so far has been written.
+    Bulk,
 }
 
 /// The plain copy: read into a buffer held only while data flows, write it out.
@@ -212,7 +243,8 @@ async fn copy_one_way(
     count: &AtomicU64,
     last_activity: &AtomicU64,
     start: Instant,
-) -> Result<(), Fault> {
+    stop_on_bulk: bool,
+) -> Result<Flow, Fault> {
     let mut buf: Vec<u8> = Vec::new();
     loop {
         from.readable().await.map_err(Fault::From)?;
@@ -225,9 +257,9 @@ async fn copy_one_way(
             Ok(0) => {
                 // Half-close: pass the EOF on and let the other direction run on.
                 return match SockRef::from(to).shutdown(Shutdown::Write) {
-                    Ok(()) => Ok(()),
+                    Ok(()) => Ok(Flow::Ended),
                     // The other side already went away entirely; nothing left to tell it.
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(Flow::Ended),
                     Err(e) => Err(Fault::To(e)),
                 };
             }
@@ -235,6 +267,9 @@ async fn copy_one_way(
                 write_all(to, &buf[..n]).await.map_err(Fault::To)?;
                 count.fetch_add(n as u64, Ordering::Relaxed);
                 last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                if stop_on_bulk && n >= BUF_SIZE {
+                    return Ok(Flow::Bulk);
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Drained for now: give the buffer back while the direction is quiet.
