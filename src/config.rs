@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
 
+use crate::proxy::copy::CopyMode;
 use crate::spec::Spec;
 
 /// Exit code for bad usage (EX_USAGE from sysexits.h).
@@ -91,6 +92,16 @@ struct Cli {
     )]
     shutdown_grace: String,
 
+    /// How bytes are moved: auto (read/write, splice once a stream is bulk), splice (zero-copy through a pipe, Linux) or userspace (read/write)
+    #[arg(
+        long,
+        value_name = "MODE",
+        env = "AMBASSADORD_COPY",
+        value_enum,
+        default_value = "auto"
+    )]
+    copy: CopyMode,
+
     /// DNS server for host names and SRV lookups, IP[:PORT] [default: /etc/resolv.conf]
     #[arg(long, value_name = "IP[:PORT]", env = "AMBASSADORD_DNS")]
     dns: Option<String>,
@@ -165,6 +176,7 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub shutdown_grace: Duration,
+    pub copy: CopyMode,
 }
 
 impl Default for Settings {
@@ -173,6 +185,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: None,
             shutdown_grace: Duration::from_secs(8),
+            copy: CopyMode::default(),
         }
     }
 }
@@ -405,6 +418,7 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
             connect_timeout,
             idle_timeout,
             shutdown_grace,
+            copy: cli.copy,
         },
         log: LogConfig {
             filter: cli.log_level,

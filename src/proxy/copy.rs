@@ -6,6 +6,14 @@
 //! side is shut down and the other direction keeps flowing until it ends too. A
 //! zero-copy splice path can replace the body of `pipe` without touching its callers.
 //!
+//! Three copy modes. [`CopyMode::Userspace`] is the plain read/write copy.
+//! [`CopyMode::Splice`] moves bytes with splice(2) through pooled pipes on Linux (see
+//! `splice.rs`). The default, [`CopyMode::Auto`], starts each direction with the plain
+//! copy and switches it to splice once one read fills the whole buffer: the benchmark
+//! (docs/benchmarks.md) shows splice winning on bulk streams and losing on small
+//! request/response traffic, where it costs the same syscalls plus a pipe. The plain copy
+//! is also the fallback wherever splice is refused (EINVAL/ENOSYS/EOPNOTSUPP).
+//!
 //! A direction holds a buffer only while data is flowing: it is taken when the socket
 //! turns readable and given back when a read would block, so idle connections cost no
 //! buffer memory.
@@ -18,11 +26,35 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 const BUF_SIZE: usize = 64 * 1024;
+
+/// How bytes are moved between the two sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CopyMode {
+    /// The plain copy, switching a direction to splice once it carries a bulk stream.
+    #[default]
+    Auto,
+    /// Zero-copy splice(2) through a pipe on Linux from the first byte; the plain copy
+    /// elsewhere.
+    Splice,
+    /// read(2) into a buffer, write(2) out of it.
+    Userspace,
+}
+
+impl CopyMode {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CopyMode::Auto => "auto",
+            CopyMode::Splice => "splice",
+            CopyMode::Userspace => "userspace",
+        }
+    }
+}
 
 /// What happened on one proxied connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,13 +109,25 @@ impl fmt::Display for Close {
 }
 
 /// Which side an I/O error happened on.
-enum Fault {
+pub(super) enum Fault {
     From(io::Error),
     To(io::Error),
 }
 
-/// Copies both ways until both directions end; see the module documentation.
+/// Copies both ways until both directions end, with the default [`CopyMode`]; see the
+/// module documentation.
 pub async fn pipe(
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle_timeout: Option<Duration>,
+    stop: &CancellationToken,
+) -> Transfer {
+    pipe_with(CopyMode::default(), client, backend, idle_timeout, stop).await
+}
+
+/// [`pipe`] with the copy mode chosen explicitly.
+pub async fn pipe_with(
+    mode: CopyMode,
     client: &TcpStream,
     backend: &TcpStream,
     idle_timeout: Option<Duration>,
@@ -95,8 +139,15 @@ pub async fn pipe(
     // Milliseconds since `start` of the last byte moved either way.
     let last_activity = AtomicU64::new(0);
 
-    let mut up = pin!(one_way(client, backend, &sent, &last_activity, start));
-    let mut down = pin!(one_way(backend, client, &received, &last_activity, start));
+    let mut up = pin!(one_way(mode, client, backend, &sent, &last_activity, start));
+    let mut down = pin!(one_way(
+        mode,
+        backend,
+        client,
+        &received,
+        &last_activity,
+        start
+    ));
     let (mut up_done, mut down_done) = (false, false);
     let mut first_eof = None;
 
@@ -141,14 +192,60 @@ pub async fn pipe(
     }
 }
 
-/// Copies `from` → `to` until EOF on `from`, then shuts down writing on `to`.
+/// Copies `from` → `to` in `mode` until EOF on `from`, then shuts down writing on `to`.
 async fn one_way(
+    mode: CopyMode,
     from: &TcpStream,
     to: &TcpStream,
     count: &AtomicU64,
     last_activity: &AtomicU64,
     start: Instant,
 ) -> Result<(), Fault> {
+    #[cfg(target_os = "linux")]
+    {
+        let upgrade = match mode {
+            CopyMode::Userspace => false,
+            CopyMode::Auto => {
+                match copy_one_way(from, to, count, last_activity, start, true).await? {
+                    Flow::Ended => return Ok(()),
+                    Flow::Bulk => true,
+                }
+            }
+            CopyMode::Splice => true,
+        };
+        if upgrade {
+            match super::splice::one_way(from, to, count, last_activity, start).await {
+                super::splice::Spliced::Done(r) => return r,
+                // Nothing is in flight: the plain copy takes over where splice stopped.
+                super::splice::Spliced::Unsupported => {}
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = mode;
+    copy_one_way(from, to, count, last_activity, start, false)
+        .await
+        .map(|_| ())
+}
+
+/// Why the plain copy returned.
+enum Flow {
+    /// EOF from `from`, passed on to `to`.
+    Ended,
+    /// One read filled the whole buffer (asked for with `stop_on_bulk`): a bulk stream
+    /// that splice moves more cheaply. Everything read so far has been written.
+    Bulk,
+}
+
+/// The plain copy: read into a buffer held only while data flows, write it out.
+async fn copy_one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    count: &AtomicU64,
+    last_activity: &AtomicU64,
+    start: Instant,
+    stop_on_bulk: bool,
+) -> Result<Flow, Fault> {
     let mut buf: Vec<u8> = Vec::new();
     loop {
         from.readable().await.map_err(Fault::From)?;
@@ -156,14 +253,32 @@ async fn one_way(
             buf.reserve_exact(BUF_SIZE);
         }
         buf.clear();
-        // Reads into spare capacity, so a fresh buffer is never zero-filled first.
-        match from.try_read_buf(&mut buf) {
+        // A short read means the socket was drained at that moment: clear its readiness
+        // as if the read had returned EAGAIN (tokio's own poll_read does the same), which
+        // saves one read(2) per message on interactive traffic. A read that fills the
+        // buffer keeps readiness, so the next one happens at once.
+        let mut short = None;
+        let read = from.try_io(Interest::READABLE, || {
+            // Reads into spare capacity, so a fresh buffer is never zero-filled first.
+            match from.try_read_buf(&mut buf)? {
+                n if n > 0 && n < BUF_SIZE => {
+                    short = Some(n);
+                    Err(io::ErrorKind::WouldBlock.into())
+                }
+                n => Ok(n),
+            }
+        });
+        let read = match short {
+            Some(n) => Ok(n),
+            None => read,
+        };
+        match read {
             Ok(0) => {
                 // Half-close: pass the EOF on and let the other direction run on.
                 return match SockRef::from(to).shutdown(Shutdown::Write) {
-                    Ok(()) => Ok(()),
+                    Ok(()) => Ok(Flow::Ended),
                     // The other side already went away entirely; nothing left to tell it.
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(Flow::Ended),
                     Err(e) => Err(Fault::To(e)),
                 };
             }
@@ -171,6 +286,13 @@ async fn one_way(
                 write_all(to, &buf[..n]).await.map_err(Fault::To)?;
                 count.fetch_add(n as u64, Ordering::Relaxed);
                 last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+                if stop_on_bulk && n >= BUF_SIZE {
+                    return Ok(Flow::Bulk);
+                }
+                if short.is_some() {
+                    // Drained: give the buffer back while the direction is quiet.
+                    buf = Vec::new();
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Drained for now: give the buffer back while the direction is quiet.

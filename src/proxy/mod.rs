@@ -9,6 +9,8 @@ pub mod balance;
 pub mod copy;
 pub mod listen;
 pub mod omni;
+#[cfg(target_os = "linux")]
+pub mod splice;
 
 use std::io;
 use std::net::SocketAddr;
@@ -236,7 +238,14 @@ async fn serve(
         _ = force_close.cancelled() => return,
     };
 
-    let t = copy::pipe(&client, &backend, settings.idle_timeout, &force_close).await;
+    let t = copy::pipe_with(
+        settings.copy,
+        &client,
+        &backend,
+        settings.idle_timeout,
+        &force_close,
+    )
+    .await;
     let duration_ms = start.elapsed().as_millis() as u64;
     match t.close.error() {
         None => info!(listen = %route.listen, client = %peer, route = label, backend = %endpoint,
