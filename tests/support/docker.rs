@@ -578,12 +578,16 @@ impl Drop for FlockHold {
 }
 
 /// A temporary directory removed on drop.
-struct TempDir {
+pub struct TempDir {
     path: PathBuf,
 }
 
 impl TempDir {
-    fn new(what: &str) -> Result<TempDir, String> {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn new(what: &str) -> Result<TempDir, String> {
         let path = std::env::temp_dir().join(unique_name(what));
         std::fs::create_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(TempDir { path })

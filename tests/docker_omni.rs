@@ -1,0 +1,337 @@
+//! Omni mode against a real Docker engine: the seed's walkthrough with the image from
+//! scripts/build-image (an `--omnimode` ambassador with the socket mounted, the
+//! `--setup-iptables` container in its network namespace, client containers linked to it
+//! that connect to `backends:<port>`), plus the index's behaviour when containers come
+//! and go and when the Engine API goes away.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use support::docker::{Container, Engine, TempDir, engine, unique_name};
+use support::*;
+
+/// A busybox httpd that answers `/answer` with `answer`, on `port`.
+fn backend<'e>(engine: &'e Engine, answer: &str, port: u16, extra: &[&str]) -> Container<'e> {
+    let script =
+        format!("mkdir -p /www && echo {answer} > /www/answer && exec httpd -f -p {port} -h /www");
+    let env = format!("ANSWER={answer}");
+    let mut args: Vec<&str> = extra.to_vec();
+    args.extend(["-e", &env, engine.busybox_image(), "sh", "-c", &script]);
+    let c = engine.container("backend", &args);
+    c.wait_for_exec(
+        "the backend's httpd",
+        &["wget", "-qO-", &format!("http://127.0.0.1:{port}/answer")],
+    );
+    c
+}
+
+/// The seed's omni ambassador: the image with the socket mounted and `--omnimode`, and
+/// the privileged setup container run once in its network namespace.
+fn omni_ambassador<'e>(engine: &'e Engine, extra: &[&str]) -> Container<'e> {
+    let socket = engine
+        .socket_path()
+        .expect("omni tests need the engine on a unix socket");
+    let mount = format!("{socket}:/var/run/docker.sock");
+    let mut args = vec!["-v", &mount];
+    args.extend_from_slice(extra);
+    args.extend([engine.ambassadord_image(), "--omnimode"]);
+    let amb = engine.container("backends", &args);
+    amb.wait_for_log("container index ready");
+    let net = format!("container:{}", amb.name);
+    let setup = engine.run(&[
+        "--privileged",
+        "--net",
+        &net,
+        engine.ambassadord_image(),
+        "--setup-iptables",
+    ]);
+    assert!(
+        setup.status.success(),
+        "--setup-iptables failed: {}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    amb
+}
+
+/// Runs a client container to completion: `sh -c script` with `args` before the image.
+fn client(engine: &Engine, args: &[&str], script: &str) -> Output {
+    let mut full: Vec<&str> = args.to_vec();
+    full.extend([engine.busybox_image(), "sh", "-c", script]);
+    engine.run(&full)
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn fetch(port: u16) -> String {
+    format!("wget -qO- -T 5 http://backends:{port}/answer")
+}
+
+/// The seed's flow: two clients on the same port go to different backends by their own
+/// env; one client uses two ports; the label forms work; a client with no declaration
+/// for the port is refused and the log names the container and the port.
+#[test]
+fn omni_routes_each_client_by_its_own_declaration() {
+    let engine = engine();
+    let one = backend(engine, "one", 80, &[]);
+    let two = backend(engine, "two", 80, &[]);
+    let three = backend(engine, "three", 8080, &[]);
+    let amb = omni_ambassador(engine, &[]);
+    let link = format!("{}:backends", amb.name);
+
+    let to = |c: &Container, port: u16| format!("{}:{port}", c.ip());
+    let env_one = format!("BACKEND_6379={}", to(&one, 80));
+    let env_two = format!("BACKEND_6379={}", to(&two, 80));
+    let out = client(engine, &["--link", &link, "-e", &env_one], &fetch(6379));
+    assert_eq!(stdout(&out), "one", "{out:?}\n{}", amb.logs());
+    let out = client(engine, &["--link", &link, "-e", &env_two], &fetch(6379));
+    assert_eq!(stdout(&out), "two", "{out:?}\n{}", amb.logs());
+
+    // One client, two ports, two backends.
+    let env_8080 = format!("BACKEND_8080={}", to(&three, 8080));
+    let both = format!("{} && {}", fetch(6379), fetch(8080));
+    let out = client(
+        engine,
+        &["--link", &link, "-e", &env_one, "-e", &env_8080],
+        &both,
+    );
+    assert_eq!(stdout(&out), "one\nthree", "{out:?}\n{}", amb.logs());
+
+    // The label forms.
+    let label = format!("ambassadord.backend.6379={}", to(&two, 80));
+    let out = client(engine, &["--link", &link, "--label", &label], &fetch(6379));
+    assert_eq!(stdout(&out), "two", "{out:?}\n{}", amb.logs());
+    let connectable = format!("connect.6379={}", to(&three, 8080));
+    let out = client(
+        engine,
+        &["--link", &link, "--label", &connectable],
+        &fetch(6379),
+    );
+    assert_eq!(stdout(&out), "three", "{out:?}\n{}", amb.logs());
+
+    // No declaration for the port: refused, and the log says which container and port.
+    let name = unique_name("undeclared");
+    let out = client(
+        engine,
+        &["--name", &name, "--link", &link, "-e", &env_one],
+        &fetch(7777),
+    );
+    assert!(!out.status.success(), "undeclared port was served: {out:?}");
+    let line = amb.wait_for_log("declares no backend for port 7777");
+    assert!(line.contains(&name), "{line}");
+
+    // Every served connection was logged with its container and port.
+    let logs = amb.logs();
+    let served = logs
+        .lines()
+        .filter(|l| l.contains("connection closed") && l.contains(":6379"))
+        .count();
+    assert!(served >= 5, "{logs}");
+}
+
+/// A user-defined network: the client reaches the ambassador by container name and
+/// declares its backend by container name (resolved through Docker's embedded DNS).
+/// Then a client is removed and a new one given its IP gets its own routing, not the old
+/// one's.
+#[test]
+fn user_network_by_name_and_a_reused_ip_gets_its_own_routing() {
+    let engine = engine();
+    let net = OwnNetwork::create(engine, "172.29.0.0/16");
+    let on_net = format!("--network={}", net.name);
+    let four = backend(engine, "four", 80, &[&on_net]);
+    let five = backend(engine, "five", 80, &[&on_net]);
+    let amb = omni_ambassador(engine, &[&on_net]);
+
+    let by_name = format!("BACKEND_6379={}:80", four.name);
+    let script = format!("wget -qO- -T 5 http://{}:6379/answer", amb.name);
+    let out = client(engine, &[&on_net, "-e", &by_name], &script);
+    assert_eq!(stdout(&out), "four", "{out:?}\n{}", amb.logs());
+
+    let ip = "172.29.9.9";
+    let first = format!("BACKEND_6379={}:80", ip_on(engine, &four, &net.name));
+    let second = format!("BACKEND_6379={}:80", ip_on(engine, &five, &net.name));
+    let out = client(engine, &[&on_net, "--ip", ip, "-e", &first], &script);
+    assert_eq!(stdout(&out), "four", "{out:?}\n{}", amb.logs());
+    // The first client is gone (run --rm); the next one gets the same address.
+    let out = client(engine, &[&on_net, "--ip", ip, "-e", &second], &script);
+    assert_eq!(stdout(&out), "five", "{out:?}\n{}", amb.logs());
+    drop(amb);
+    drop((four, five));
+}
+
+/// The Engine API going away: the ambassador keeps routing known containers from its
+/// index, refuses a container it cannot look up, and once the API is back it reconnects,
+/// re-lists, and serves the new container. Runs the binary on the host (listening on
+/// the bridge address, so no redirect is needed: the port is the listen port) with its
+/// Docker socket behind a relay the test can cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn index_survives_the_engine_going_away() {
+    let engine = engine();
+    let socket = engine.socket_path().expect("a unix socket engine");
+    let relay = SocketRelay::start(Path::new(socket)).await;
+    let gateway = engine.docker_ok(&[
+        "network",
+        "inspect",
+        "bridge",
+        "--format",
+        "{{(index .IPAM.Config 0).Gateway}}",
+    ]);
+    let one = backend(engine, "one", 80, &[]);
+    let two = backend(engine, "two", 80, &[]);
+    let docker_host = format!("unix://{}", relay.path.display());
+    let mut amb = Ambassador::start(&[
+        "--omnimode",
+        "--bind",
+        &gateway,
+        "--port",
+        "0",
+        "--docker-host",
+        &docker_host,
+    ]);
+    amb.wait_for_log("container index ready");
+    let port = amb.addr.port();
+    let url = format!("wget -qO- -T 5 http://{gateway}:{port}/answer");
+    let declare = |c: &Container| format!("BACKEND_{port}={}:80", c.ip());
+
+    // A long-lived client container, known to the index before the outage.
+    let env_one = declare(&one);
+    let known = engine.container(
+        "known",
+        &["-e", &env_one, engine.busybox_image(), "sleep", "600"],
+    );
+    let fetch_from = |c: &Container| c.exec(&["sh", "-c", &url]);
+    let answer = eventually_sync("the known client is served", || fetch_from(&known).ok());
+    assert_eq!(answer.trim(), "one");
+
+    relay.cut();
+    amb.wait_for_log("lost the Docker engine");
+    // Still routed from the index.
+    assert_eq!(fetch_from(&known).unwrap().trim(), "one");
+    // A container started during the outage cannot be looked up: refused.
+    let env_two = declare(&two);
+    let late = engine.container(
+        "late",
+        &["-e", &env_two, engine.busybox_image(), "sleep", "600"],
+    );
+    assert!(
+        fetch_from(&late).is_err(),
+        "an unknown container was served"
+    );
+
+    relay.restore();
+    amb.wait_for_log("Docker engine reachable again");
+    let answer = eventually_sync("the new client is served", || fetch_from(&late).ok());
+    assert_eq!(answer.trim(), "two");
+    assert_eq!(fetch_from(&known).unwrap().trim(), "one");
+}
+
+/// Polls `check` from a synchronous context, failing after the deadline.
+fn eventually_sync<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A user-defined bridge network with a fixed subnet (so a test can pick an address),
+/// removed when dropped.
+struct OwnNetwork<'e> {
+    engine: &'e Engine,
+    name: String,
+}
+
+impl<'e> OwnNetwork<'e> {
+    fn create(engine: &'e Engine, subnet: &str) -> Self {
+        let name = unique_name("net");
+        let pid_label = format!("{}.pid={}", support::docker::LABEL, std::process::id());
+        engine.docker_ok(&[
+            "network",
+            "create",
+            "--subnet",
+            subnet,
+            "--label",
+            support::docker::LABEL,
+            "--label",
+            &pid_label,
+            &name,
+        ]);
+        OwnNetwork { engine, name }
+    }
+}
+
+impl Drop for OwnNetwork<'_> {
+    fn drop(&mut self) {
+        let _ = self.engine.docker(&["network", "rm", &self.name]);
+    }
+}
+
+/// The container's address on `network`.
+fn ip_on(engine: &Engine, c: &Container, network: &str) -> String {
+    let format = format!("{{{{(index .NetworkSettings.Networks \"{network}\").IPAddress}}}}");
+    engine.docker_ok(&["inspect", "--format", &format, &c.name])
+}
+
+/// A unix-socket relay in front of the Docker socket that the test can cut (closing
+/// every open connection and refusing new ones) and restore.
+struct SocketRelay {
+    path: PathBuf,
+    _dir: TempDir,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    cut: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl SocketRelay {
+    async fn start(target: &Path) -> SocketRelay {
+        let dir = TempDir::new("relay").expect("a temporary directory");
+        let path = dir.path().join("docker.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let cut = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let (target, open2, cut2) = (target.to_path_buf(), open.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                if !open2.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection close
+                }
+                let target = target.clone();
+                let mut cuts = cut2.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::UnixStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cuts.changed() => {}
+                    }
+                });
+            }
+        });
+        SocketRelay {
+            path,
+            _dir: dir,
+            open,
+            cut,
+        }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
