@@ -42,8 +42,11 @@ fn omni_ambassador<'e>(engine: &'e Engine, extra: &[&str]) -> Container<'e> {
     let amb = engine.container("backends", &args);
     amb.wait_for_log("container index ready");
     let net = format!("container:{}", amb.name);
+    // The seed runs this with --privileged; NET_ADMIN is all it needs, and some hosts
+    // (this test machine among them) cannot grant every capability --privileged asks for.
     let setup = engine.run(&[
-        "--privileged",
+        "--cap-add",
+        "NET_ADMIN",
         "--net",
         &net,
         engine.ambassadord_image(),
@@ -69,7 +72,7 @@ fn stdout(out: &Output) -> String {
 }
 
 fn fetch(port: u16) -> String {
-    format!("wget -qO- -T 5 http://backends:{port}/answer")
+    format!("timeout 10 wget -qO- http://backends:{port}/answer")
 }
 
 /// The seed's flow: two clients on the same port go to different backends by their own
@@ -148,7 +151,7 @@ fn user_network_by_name_and_a_reused_ip_gets_its_own_routing() {
     let amb = omni_ambassador(engine, &[&on_net]);
 
     let by_name = format!("BACKEND_6379={}:80", four.name);
-    let script = format!("wget -qO- -T 5 http://{}:6379/answer", amb.name);
+    let script = format!("timeout 10 wget -qO- http://{}:6379/answer", amb.name);
     let out = client(engine, &[&on_net, "-e", &by_name], &script);
     assert_eq!(stdout(&out), "four", "{out:?}\n{}", amb.logs());
 
@@ -195,7 +198,7 @@ async fn index_survives_the_engine_going_away() {
     ]);
     amb.wait_for_log("container index ready");
     let port = amb.addr.port();
-    let url = format!("wget -qO- -T 5 http://{gateway}:{port}/answer");
+    let url = format!("timeout 10 wget -qO- http://{gateway}:{port}/answer");
     let declare = |c: &Container| format!("BACKEND_{port}={}:80", c.ip());
 
     // A long-lived client container, known to the index before the outage.

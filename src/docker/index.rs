@@ -44,11 +44,18 @@ pub struct Container {
 }
 
 impl Container {
-    /// Builds the index entry from an inspect answer; `None` for a container that is
-    /// not running or has no ID. Bad declarations are logged, naming the container.
+    /// Builds the index entry from an inspect answer; `None` for a container that has
+    /// stopped (or has no ID). A container still being started counts: its process may
+    /// connect before Docker reports it running. Bad declarations are logged, naming the
+    /// container.
     pub fn from_inspect(c: &ContainerInspectResponse) -> Option<Container> {
+        use bollard::models::ContainerStateStatusEnum as Status;
         let id = c.id.clone()?;
-        if c.state.as_ref().and_then(|s| s.running) == Some(false) {
+        let status = c.state.as_ref().and_then(|s| s.status);
+        if matches!(
+            status,
+            Some(Status::EXITED | Status::DEAD | Status::REMOVING | Status::PAUSED)
+        ) {
             return None;
         }
         let name = c
@@ -193,17 +200,29 @@ impl ContainerIndex {
         {
             return None;
         }
+        // One targeted refresh; and since a process can connect before Docker has
+        // announced its container, also wait for the event stream to index it, both
+        // within the deadline.
+        let mut changes = self.changes.subscribe();
         let refreshed = tokio::time::timeout(MISS_DEADLINE, async {
-            let _one_at_a_time = self.refreshing.lock().await;
-            // Another connection's refresh may have found it meanwhile.
-            if let Some(c) = self.get(ip) {
-                return Some(c);
+            {
+                let _one_at_a_time = self.refreshing.lock().await;
+                // Another connection's refresh may have found it meanwhile.
+                if let Some(c) = self.get(ip) {
+                    return Some(c);
+                }
+                match self.refresh_ip(ip).await {
+                    Ok(Some(c)) => return Some(c),
+                    Ok(None) => {}
+                    Err(e) => debug!(peer = %ip, error = %e, "targeted refresh failed"),
+                }
             }
-            match self.refresh_ip(ip).await {
-                Ok(found) => found,
-                Err(e) => {
-                    debug!(peer = %ip, error = %e, "targeted refresh failed");
-                    None
+            loop {
+                if let Some(c) = self.get(ip) {
+                    return Some(c);
+                }
+                if changes.changed().await.is_err() {
+                    return None;
                 }
             }
         })
@@ -218,11 +237,16 @@ impl ContainerIndex {
         refreshed
     }
 
-    /// Lists running containers, finds the one with `ip`, and inspects it alone.
+    /// Lists containers, finds the one with `ip`, and inspects it alone. Containers not
+    /// yet reported running are included: a process can connect before its container's
+    /// start is announced.
     async fn refresh_ip(&self, ip: IpAddr) -> Result<Option<Arc<Container>>, String> {
         let listed = self
             .docker
-            .list_containers(None::<ListContainersOptions>)
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                ..Default::default()
+            }))
             .await
             .map_err(|e| format!("listing containers: {e}"))?;
         let owner = listed.iter().find(|c| {
@@ -532,6 +556,7 @@ mod tests {
         let mut c = inspect("x", "x", &["172.17.0.9"], &[]);
         c.state = Some(ContainerState {
             running: Some(false),
+            status: Some(bollard::models::ContainerStateStatusEnum::EXITED),
             ..Default::default()
         });
         assert!(Container::from_inspect(&c).is_none());

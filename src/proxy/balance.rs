@@ -91,6 +91,17 @@ impl Balancer {
         self.endpoints.borrow().clone()
     }
 
+    /// Like [`Balancer::plan`], but a connection that arrives before discovery's first
+    /// result (just after start, or for an omni source started by this very connection)
+    /// waits for it up to `wait` instead of being refused at once.
+    pub async fn plan_when_discovered(&self, wait: std::time::Duration) -> Result<Plan, NoBackend> {
+        if self.endpoints.borrow().is_none() {
+            let mut rx = self.endpoints.clone();
+            let _ = tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await;
+        }
+        self.plan()
+    }
+
     /// The order to try endpoints in for one new connection. Going from having backends
     /// to having none (and back) is logged once, not once per connection.
     pub fn plan(&self) -> Result<Plan, NoBackend> {
@@ -291,6 +302,31 @@ mod tests {
         b.connect_succeeded("10.0.0.1:1".parse().unwrap());
         let firsts: Vec<String> = (0..2).map(|_| order(&b)[0].clone()).collect();
         assert!(firsts.contains(&"10.0.0.1:1".to_string()), "{firsts:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_before_the_first_result_waits_for_it() {
+        let (tx, rx) = watch::channel(None);
+        let b = std::sync::Arc::new(Balancer::new("test".into(), rx));
+        let waiting = tokio::spawn({
+            let b = b.clone();
+            async move {
+                b.plan_when_discovered(Duration::from_secs(5))
+                    .await
+                    .map(|p| p.len())
+            }
+        });
+        tokio::time::advance(Duration::from_secs(1)).await;
+        tx.send(Some(EndpointSet::new(vec![ep("10.0.0.1:1", 0, 1)])))
+            .unwrap();
+        assert_eq!(waiting.await.unwrap(), Ok(1));
+        // Nothing ever discovered: refused once the wait is over.
+        let (_tx, rx) = watch::channel(None);
+        let b = Balancer::new("test".into(), rx);
+        assert_eq!(
+            b.plan_when_discovered(Duration::from_secs(5)).await.err(),
+            Some(NoBackend::NotYetDiscovered)
+        );
     }
 
     #[test]

@@ -264,7 +264,10 @@ async fn connect(
     balancer: &Balancer,
     settings: &Settings,
 ) -> Result<(TcpStream, Endpoint), String> {
-    let plan = balancer.plan().map_err(|reason| reason.to_string())?;
+    let plan = balancer
+        .plan_when_discovered(settings.connect_timeout)
+        .await
+        .map_err(|reason| reason.to_string())?;
     let mut failures = Vec::with_capacity(plan.len());
     for endpoint in plan.iter() {
         match timeout(settings.connect_timeout, TcpStream::connect(endpoint.addr)).await {
