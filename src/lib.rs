@@ -8,10 +8,12 @@
 //! copies both ways with half-close. Nothing on the accept path waits on discovery.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod discovery;
 pub mod docker;
 pub mod endpoint;
+pub mod metrics;
 pub mod netfilter;
 pub mod proxy;
 pub mod spec;
@@ -24,5 +26,16 @@ pub use proxy::{Server, StartError};
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let server = Server::bind(config).await?;
     server.run(shutdown).await;
+    Ok(())
+}
+
+/// As [`run`], applying each configuration sent on `reloads` (SIGHUP in the binary).
+pub async fn run_with_reloads(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    reloads: tokio::sync::mpsc::Receiver<Config>,
+) -> Result<(), StartError> {
+    let server = Server::bind(config).await?;
+    server.run_with_reloads(shutdown, reloads).await;
     Ok(())
 }

@@ -140,7 +140,11 @@ async fn drive<S: Source>(
                     failing = false;
                 }
                 backoff.reset();
-                tx.send_if_modified(|current| {
+                // Only endpoint sets (not a KV store's intermediate list) have a size.
+                let size = (&set as &dyn std::any::Any)
+                    .downcast_ref::<EndpointSet>()
+                    .map(EndpointSet::len);
+                let changed = tx.send_if_modified(|current| {
                     if current.as_ref() == Some(&set) {
                         return false;
                     }
@@ -152,9 +156,11 @@ async fn drive<S: Source>(
                     *current = Some(set);
                     true
                 });
+                crate::metrics::global().source_ok(&name, size, changed);
                 continue;
             }
             Err(e) => {
+                crate::metrics::global().source_error(&name);
                 let delay = backoff.next_delay();
                 if !failing {
                     let keeping = match &*tx.borrow() {
