@@ -252,11 +252,11 @@ th{{color:#5b6475;font-weight:600}}
     );
     for r in data["routes"].as_array().into_iter().flatten() {
         let n = |k: &str| r[k].as_u64().unwrap_or(0);
-        let errors = n("refused") + n("connect_failures") + n("discovery_errors");
+        let bad = |v: u64| if v > 0 { "bad" } else { "" };
         let _ = write!(
             h,
             r#"<div class="route"><h2>{listen}</h2><div class="spec">→ {spec} <span class="sub">({kind})</span></div>
-<div class="nums"><div><b>{open}</b>open</div><div><b>{acc}</b>accepted</div><div><b>{sent}</b>sent</div><div><b>{recv}</b>received</div><div><b class="{ecls}">{refused}</b>refused</div><div><b class="{ecls}">{cf}</b>connect failures</div><div><b>{de}</b>discovery errors</div></div>
+<div class="nums"><div><b>{open}</b>open</div><div><b>{acc}</b>accepted</div><div><b>{sent}</b>sent</div><div><b>{recv}</b>received</div><div><b class="{rcls}">{refused}</b>refused</div><div><b class="{ccls}">{cf}</b>connect failures</div><div><b class="{dcls}">{de}</b>discovery errors</div></div>
 "#,
             listen = esc(r["listen"].as_str().unwrap_or("")),
             spec = esc(r["spec"].as_str().unwrap_or("")),
@@ -268,7 +268,9 @@ th{{color:#5b6475;font-weight:600}}
             refused = n("refused"),
             cf = n("connect_failures"),
             de = n("discovery_errors"),
-            ecls = if errors > 0 { "bad" } else { "" },
+            rcls = bad(n("refused")),
+            ccls = bad(n("connect_failures")),
+            dcls = bad(n("discovery_errors")),
         );
         if let Some(eps) = r["endpoints"].as_array() {
             if !r["discovered"].as_bool().unwrap_or(false) {

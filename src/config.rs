@@ -835,4 +835,106 @@ mod tests {
             assert!(parse_duration(s).is_err(), "{s}");
         }
     }
+
+    fn file(text: &str) -> std::path::PathBuf {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "ambassadord-config-{}-{}.toml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn config_file_routes_and_options_with_flags_overriding() {
+        let path = file(
+            "connect_timeout = \"2s\"\nidle_timeout = \"1m\"\nadmin = \"127.0.0.1:9999\"\n\n\
+             [[route]]\nlisten = \"127.0.0.1:7000\"\nbackend = \"10.0.0.5:6379\"\n\n\
+             [[route]]\nbackend = \"etcd://127.0.0.1:2379/nodes\"\n\n\
+             [[route]]\nlisten = \":10001\"\nomni = true\n",
+        );
+        let p = path.to_str().unwrap();
+        let c = parse(&["--config", p, "--idle-timeout", "off"]).unwrap();
+        assert_eq!(c.routes.len(), 3);
+        assert_eq!(
+            c.routes[0].listen,
+            Listen {
+                ip: Some("127.0.0.1".parse().unwrap()),
+                port: 7000
+            }
+        );
+        assert_eq!(
+            c.routes[1].listen,
+            Listen {
+                ip: None,
+                port: 10000
+            }
+        );
+        assert_eq!(c.routes[2].target, RouteTarget::Omni);
+        assert_eq!(c.routes[2].listen.port, 10001);
+        assert_eq!(c.settings.connect_timeout, Duration::from_secs(2));
+        // The flag wins over the file.
+        assert_eq!(c.settings.idle_timeout, None);
+        assert_eq!(
+            c.admin,
+            Some(Admin {
+                addr: "127.0.0.1:9999".parse().unwrap(),
+                explicit: true
+            })
+        );
+        assert_eq!(c.config_file.as_deref(), Some(path.as_path()));
+        // A BACKEND on the command line is one more route.
+        let c = parse(&["--config", p, "--port", "7001", "10.0.0.9:1"]).unwrap();
+        assert_eq!(c.routes.len(), 4);
+        assert_eq!(c.routes[3].listen.port, 7001);
+    }
+
+    #[test]
+    fn config_file_errors_name_the_file_and_key() {
+        let cases: &[(&str, &str)] = &[
+            ("bogus = 1\n", "bogus"),
+            (
+                "[[route]]\nbackend = \"a:1\"\nlisten_on = \":1\"\n",
+                "listen_on",
+            ),
+            ("[[route]]\nbackend = \"a:x\"\n", "route 1: backend 'a:x'"),
+            (
+                "[[route]]\nlisten = \"x\"\nbackend = \"a:1\"\n",
+                "route 1: listen 'x'",
+            ),
+            ("[[route]]\nlisten = \":1\"\n", "route 1: needs backend"),
+            (
+                "connect_timeout = \"fast\"\n[[route]]\nbackend = \"a:1\"\n",
+                "connect_timeout 'fast'",
+            ),
+            ("", "no routes"),
+            (
+                "[[route]]\nlisten=\":5\"\nbackend = \"a:1\"\n[[route]]\nlisten=\":5\"\nbackend = \"b:1\"\n",
+                "two routes listen on *:5",
+            ),
+        ];
+        for (text, want) in cases {
+            let path = file(text);
+            let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+            assert!(err.contains(want), "{text:?}: {err}");
+            assert!(
+                err.contains(path.to_str().unwrap()) || want.starts_with("two"),
+                "{err}"
+            );
+        }
+        let err = parse(&["--admin", "nowhere", "a:1"]).unwrap_err();
+        assert!(err.contains("--admin 'nowhere'"), "{err}");
+        assert_eq!(parse(&["--admin", "off", "a:1"]).unwrap().admin, None);
+        let c = parse(&["a:1"]).unwrap();
+        assert_eq!(
+            c.admin,
+            Some(Admin {
+                addr: DEFAULT_ADMIN.parse().unwrap(),
+                explicit: false
+            })
+        );
+    }
 }

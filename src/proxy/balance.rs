@@ -126,6 +126,12 @@ impl Balancer {
         Ok(Plan { set, order })
     }
 
+    /// Resolves once discovery has produced a first result (or has stopped).
+    pub async fn discovered(&self) {
+        let mut rx = self.endpoints.clone();
+        let _ = rx.wait_for(|set| set.is_some()).await;
+    }
+
     /// Whether `addr` failed to connect recently and is tried only after the others.
     pub fn is_cooling(&self, addr: SocketAddr) -> bool {
         if !self.health.any.load(Ordering::Acquire) {

@@ -24,13 +24,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, Listen, RouteConfig, RouteTarget, Settings};
+use crate::config::{Config, RouteConfig, RouteTarget, Settings};
 use crate::discovery::Discovery;
 use crate::docker::index::ContainerIndex;
 use crate::endpoint::Endpoint;
 use crate::metrics::{self, BackendLabels, CloseLabels, RouteLabels};
 use balance::Balancer;
 use omni::Omni;
+
+/// How long a reload waits for a changed route's new source before switching anyway.
+const SWITCH_WAIT: Duration = Duration::from_secs(5);
 
 /// A failure that stops the ambassador from starting.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +52,9 @@ pub enum StartError {
 /// reload; a connection takes the target current when it is accepted and keeps it.
 pub struct Route {
     pub listen: SocketAddr,
-    key: Listen,
+    /// The configured listen address that identifies the route across reloads (the
+    /// bound address for port 0, which no reload can name again).
+    key: String,
     /// `listen` as text, the `route` label of every metric.
     label: String,
     active: RwLock<Arc<Active>>,
@@ -188,7 +193,7 @@ impl Server {
         };
         let routes = pending
             .iter()
-            .map(|(_, r)| (r.key.to_string(), r.clone()))
+            .map(|(_, r)| (r.key.clone(), r.clone()))
             .collect();
         Ok(Server {
             state: Arc::new(State {
@@ -258,7 +263,7 @@ impl Server {
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                Some(config) = reloads.recv() => match self.reload(config) {
+                Some(config) = reloads.recv() => match self.reload(config).await {
                     Ok(added) => {
                         for (listener, route) in added {
                             spawn_loop(listener, route);
@@ -295,7 +300,7 @@ impl Server {
 
     /// Applies a new configuration; returns the listeners of new routes to start. Every
     /// new listener is bound before anything changes, so a failure changes nothing.
-    fn reload(&self, config: Config) -> Result<Vec<(TcpListener, Arc<Route>)>, StartError> {
+    async fn reload(&self, config: Config) -> Result<Vec<(TcpListener, Arc<Route>)>, StartError> {
         if config.dns != self.dns || config.docker_host != self.docker_host {
             warn!("reload: dns and docker_host changes take effect only after a restart");
         }
@@ -315,19 +320,36 @@ impl Server {
             let route = new_route(&listener, rc, &self.discovery, &self.docker_host)?;
             added.push((listener, route));
         }
-        // Every new listener is bound: from here on nothing fails.
+        // A changed route switches once its new source has a first result (bounded), so
+        // connections arriving during the switch are not refused for want of backends.
+        let mut changed = Vec::new();
+        for rc in &config.routes {
+            if let Some(route) = current.get(&rc.listen.to_string())
+                && route.active().config != rc.target
+            {
+                let active = new_active(&rc.target, &self.discovery, &self.docker_host)?;
+                changed.push((route.clone(), active));
+            }
+        }
+        let first_results = futures_util::future::join_all(changed.iter().map(|(_, a)| async {
+            if let Target::Fixed(b) = &a.target {
+                b.discovered().await;
+            }
+        }));
+        if timeout(SWITCH_WAIT, first_results).await.is_err() {
+            warn!(wait = ?SWITCH_WAIT, "reload: a changed route's new source has no result yet; switching anyway");
+        }
+        // Every new listener is bound and every new source started: nothing fails now.
+        for (route, active) in changed {
+            info!(listen = %route.listen, from = %route.active().config, to = %active.config, "route changed; open connections keep their backend");
+            *route.active.write().unwrap_or_else(|p| p.into_inner()) = active;
+        }
         let mut next = BTreeMap::new();
         for rc in &config.routes {
             let key = rc.listen.to_string();
-            let Some(route) = current.get(&key) else {
-                continue;
-            };
-            if route.active().config != rc.target {
-                let active = new_active(&rc.target, &self.discovery, &self.docker_host)?;
-                info!(listen = %route.listen, from = %route.active().config, to = %rc.target, "route changed; open connections keep their backend");
-                *route.active.write().unwrap_or_else(|p| p.into_inner()) = active;
+            if let Some(route) = current.get(&key) {
+                next.insert(key, route.clone());
             }
-            next.insert(key, route.clone());
         }
         for (key, route) in &current {
             if !next.contains_key(key) {
@@ -337,7 +359,7 @@ impl Server {
         }
         for (_, route) in &added {
             info!(listen = %route.listen, backend = %route.active().config, kind = route.active().kind, "listening");
-            next.insert(route.key.to_string(), route.clone());
+            next.insert(route.key.clone(), route.clone());
         }
         *self.state.routes.write().unwrap_or_else(|p| p.into_inner()) = next;
         *self
@@ -369,7 +391,11 @@ fn new_route(
     })?;
     Ok(Arc::new(Route {
         listen,
-        key: rc.listen,
+        key: if rc.listen.port == 0 {
+            listen.to_string()
+        } else {
+            rc.listen.to_string()
+        },
         label: listen.to_string(),
         active: RwLock::new(new_active(&rc.target, discovery, docker_host)?),
         stop_accepting: CancellationToken::new(),
@@ -489,9 +515,9 @@ async fn serve(
 
     let refused = |reason: &str, label: &str| {
         route.stats.refused.fetch_add(1, Ordering::Relaxed);
-        error!(listen = %route.listen, client = %peer, route = label, backend = "-",
+        error!(listen = %route.listen, client = %peer, route = label, backend = %"-",
             sent = 0u64, received = 0u64, duration_ms = start.elapsed().as_millis() as u64,
-            close = "refused", error = reason, "connection closed");
+            close = %"refused", error = reason, "connection refused");
     };
     let no_backend = || {
         m.connect_failures
