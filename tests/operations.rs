@@ -491,3 +491,69 @@ async fn bad_reload_is_rejected_and_nothing_changes() {
     assert_eq!(code, 64, "{stderr}");
     assert!(stderr.contains("bakend"), "{stderr}");
 }
+
+/// A network namespace of the test's own, deleted on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// With `--setup-iptables`' redirect installed in the ambassador's network namespace,
+/// the admin endpoint on its default loopback address still answers from inside that
+/// namespace: the redirect hooks prerouting, which connections made inside the
+/// namespace never pass. (This is how the README tells users to reach it.)
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_on_loopback_is_not_caught_by_the_redirect() {
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+    });
+    if !root {
+        eprintln!("skipping: network namespaces need root");
+        return;
+    }
+    let ns = Netns(format!("amb-ops-{}", fastrand::u32(..)));
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ip(&["netns", "add", &ns.0]);
+    ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    let bin = env!("CARGO_BIN_EXE_ambassadord");
+    ip(&["netns", "exec", &ns.0, bin, "--setup-iptables"]);
+    let mut amb = Ambassador::start_with_shell(&format!(
+        "exec ip netns exec {} {bin} --bind 127.0.0.1 --port 10000 127.0.0.1:1",
+        ns.0
+    ));
+    amb.wait_for_log("admin endpoint listening");
+    let path = format!("/run/netns/{}", ns.0);
+    let reply = std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open the namespace");
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(config_default_admin())
+            .expect("connect to the admin port");
+        s.set_read_timeout(Some(support::DEADLINE)).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        reply
+    })
+    .join()
+    .unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.0 200") && reply.ends_with("ok\n"),
+        "{reply}"
+    );
+}
+
+fn config_default_admin() -> SocketAddr {
+    ambassadord::config::DEFAULT_ADMIN.parse().unwrap()
+}
