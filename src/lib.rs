@@ -6,6 +6,8 @@
 //! [`endpoint`] sets on a watch channel; the [`proxy`] accepts connections, and each
 //! connection's own task picks an endpoint from the latest set, connects with failover and
 //! copies both ways with half-close. Nothing on the accept path waits on discovery.
+//! Routes are keyed by listen address so a reload (`--config`, SIGHUP) can add, remove
+//! or retarget them; [`metrics`] and the [`admin`] endpoint show what is going on.
 #![forbid(unsafe_code)]
 
 pub mod admin;

@@ -69,7 +69,19 @@ pub struct Metrics {
     pub omni_index_size: Gauge,
     pub omni_lookups: Family<ResultLabels, Counter>,
     sources: Mutex<HashMap<String, SourceHealth>>,
+    /// Running drivers per source name: a source's series go when its last driver stops
+    /// (a route switched to another spec), so stale counts do not linger.
+    running: Mutex<HashMap<String, usize>>,
     registry: Registry,
+}
+
+/// Counts a running source driver for [`Metrics`]; dropping it uncounts it.
+pub struct SourceGuard(String);
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        global().source_stopped(&self.0);
+    }
 }
 
 /// The process's metrics.
@@ -94,6 +106,7 @@ impl Metrics {
             omni_index_size: Gauge::default(),
             omni_lookups: Family::default(),
             sources: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
             registry: Registry::with_prefix("ambassadord"),
         };
         let mut r = Registry::with_prefix("ambassadord");
@@ -158,6 +171,36 @@ impl Metrics {
             m.omni_lookups.clone(),
         );
         Metrics { registry: r, ..m }
+    }
+
+    /// A source driver for `source` starts; its series live until the guard drops.
+    pub fn source_started(&'static self, source: &str) -> SourceGuard {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        *running.entry(source.to_string()).or_insert(0) += 1;
+        SourceGuard(source.to_string())
+    }
+
+    fn source_stopped(&self, source: &str) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(n) = running.get_mut(source) else {
+            return;
+        };
+        *n -= 1;
+        if *n > 0 {
+            return;
+        }
+        running.remove(source);
+        let labels = SourceLabels {
+            source: source.to_string(),
+        };
+        self.discovery_updates.remove(&labels);
+        self.discovery_errors.remove(&labels);
+        self.discovery_endpoints.remove(&labels);
+        self.discovery_age.remove(&labels);
+        self.sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(source);
     }
 
     /// A source read successfully; `endpoints` is the set's size when the read is an

@@ -390,7 +390,9 @@ async fn reload_adds_removes_and_changes_routes_under_open_transfers() {
         &file,
         &routes_file(&[(p1, a.addr.to_string()), (p2, c.addr.to_string())]),
     );
-    let mut amb = Ambassador::start(&["--admin", "off", "--config", file.to_str().unwrap()]);
+    let mut amb =
+        Ambassador::start(&["--admin", "127.0.0.1:0", "--config", file.to_str().unwrap()]);
+    let admin = admin_addr(&mut amb);
     let r1: SocketAddr = ([127, 0, 0, 1], p1).into();
     let r2: SocketAddr = ([127, 0, 0, 1], p2).into();
     let r3: SocketAddr = ([127, 0, 0, 1], p3).into();
@@ -421,6 +423,15 @@ async fn reload_adds_removes_and_changes_routes_under_open_transfers() {
     // Both transfers opened before the reload complete, on their original backends.
     assert_eq!(finish(open_on_changed, "still a\n").await, "still a\n");
     assert_eq!(finish(open_on_removed, "drained!\n").await, "drained!\n");
+    // The replaced source's series are gone; the new one's are there.
+    let gone = format!("ambassadord_discovery_endpoints{{source=\"{}\"}}", a.addr);
+    let there = format!("ambassadord_discovery_endpoints{{source=\"{}\"}}", b.addr);
+    eventually("the old source's series to go", || async {
+        let (_, text) = get(admin, "/metrics").await?;
+        (sample(&text, &gone).is_none() && sample(&text, &there) == Some(1.0)).then_some(())
+    })
+    .await;
+
     let line = amb.wait_for_log("sent=8 received=10");
     assert_eq!(field(&line, "backend"), Some(a.addr.to_string()), "{line}");
     assert_eq!(field(&line, "listen"), Some(r1.to_string()), "{line}");

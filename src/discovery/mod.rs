@@ -125,6 +125,7 @@ async fn drive<S: Source>(
     tx: watch::Sender<Option<S::Item>>,
     cancel: CancellationToken,
 ) {
+    let _counted = crate::metrics::global().source_started(&name);
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut failing = false;
     loop {

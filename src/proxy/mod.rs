@@ -158,6 +158,7 @@ pub struct Server {
     docker_host: String,
     dns: Option<SocketAddr>,
     admin: Option<TcpListener>,
+    admin_config: Option<crate::config::Admin>,
 }
 
 impl Server {
@@ -207,6 +208,7 @@ impl Server {
             docker_host: config.docker_host,
             dns: config.dns,
             admin,
+            admin_config: config.admin,
         })
     }
 
@@ -301,8 +303,11 @@ impl Server {
     /// Applies a new configuration; returns the listeners of new routes to start. Every
     /// new listener is bound before anything changes, so a failure changes nothing.
     async fn reload(&self, config: Config) -> Result<Vec<(TcpListener, Arc<Route>)>, StartError> {
-        if config.dns != self.dns || config.docker_host != self.docker_host {
-            warn!("reload: dns and docker_host changes take effect only after a restart");
+        if config.dns != self.dns
+            || config.docker_host != self.docker_host
+            || config.admin.map(|a| a.addr) != self.admin_config.map(|a| a.addr)
+        {
+            warn!("reload: dns, docker_host and admin changes take effect only after a restart");
         }
         let current: BTreeMap<String, Arc<Route>> = self
             .state
