@@ -6,7 +6,8 @@
 
 use std::ffi::OsString;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
@@ -131,6 +132,49 @@ struct Cli {
     /// Remove the redirect --setup-iptables made, then exit
     #[arg(long, env = "AMBASSADORD_REMOVE_IPTABLES")]
     remove_iptables: bool,
+
+    /// TOML file of routes and global options (flags and env override it); SIGHUP reloads it
+    #[arg(long, value_name = "FILE", env = "AMBASSADORD_CONFIG")]
+    config: Option<PathBuf>,
+
+    /// Admin HTTP endpoint (/metrics, /healthz, /readyz, /routes, status page at /): IP:PORT, or "off"
+    #[arg(
+        long,
+        value_name = "IP:PORT|off",
+        env = "AMBASSADORD_ADMIN",
+        default_value = DEFAULT_ADMIN
+    )]
+    admin: String,
+}
+
+/// Where the admin endpoint listens unless told otherwise: loopback only, so metrics and
+/// route details are not exposed to the network by default.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
+
+/// The `--config` file: global options and `[[route]]` tables. Unknown keys are errors.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    connect_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    shutdown_grace: Option<String>,
+    dns: Option<String>,
+    docker_host: Option<String>,
+    admin: Option<String>,
+    log_level: Option<String>,
+    log_format: Option<String>,
+    #[serde(default)]
+    route: Vec<FileRoute>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    /// `IP:PORT`, `[IPV6]:PORT`, `:PORT` or `PORT`; default: every address, the spec's port.
+    listen: Option<String>,
+    backend: Option<String>,
+    #[serde(default)]
+    omni: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -154,6 +198,19 @@ pub struct Config {
     /// Bad input that validation skipped rather than refused (a malformed link variable);
     /// [`crate::run`] logs each as a warning once logging is set up.
     pub warnings: Vec<String>,
+    /// The admin endpoint, unless `--admin off`.
+    pub admin: Option<Admin>,
+    /// `--config`: the file SIGHUP reloads.
+    pub config_file: Option<PathBuf>,
+}
+
+/// Where the admin endpoint listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admin {
+    pub addr: SocketAddr,
+    /// Asked for by the user (a failure to bind is then fatal), rather than the default
+    /// (a failure is a warning, so a second ambassador on one host still starts).
+    pub explicit: bool,
 }
 
 /// The port omni mode listens on, and so where --setup-iptables redirects by default.
@@ -290,10 +347,38 @@ fn origin(matches: &ArgMatches, id: &str) -> String {
 }
 
 fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
-    let at = |id: &str, value: &str, why: &str| format!("{} '{value}': {why}", origin(m, id));
-
     if cli.setup_iptables || cli.remove_iptables {
         return redirect_action(&cli, m);
+    }
+
+    let file = match &cli.config {
+        None => FileConfig::default(),
+        Some(path) => read_file(path)?,
+    };
+    let file_name = cli
+        .config
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    // A flag or env var the user set wins over the file; the file wins over defaults.
+    let given = |id: &str| {
+        matches!(
+            m.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    let pick = |id: &str, cli_value: &str, file_value: &Option<String>| -> (String, String) {
+        match file_value {
+            Some(v) if !given(id) => (v.clone(), format!("{file_name}: {id}")),
+            _ => (cli_value.to_string(), origin(m, id)),
+        }
+    };
+    let at = |place: &str, value: &str, why: &str| format!("{place} '{value}': {why}");
+
+    let mut routes = Vec::new();
+    for (i, r) in file.route.iter().enumerate() {
+        let place = format!("{file_name}: route {}", i + 1);
+        routes.push(file_route(r, &place)?);
     }
 
     let ip = match &cli.bind {
@@ -302,12 +387,12 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
             s.trim_start_matches('[')
                 .trim_end_matches(']')
                 .parse::<IpAddr>()
-                .map_err(|_| at("bind", s, "not an IP address"))?,
+                .map_err(|_| at(&origin(m, "bind"), s, "not an IP address"))?,
         ),
     };
 
     let mut warnings = Vec::new();
-    let routes = if cli.links {
+    if cli.links {
         if cli.omnimode {
             return Err("--links and --omnimode cannot be combined: choose one mode".into());
         }
@@ -319,17 +404,13 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
                 .iter()
                 .map(|s| format!("--links: skipped a link variable: {s}")),
         );
-        links
-            .links
-            .into_iter()
-            .map(|link| RouteConfig {
-                listen: Listen {
-                    ip,
-                    port: link.port,
-                },
-                target: RouteTarget::Spec(Spec::Static(vec![link.target])),
-            })
-            .collect()
+        routes.extend(links.links.into_iter().map(|link| RouteConfig {
+            listen: Listen {
+                ip,
+                port: link.port,
+            },
+            target: RouteTarget::Spec(Spec::Static(vec![link.target])),
+        }));
     } else {
         let target = match (&cli.backend, cli.omnimode) {
             (Some(backend), true) => {
@@ -338,82 +419,129 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
                     origin(m, "backend")
                 ));
             }
-            (None, true) => RouteTarget::Omni,
+            (None, true) => Some(RouteTarget::Omni),
+            (None, false) if cli.config.is_some() => None,
             (None, false) => {
                 return Err(
                     "no backend given: pass BACKEND (for example 10.0.0.5:6379), set AMBASSADORD_BACKEND, \
-                     or use --links or --omnimode"
+                     or use --links, --omnimode or --config"
                         .into(),
                 );
             }
-            (Some(backend), false) => RouteTarget::Spec(Spec::parse(backend).map_err(|e| {
-                if origin(m, "backend") == "BACKEND" {
-                    e.to_string()
-                } else {
-                    format!("{} (from {})", e, origin(m, "backend"))
-                }
-            })?),
+            (Some(backend), false) => {
+                Some(RouteTarget::Spec(Spec::parse(backend).map_err(|e| {
+                    if origin(m, "backend") == "BACKEND" {
+                        e.to_string()
+                    } else {
+                        format!("{} (from {})", e, origin(m, "backend"))
+                    }
+                })?))
+            }
         };
-        let port = match (&cli.port, &target) {
-            (None, RouteTarget::Spec(spec)) => spec.default_listen_port(),
-            (None, RouteTarget::Omni) => OMNI_PORT,
-            (Some(s), _) => s
-                .parse::<u16>()
-                .map_err(|_| at("port", s, "not a port number (0-65535)"))?,
-        };
-        vec![RouteConfig {
-            listen: Listen { ip, port },
-            target,
-        }]
-    };
-
-    let connect_timeout = parse_duration(&cli.connect_timeout)
-        .map_err(|why| at("connect_timeout", &cli.connect_timeout, &why))?;
-    if connect_timeout.is_zero() {
-        return Err(at(
-            "connect_timeout",
-            &cli.connect_timeout,
-            "must be more than zero",
+        if let Some(target) = target {
+            let port = match (&cli.port, &target) {
+                (None, RouteTarget::Spec(spec)) => spec.default_listen_port(),
+                (None, RouteTarget::Omni) => OMNI_PORT,
+                (Some(s), _) => s
+                    .parse::<u16>()
+                    .map_err(|_| at(&origin(m, "port"), s, "not a port number (0-65535)"))?,
+            };
+            routes.push(RouteConfig {
+                listen: Listen { ip, port },
+                target,
+            });
+        }
+    }
+    if routes.is_empty() {
+        return Err(format!(
+            "{file_name}: no routes: add a [[route]] with listen and backend, or pass BACKEND"
         ));
     }
-    let idle_timeout = match cli.idle_timeout.trim() {
-        "off" | "none" | "0" => None,
-        s => Some(parse_duration(s).map_err(|why| at("idle_timeout", s, &why))?)
-            .filter(|d| !d.is_zero()),
-    };
-    let shutdown_grace = parse_duration(&cli.shutdown_grace)
-        .map_err(|why| at("shutdown_grace", &cli.shutdown_grace, &why))?;
+    for (i, a) in routes.iter().enumerate() {
+        if routes[..i]
+            .iter()
+            .any(|b| b.listen == a.listen && a.listen.port != 0)
+        {
+            return Err(format!(
+                "two routes listen on {}: each listen address can have one backend",
+                a.listen
+            ));
+        }
+    }
 
-    if let Some(filter) = &cli.log_level {
+    let (v, o) = pick(
+        "connect_timeout",
+        &cli.connect_timeout,
+        &file.connect_timeout,
+    );
+    let connect_timeout = parse_duration(&v).map_err(|why| at(&o, &v, &why))?;
+    if connect_timeout.is_zero() {
+        return Err(at(&o, &v, "must be more than zero"));
+    }
+    let (v, o) = pick("idle_timeout", &cli.idle_timeout, &file.idle_timeout);
+    let idle_timeout = match v.trim() {
+        "off" | "none" | "0" => None,
+        s => Some(parse_duration(s).map_err(|why| at(&o, s, &why))?).filter(|d| !d.is_zero()),
+    };
+    let (v, o) = pick("shutdown_grace", &cli.shutdown_grace, &file.shutdown_grace);
+    let shutdown_grace = parse_duration(&v).map_err(|why| at(&o, &v, &why))?;
+
+    let log_level = match (&cli.log_level, &file.log_level) {
+        (Some(l), _) => Some((l.clone(), origin(m, "log_level"))),
+        (None, Some(l)) => Some((l.clone(), format!("{file_name}: log_level"))),
+        (None, None) => None,
+    };
+    if let Some((filter, o)) = &log_level {
         // A lone word is taken by tracing as a target name, so a misspelt level would
         // silently log nothing: require a real level there.
         const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
         if !filter.contains(['=', ',']) && !LEVELS.contains(&filter.to_ascii_lowercase().as_str()) {
             return Err(at(
-                "log_level",
+                o,
                 filter,
                 "not a log level (off, error, warn, info, debug, trace)",
             ));
         }
-        tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| {
-            at(
-                "log_level",
-                filter,
-                &format!("not a log level or filter ({e})"),
-            )
-        })?;
+        tracing_subscriber::EnvFilter::try_new(filter)
+            .map_err(|e| at(o, filter, &format!("not a log level or filter ({e})")))?;
     }
+    let log_format = match &file.log_format {
+        Some(f) if !given("log_format") => LogFormat::from_str(f, true).map_err(|_| {
+            at(
+                &format!("{file_name}: log_format"),
+                f,
+                "not a log format (text, json)",
+            )
+        })?,
+        _ => cli.log_format,
+    };
 
-    let dns = match &cli.dns {
+    let dns_value = match (&cli.dns, &file.dns) {
+        (Some(d), _) => Some((d.clone(), origin(m, "dns"))),
+        (None, Some(d)) => Some((d.clone(), format!("{file_name}: dns"))),
+        (None, None) => None,
+    };
+    let dns = match &dns_value {
         None => None,
-        Some(s) => Some(parse_dns(s).map_err(|why| at("dns", s, &why))?),
+        Some((s, o)) => Some(parse_dns(s).map_err(|why| at(o, s, &why))?),
+    };
+    let (docker_host, _) = pick("docker_host", &cli.docker_host, &file.docker_host);
+    let (v, o) = pick("admin", &cli.admin, &file.admin);
+    let admin = match v.trim() {
+        "off" | "none" | "" => None,
+        s => Some(Admin {
+            addr: s
+                .parse::<SocketAddr>()
+                .map_err(|_| at(&o, s, "not IP:PORT or off (e.g. 127.0.0.1:9090)"))?,
+            explicit: given("admin") || file.admin.is_some(),
+        }),
     };
 
     Ok(Config {
         action: Action::Serve,
         routes,
         dns,
-        docker_host: cli.docker_host,
+        docker_host,
         settings: Settings {
             connect_timeout,
             idle_timeout,
@@ -421,11 +549,67 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
             copy: cli.copy,
         },
         log: LogConfig {
-            filter: cli.log_level,
-            format: cli.log_format,
+            filter: log_level.map(|(l, _)| l),
+            format: log_format,
         },
         warnings,
+        admin,
+        config_file: cli.config.clone(),
     })
+}
+
+/// Reads and parses the `--config` file; errors name the file and, from the TOML
+/// parser, the line and the unknown or malformed key.
+fn read_file(path: &std::path::Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--config '{}': cannot read: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        let msg = e.to_string();
+        let msg = msg.trim_end().replace('\n', " ");
+        format!("--config '{}': {msg}", path.display())
+    })
+}
+
+/// One `[[route]]` table → a route; `place` names the file and route for errors.
+fn file_route(r: &FileRoute, place: &str) -> Result<RouteConfig, String> {
+    let target = match (&r.backend, r.omni) {
+        (Some(b), true) => {
+            return Err(format!("{place}: omni = true takes no backend (got '{b}')"));
+        }
+        (None, true) => RouteTarget::Omni,
+        (None, false) => {
+            return Err(format!(
+                "{place}: needs backend = \"HOST:PORT\" (or any spec), or omni = true"
+            ));
+        }
+        (Some(b), false) => RouteTarget::Spec(Spec::parse(b).map_err(|e| format!("{place}: {e}"))?),
+    };
+    let default_port = match &target {
+        RouteTarget::Spec(spec) => spec.default_listen_port(),
+        RouteTarget::Omni => OMNI_PORT,
+    };
+    let listen = match r.listen.as_deref().map(str::trim) {
+        None | Some("") => Listen {
+            ip: None,
+            port: default_port,
+        },
+        Some(s) => parse_listen(s).map_err(|why| format!("{place}: listen '{s}': {why}"))?,
+    };
+    Ok(RouteConfig { listen, target })
+}
+
+/// `IP:PORT`, `[IPV6]:PORT`, `:PORT`, `*:PORT` or `PORT`.
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(Listen {
+            ip: Some(addr.ip()),
+            port: addr.port(),
+        });
+    }
+    let port = s.trim_start_matches('*').trim_start_matches(':');
+    port.parse::<u16>()
+        .map(|port| Listen { ip: None, port })
+        .map_err(|_| "not IP:PORT, :PORT or PORT".to_string())
 }
 
 /// `--setup-iptables` / `--remove-iptables`: one-shot actions that serve nothing, so a
@@ -476,6 +660,8 @@ fn redirect_action(cli: &Cli, m: &ArgMatches) -> Result<Config, String> {
             filter: cli.log_level.clone(),
             format: cli.log_format,
         },
+        admin: None,
+        config_file: None,
     })
 }
 
@@ -713,5 +899,107 @@ mod tests {
         for s in ["", "s", "-1s", "5 parsecs", "1e9999"] {
             assert!(parse_duration(s).is_err(), "{s}");
         }
+    }
+
+    fn file(text: &str) -> std::path::PathBuf {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "ambassadord-config-{}-{}.toml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn config_file_routes_and_options_with_flags_overriding() {
+        let path = file(
+            "connect_timeout = \"2s\"\nidle_timeout = \"1m\"\nadmin = \"127.0.0.1:9999\"\n\n\
+             [[route]]\nlisten = \"127.0.0.1:7000\"\nbackend = \"10.0.0.5:6379\"\n\n\
+             [[route]]\nbackend = \"etcd://127.0.0.1:2379/nodes\"\n\n\
+             [[route]]\nlisten = \":10001\"\nomni = true\n",
+        );
+        let p = path.to_str().unwrap();
+        let c = parse(&["--config", p, "--idle-timeout", "off"]).unwrap();
+        assert_eq!(c.routes.len(), 3);
+        assert_eq!(
+            c.routes[0].listen,
+            Listen {
+                ip: Some("127.0.0.1".parse().unwrap()),
+                port: 7000
+            }
+        );
+        assert_eq!(
+            c.routes[1].listen,
+            Listen {
+                ip: None,
+                port: 10000
+            }
+        );
+        assert_eq!(c.routes[2].target, RouteTarget::Omni);
+        assert_eq!(c.routes[2].listen.port, 10001);
+        assert_eq!(c.settings.connect_timeout, Duration::from_secs(2));
+        // The flag wins over the file.
+        assert_eq!(c.settings.idle_timeout, None);
+        assert_eq!(
+            c.admin,
+            Some(Admin {
+                addr: "127.0.0.1:9999".parse().unwrap(),
+                explicit: true
+            })
+        );
+        assert_eq!(c.config_file.as_deref(), Some(path.as_path()));
+        // A BACKEND on the command line is one more route.
+        let c = parse(&["--config", p, "--port", "7001", "10.0.0.9:1"]).unwrap();
+        assert_eq!(c.routes.len(), 4);
+        assert_eq!(c.routes[3].listen.port, 7001);
+    }
+
+    #[test]
+    fn config_file_errors_name_the_file_and_key() {
+        let cases: &[(&str, &str)] = &[
+            ("bogus = 1\n", "bogus"),
+            (
+                "[[route]]\nbackend = \"a:1\"\nlisten_on = \":1\"\n",
+                "listen_on",
+            ),
+            ("[[route]]\nbackend = \"a:x\"\n", "route 1: backend 'a:x'"),
+            (
+                "[[route]]\nlisten = \"x\"\nbackend = \"a:1\"\n",
+                "route 1: listen 'x'",
+            ),
+            ("[[route]]\nlisten = \":1\"\n", "route 1: needs backend"),
+            (
+                "connect_timeout = \"fast\"\n[[route]]\nbackend = \"a:1\"\n",
+                "connect_timeout 'fast'",
+            ),
+            ("", "no routes"),
+            (
+                "[[route]]\nlisten=\":5\"\nbackend = \"a:1\"\n[[route]]\nlisten=\":5\"\nbackend = \"b:1\"\n",
+                "two routes listen on *:5",
+            ),
+        ];
+        for (text, want) in cases {
+            let path = file(text);
+            let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+            assert!(err.contains(want), "{text:?}: {err}");
+            assert!(
+                err.contains(path.to_str().unwrap()) || want.starts_with("two"),
+                "{err}"
+            );
+        }
+        let err = parse(&["--admin", "nowhere", "a:1"]).unwrap_err();
+        assert!(err.contains("--admin 'nowhere'"), "{err}");
+        assert_eq!(parse(&["--admin", "off", "a:1"]).unwrap().admin, None);
+        let c = parse(&["a:1"]).unwrap();
+        assert_eq!(
+            c.admin,
+            Some(Admin {
+                addr: DEFAULT_ADMIN.parse().unwrap(),
+                explicit: false
+            })
+        );
     }
 }

@@ -11,7 +11,8 @@ use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let config = match Config::from_args(std::env::args_os()) {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let config = match Config::from_args(args.clone()) {
         Ok(config) => config,
         Err(ConfigError::Info(text)) => {
             print!("{text}");
@@ -56,7 +57,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(ambassadord::run(config, shutdown_signal())) {
+    let reloadable = config.config_file.is_some();
+    let run = async move {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        if reloadable {
+            tokio::spawn(reload_on_sighup(args, tx));
+        }
+        ambassadord::run_with_reloads(config, shutdown_signal(), rx).await
+    };
+    match runtime.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -77,6 +86,28 @@ fn init_logging(log: &LogConfig) {
     match log.format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// On every SIGHUP, reads the command line, environment and --config file again and
+/// hands the result to the server; a bad file is logged and the running config stays.
+async fn reload_on_sighup(args: Vec<std::ffi::OsString>, tx: tokio::sync::mpsc::Sender<Config>) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        warn!("cannot install the SIGHUP handler; reloading is unavailable");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        info!("SIGHUP: reloading the configuration");
+        match Config::from_args(args.clone()) {
+            Ok(config) => {
+                if tx.send(config).await.is_err() {
+                    return;
+                }
+            }
+            Err(ConfigError::Usage(message) | ConfigError::Info(message)) => {
+                error!("reload rejected, keeping the running configuration: {message}");
+            }
+        }
     }
 }
 

@@ -126,6 +126,7 @@ async fn drive<S: Source>(
     tx: watch::Sender<Option<S::Item>>,
     cancel: CancellationToken,
 ) {
+    let _counted = crate::metrics::global().source_started(&name);
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut failing = false;
     loop {
@@ -141,7 +142,11 @@ async fn drive<S: Source>(
                     failing = false;
                 }
                 backoff.reset();
-                tx.send_if_modified(|current| {
+                // Only endpoint sets (not a KV store's intermediate list) have a size.
+                let size = (&set as &dyn std::any::Any)
+                    .downcast_ref::<EndpointSet>()
+                    .map(EndpointSet::len);
+                let changed = tx.send_if_modified(|current| {
                     if current.as_ref() == Some(&set) {
                         return false;
                     }
@@ -153,9 +158,11 @@ async fn drive<S: Source>(
                     *current = Some(set);
                     true
                 });
+                crate::metrics::global().source_ok(&name, size, changed);
                 continue;
             }
             Err(e) => {
+                crate::metrics::global().source_error(&name);
                 let delay = backoff.next_delay();
                 if !failing {
                     let keeping = match &*tx.borrow() {

@@ -181,6 +181,12 @@ impl ContainerIndex {
         self.len() == 0
     }
 
+    /// Whether the index has been filled from a full list at least once (every change,
+    /// the full list included, bumps the change counter).
+    pub fn loaded(&self) -> bool {
+        *self.changes.borrow() > 0
+    }
+
     /// A receiver that changes whenever the index does.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()

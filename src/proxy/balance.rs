@@ -137,6 +137,23 @@ impl Balancer {
         Ok(Plan { set, order })
     }
 
+    /// Resolves once discovery has produced a first result (or has stopped).
+    pub async fn discovered(&self) {
+        let mut rx = self.endpoints.clone();
+        let _ = rx.wait_for(|set| set.is_some()).await;
+    }
+
+    /// Whether `addr` failed to connect recently and is tried only after the others.
+    pub fn is_cooling(&self, addr: SocketAddr) -> bool {
+        if !self.health.any.load(Ordering::Acquire) {
+            return false;
+        }
+        let failed = self.health.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed
+            .get(&addr)
+            .is_some_and(|until| *until > Instant::now())
+    }
+
     pub fn connect_failed(&self, addr: SocketAddr) {
         self.health.failed(addr);
     }

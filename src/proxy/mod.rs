@@ -12,24 +12,30 @@ pub mod omni;
 #[cfg(target_os = "linux")]
 pub mod splice;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, RouteTarget, Settings};
+use crate::config::{Config, RouteConfig, RouteTarget, Settings};
 use crate::discovery::Discovery;
 use crate::docker::index::ContainerIndex;
 use crate::endpoint::Endpoint;
+use crate::metrics::{self, BackendLabels, CloseLabels, RouteLabels};
 use balance::Balancer;
 use omni::Omni;
+
+/// How long a reload waits for a changed route's new source before switching anyway.
+const SWITCH_WAIT: Duration = Duration::from_secs(5);
 
 /// A failure that stops the ambassador from starting.
 #[derive(Debug, thiserror::Error)]
@@ -44,98 +50,240 @@ pub enum StartError {
     Docker(String),
 }
 
-/// One listening address and where its connections go.
-struct Route {
-    listen: SocketAddr,
-    target: Target,
+/// One listening address and where its connections go. The target can be swapped by a
+/// reload; a connection takes the target current when it is accepted and keeps it.
+pub struct Route {
+    pub listen: SocketAddr,
+    /// The configured listen address that identifies the route across reloads (the
+    /// bound address for port 0, which no reload can name again).
+    key: String,
+    /// `listen` as text, the `route` label of every metric.
+    label: String,
+    active: RwLock<Arc<Active>>,
+    /// Fired when a reload removes the route: stop accepting, let connections drain.
+    stop_accepting: CancellationToken,
+    pub stats: RouteStats,
 }
 
-enum Target {
+/// Per-route totals for the status page (the Prometheus families hold the same by label).
+#[derive(Default)]
+pub struct RouteStats {
+    pub open: AtomicU64,
+    pub accepted: AtomicU64,
+    pub refused: AtomicU64,
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub connect_failures: AtomicU64,
+}
+
+/// A route's current target and the discovery serving it. Dropping the last reference
+/// (the route moved on and no connection is still connecting with it) stops discovery.
+pub struct Active {
+    pub target: Target,
+    pub config: RouteTarget,
+    pub kind: &'static str,
+    stop: CancellationToken,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+pub enum Target {
     /// Standard mode: every connection goes to one spec's backends.
     Fixed(Arc<Balancer>),
     /// Omni mode: each connection goes where its container declares.
     Omni(Arc<Omni>),
 }
 
+impl Route {
+    /// The target new connections use.
+    pub fn active(&self) -> Arc<Active> {
+        self.active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether its source has produced a first result.
+    pub fn ready(&self) -> bool {
+        match &self.active().target {
+            Target::Fixed(b) => b.current().is_some(),
+            Target::Omni(o) => o.index().loaded(),
+        }
+    }
+}
+
+/// What the admin endpoint reads: the live routes, the settings, readiness.
+pub struct State {
+    routes: RwLock<BTreeMap<String, Arc<Route>>>,
+    settings: RwLock<Arc<Settings>>,
+    /// Latched: once every route has its first result, the process stays ready.
+    ready: AtomicBool,
+    pub started: std::time::Instant,
+}
+
+impl State {
+    pub fn routes(&self) -> Vec<Arc<Route>> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes.values().cloned().collect()
+    }
+
+    fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Listeners are bound (they are before the state exists) and every route's source
+    /// has its first result. Once true, stays true.
+    pub fn ready(&self) -> bool {
+        if self.ready.load(Ordering::Relaxed) {
+            return true;
+        }
+        let now = self.routes().iter().all(|r| r.ready());
+        if now {
+            self.ready.store(true, Ordering::Relaxed);
+        }
+        now
+    }
+}
+
 /// Bound listeners with their routes, ready to serve.
 pub struct Server {
-    listeners: Vec<(TcpListener, Arc<Route>)>,
-    settings: Arc<Settings>,
-    discovery_stop: CancellationToken,
+    state: Arc<State>,
+    pending: Vec<(TcpListener, Arc<Route>)>,
+    discovery: Arc<Discovery>,
+    docker_host: String,
+    dns: Option<SocketAddr>,
+    admin: Option<TcpListener>,
+    admin_config: Option<crate::config::Admin>,
 }
 
 impl Server {
-    /// Binds every route's listener and starts its discovery. Fails if any listener
-    /// cannot be bound or the Docker host is malformed.
+    /// Binds every route's listener (and the admin endpoint) and starts discovery.
+    /// Fails if any listener cannot be bound or the Docker host is malformed.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         let discovery = Arc::new(Discovery::new(config.dns));
-        let discovery_stop = CancellationToken::new();
-        let mut listeners = Vec::with_capacity(config.routes.len());
-        for route in config.routes {
-            let bind_error = |source| StartError::Bind {
-                addr: route.listen.to_string(),
-                source,
-            };
-            let listener = listen::bind(route.listen.ip, route.listen.port).map_err(bind_error)?;
-            let local = listener.local_addr().map_err(bind_error)?;
-            let (target, kind) = match &route.target {
-                RouteTarget::Spec(spec) => {
-                    let endpoints = discovery.spawn(spec, discovery_stop.child_token());
-                    let balancer = Balancer::new(spec.to_string(), endpoints);
-                    (Target::Fixed(Arc::new(balancer)), spec.kind())
-                }
-                RouteTarget::Omni => {
-                    let index = ContainerIndex::new(Some(&config.docker_host))
-                        .map_err(StartError::Docker)?;
-                    let omni = Omni::start(index, discovery.clone(), discovery_stop.child_token());
-                    (Target::Omni(omni), "omni")
-                }
-            };
-            info!(listen = %local, backend = %route.target, kind, "listening");
-            listeners.push((
-                listener,
-                Arc::new(Route {
-                    listen: local,
-                    target,
-                }),
-            ));
+        let mut pending = Vec::with_capacity(config.routes.len());
+        for route in &config.routes {
+            let listener = bind_route(route)?;
+            let route = new_route(&listener, route, &discovery, &config.docker_host)?;
+            info!(listen = %route.listen, backend = %route.active().config, kind = route.active().kind, "listening");
+            pending.push((listener, route));
         }
+        let admin = match config.admin {
+            None => None,
+            Some(admin) => match listen::bind(Some(admin.addr.ip()), admin.addr.port()) {
+                Ok(l) => {
+                    info!(admin = %l.local_addr().unwrap_or(admin.addr), "admin endpoint listening");
+                    Some(l)
+                }
+                Err(e) if !admin.explicit => {
+                    warn!(admin = %admin.addr, error = %e, "cannot listen for the admin endpoint; running without it (set --admin to another address or off)");
+                    None
+                }
+                Err(source) => {
+                    return Err(StartError::Bind {
+                        addr: format!("{} (--admin)", admin.addr),
+                        source,
+                    });
+                }
+            },
+        };
+        let routes = pending
+            .iter()
+            .map(|(_, r)| (r.key.clone(), r.clone()))
+            .collect();
         Ok(Server {
-            listeners,
-            settings: Arc::new(config.settings),
-            discovery_stop,
+            state: Arc::new(State {
+                routes: RwLock::new(routes),
+                settings: RwLock::new(Arc::new(config.settings)),
+                ready: AtomicBool::new(false),
+                started: std::time::Instant::now(),
+            }),
+            pending,
+            discovery,
+            docker_host: config.docker_host,
+            dns: config.dns,
+            admin,
+            admin_config: config.admin,
         })
     }
 
     /// The addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|(_, r)| r.listen).collect()
+        self.pending.iter().map(|(_, r)| r.listen).collect()
+    }
+
+    /// The admin endpoint's address, if it listens.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets open connections
     /// drain for the grace period, and ends the ones still open.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (_keep, reloads) = mpsc::channel(1);
+        self.run_with_reloads(shutdown, reloads).await
+    }
+
+    /// As [`Server::run`], and applies every configuration sent on `reloads`: new routes
+    /// listen, removed ones stop accepting and drain, changed ones switch source for new
+    /// connections only. A reload that cannot be applied changes nothing.
+    pub async fn run_with_reloads(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+        mut reloads: mpsc::Receiver<Config>,
+    ) {
         let stop_accepting = CancellationToken::new();
         let force_close = CancellationToken::new();
         let connections = TaskTracker::new();
-        let mut accept_loops = JoinSet::new();
-        for (listener, route) in self.listeners {
+        let accept_loops = TaskTracker::new();
+        if let Some(admin) = self.admin.take() {
+            tokio::spawn(crate::admin::serve(
+                admin,
+                self.state.clone(),
+                stop_accepting.clone(),
+            ));
+        }
+        let spawn_loop = |listener: TcpListener, route: Arc<Route>| {
             accept_loops.spawn(accept_loop(
                 listener,
                 route,
-                self.settings.clone(),
+                self.state.clone(),
                 stop_accepting.clone(),
                 force_close.clone(),
                 connections.clone(),
             ));
+        };
+        for (listener, route) in std::mem::take(&mut self.pending) {
+            spawn_loop(listener, route);
         }
-        shutdown.await;
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(config) = reloads.recv() => match self.reload(config).await {
+                    Ok(added) => {
+                        for (listener, route) in added {
+                            spawn_loop(listener, route);
+                        }
+                    }
+                    Err(e) => error!("reload rejected, keeping the running configuration: {e}"),
+                },
+            }
+        }
 
         // Dropping the listeners makes new connection attempts fail at once.
         stop_accepting.cancel();
-        while accept_loops.join_next().await.is_some() {}
+        accept_loops.close();
+        accept_loops.wait().await;
         connections.close();
-        let grace = self.settings.shutdown_grace;
+        let grace = self.state.settings().shutdown_grace;
         info!(open = connections.len(), grace = ?grace, "stopped accepting; draining open connections");
         if timeout(grace, connections.wait()).await.is_err() {
             warn!(
@@ -145,15 +293,153 @@ impl Server {
             force_close.cancel();
             connections.wait().await;
         }
-        self.discovery_stop.cancel();
+        // Ends every source still running.
+        self.state
+            .routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         info!("stopped");
     }
+
+    /// Applies a new configuration; returns the listeners of new routes to start. Every
+    /// new listener is bound before anything changes, so a failure changes nothing.
+    async fn reload(&self, config: Config) -> Result<Vec<(TcpListener, Arc<Route>)>, StartError> {
+        if config.dns != self.dns
+            || config.docker_host != self.docker_host
+            || config.admin.map(|a| a.addr) != self.admin_config.map(|a| a.addr)
+        {
+            warn!("reload: dns, docker_host and admin changes take effect only after a restart");
+        }
+        let current: BTreeMap<String, Arc<Route>> = self
+            .state
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut added = Vec::new();
+        for rc in config
+            .routes
+            .iter()
+            .filter(|rc| !current.contains_key(&rc.listen.to_string()))
+        {
+            let listener = bind_route(rc)?;
+            let route = new_route(&listener, rc, &self.discovery, &self.docker_host)?;
+            added.push((listener, route));
+        }
+        // A changed route switches once its new source has a first result (bounded), so
+        // connections arriving during the switch are not refused for want of backends.
+        let mut changed = Vec::new();
+        for rc in &config.routes {
+            if let Some(route) = current.get(&rc.listen.to_string())
+                && route.active().config != rc.target
+            {
+                let active = new_active(&rc.target, &self.discovery, &self.docker_host)?;
+                changed.push((route.clone(), active));
+            }
+        }
+        let first_results = futures_util::future::join_all(changed.iter().map(|(_, a)| async {
+            if let Target::Fixed(b) = &a.target {
+                b.discovered().await;
+            }
+        }));
+        if timeout(SWITCH_WAIT, first_results).await.is_err() {
+            warn!(wait = ?SWITCH_WAIT, "reload: a changed route's new source has no result yet; switching anyway");
+        }
+        // Every new listener is bound and every new source started: nothing fails now.
+        for (route, active) in changed {
+            info!(listen = %route.listen, from = %route.active().config, to = %active.config, "route changed; open connections keep their backend");
+            *route.active.write().unwrap_or_else(|p| p.into_inner()) = active;
+        }
+        let mut next = BTreeMap::new();
+        for rc in &config.routes {
+            let key = rc.listen.to_string();
+            if let Some(route) = current.get(&key) {
+                next.insert(key, route.clone());
+            }
+        }
+        for (key, route) in &current {
+            if !next.contains_key(key) {
+                info!(listen = %route.listen, backend = %route.active().config, open = route.stats.open.load(Ordering::Relaxed), "route removed; stopped accepting, open connections drain");
+                route.stop_accepting.cancel();
+            }
+        }
+        for (_, route) in &added {
+            info!(listen = %route.listen, backend = %route.active().config, kind = route.active().kind, "listening");
+            next.insert(route.key.clone(), route.clone());
+        }
+        *self.state.routes.write().unwrap_or_else(|p| p.into_inner()) = next;
+        *self
+            .state
+            .settings
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(config.settings);
+        info!(routes = config.routes.len(), "configuration reloaded");
+        Ok(added)
+    }
+}
+
+fn bind_route(route: &RouteConfig) -> Result<TcpListener, StartError> {
+    listen::bind(route.listen.ip, route.listen.port).map_err(|source| StartError::Bind {
+        addr: route.listen.to_string(),
+        source,
+    })
+}
+
+fn new_route(
+    listener: &TcpListener,
+    rc: &RouteConfig,
+    discovery: &Arc<Discovery>,
+    docker_host: &str,
+) -> Result<Arc<Route>, StartError> {
+    let listen = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: rc.listen.to_string(),
+        source,
+    })?;
+    Ok(Arc::new(Route {
+        listen,
+        key: if rc.listen.port == 0 {
+            listen.to_string()
+        } else {
+            rc.listen.to_string()
+        },
+        label: listen.to_string(),
+        active: RwLock::new(new_active(&rc.target, discovery, docker_host)?),
+        stop_accepting: CancellationToken::new(),
+        stats: RouteStats::default(),
+    }))
+}
+
+fn new_active(
+    target: &RouteTarget,
+    discovery: &Arc<Discovery>,
+    docker_host: &str,
+) -> Result<Arc<Active>, StartError> {
+    let stop = CancellationToken::new();
+    let (t, kind) = match target {
+        RouteTarget::Spec(spec) => {
+            let endpoints = discovery.spawn(spec, stop.child_token());
+            let balancer = Balancer::new(spec.to_string(), endpoints);
+            (Target::Fixed(Arc::new(balancer)), spec.kind())
+        }
+        RouteTarget::Omni => {
+            let index = ContainerIndex::new(Some(docker_host)).map_err(StartError::Docker)?;
+            let omni = Omni::start(index, discovery.clone(), stop.child_token());
+            (Target::Omni(omni), "omni")
+        }
+    };
+    Ok(Arc::new(Active {
+        target: t,
+        config: target.clone(),
+        kind,
+        stop,
+    }))
 }
 
 async fn accept_loop(
     listener: TcpListener,
     route: Arc<Route>,
-    settings: Arc<Settings>,
+    state: Arc<State>,
     stop: CancellationToken,
     force_close: CancellationToken,
     connections: TaskTracker,
@@ -162,6 +448,7 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
+            _ = route.stop_accepting.cancelled() => return,
             r = listener.accept() => r,
         };
         match accepted {
@@ -171,7 +458,7 @@ async fn accept_loop(
                     client,
                     peer,
                     route.clone(),
-                    settings.clone(),
+                    state.settings(),
                     force_close.clone(),
                 ));
             }
@@ -183,6 +470,7 @@ async fn accept_loop(
                 error!(listen = %route.listen, error = %e, retry_in = ?backoff, "accept failed");
                 tokio::select! {
                     _ = stop.cancelled() => return,
+                    _ = route.stop_accepting.cancelled() => return,
                     _ = sleep(backoff) => {}
                 }
             }
@@ -199,7 +487,17 @@ fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
-/// Serves one client connection from start to finish, and logs it once.
+/// Decrements a route's open count when a connection task ends, however it ends.
+struct OpenGuard<'a>(&'a AtomicU64);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Serves one client connection from start to finish, and logs it once: the access log
+/// line has the same fields whether the connection was forwarded or refused.
 async fn serve(
     client: TcpStream,
     peer: SocketAddr,
@@ -210,12 +508,34 @@ async fn serve(
     let start = Instant::now();
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let _ = client.set_nodelay(true);
+    let m = metrics::global();
+    m.accepted
+        .get_or_create(&RouteLabels {
+            route: route.label.clone(),
+        })
+        .inc();
+    route.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    route.stats.open.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenGuard(&route.stats.open);
+    // Taken once: a reload that changes the route affects only later connections.
+    let active = route.active();
 
-    let refused = |reason: &str, route_label: &str| {
-        error!(listen = %route.listen, client = %peer, route = route_label,
-            duration_ms = start.elapsed().as_millis() as u64, "connection refused: {reason}");
+    let refused = |reason: &str, label: &str| {
+        route.stats.refused.fetch_add(1, Ordering::Relaxed);
+        error!(listen = %route.listen, client = %peer, route = label, backend = %"-",
+            sent = 0u64, received = 0u64, duration_ms = start.elapsed().as_millis() as u64,
+            close = %"refused", error = reason, "connection refused");
     };
-    let (balancer, label) = match &route.target {
+    let no_backend = || {
+        m.connect_failures
+            .get_or_create(&CloseLabels {
+                route: route.label.clone(),
+                backend: String::new(),
+                reason: "no_backend".into(),
+            })
+            .inc();
+    };
+    let (balancer, label) = match &active.target {
         Target::Fixed(balancer) => (balancer.clone(), None),
         Target::Omni(omni) => {
             let routed = tokio::select! {
@@ -224,20 +544,29 @@ async fn serve(
             };
             match routed {
                 Ok(r) => (r.balancer, Some(r.label)),
-                Err(reason) => return refused(&reason, "omni"),
+                Err(reason) => {
+                    no_backend();
+                    return refused(&reason, "omni");
+                }
             }
         }
     };
     let label = label.as_deref().unwrap_or(balancer.name());
 
     let (backend, endpoint) = tokio::select! {
-        r = connect(&balancer, &settings) => match r {
+        r = connect(&balancer, &settings, &route) => match r {
             Ok(pair) => pair,
             Err(reason) => return refused(&reason, label),
         },
         _ = force_close.cancelled() => return,
     };
+    drop(active);
 
+    let labels = BackendLabels {
+        route: route.label.clone(),
+        backend: endpoint.addr.to_string(),
+    };
+    m.active.get_or_create(&labels).inc();
     let t = copy::pipe_with(
         settings.copy,
         &client,
@@ -246,6 +575,21 @@ async fn serve(
         &force_close,
     )
     .await;
+    m.active.get_or_create(&labels).dec();
+    m.bytes_sent.get_or_create(&labels).inc_by(t.sent);
+    m.bytes_received.get_or_create(&labels).inc_by(t.received);
+    m.finished
+        .get_or_create(&CloseLabels {
+            route: labels.route,
+            backend: labels.backend,
+            reason: t.close.as_str().to_string(),
+        })
+        .inc();
+    route.stats.sent.fetch_add(t.sent, Ordering::Relaxed);
+    route
+        .stats
+        .received
+        .fetch_add(t.received, Ordering::Relaxed);
     let duration_ms = start.elapsed().as_millis() as u64;
     match t.close.error() {
         None => info!(listen = %route.listen, client = %peer, route = label, backend = %endpoint,
@@ -263,11 +607,33 @@ async fn serve(
 async fn connect(
     balancer: &Balancer,
     settings: &Settings,
+    route: &Route,
 ) -> Result<(TcpStream, Endpoint), String> {
+    let m = metrics::global();
+    let failed = |endpoint: &Endpoint, reason: &str| {
+        route.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+        m.connect_failures
+            .get_or_create(&CloseLabels {
+                route: route.label.clone(),
+                backend: endpoint.addr.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    };
     let plan = balancer
         .plan_when_discovered(settings.connect_timeout)
         .await
-        .map_err(|reason| reason.to_string())?;
+        .map_err(|reason| {
+            route.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+            m.connect_failures
+                .get_or_create(&CloseLabels {
+                    route: route.label.clone(),
+                    backend: String::new(),
+                    reason: "no_backend".into(),
+                })
+                .inc();
+            reason.to_string()
+        })?;
     let mut failures = Vec::with_capacity(plan.len());
     for endpoint in plan.iter() {
         match timeout(settings.connect_timeout, TcpStream::connect(endpoint.addr)).await {
@@ -278,10 +644,17 @@ async fn connect(
             }
             Ok(Err(e)) => {
                 debug!(backend = %endpoint, error = %e, "connect failed; trying the next backend");
+                let reason = if e.kind() == io::ErrorKind::ConnectionRefused {
+                    "refused"
+                } else {
+                    "error"
+                };
+                failed(endpoint, reason);
                 failures.push(format!("{endpoint}: {e}"));
             }
             Err(_) => {
                 debug!(backend = %endpoint, timeout = ?settings.connect_timeout, "connect timed out; trying the next backend");
+                failed(endpoint, "timeout");
                 failures.push(format!(
                     "{endpoint}: connect timed out after {:?}",
                     settings.connect_timeout

@@ -66,7 +66,27 @@ impl Omni {
     /// Finds where `client` (connected from `peer`) should go, or says why it cannot.
     pub async fn route(&self, client: &TcpStream, peer: IpAddr) -> Result<OmniRoute, String> {
         let port = original_port(client)?;
-        let Some(container) = self.index.lookup(peer).await else {
+        let lookups = &crate::metrics::global().omni_lookups;
+        let count = |result: &str| {
+            lookups
+                .get_or_create(&crate::metrics::ResultLabels {
+                    result: result.to_string(),
+                })
+                .inc();
+        };
+        count(if self.index.get(peer).is_some() {
+            "hit"
+        } else {
+            "miss"
+        });
+        let container = self.index.lookup(peer).await;
+        if container
+            .as_ref()
+            .is_none_or(|c| !c.declarations.contains_key(&port))
+        {
+            count("refused");
+        }
+        let Some(container) = container else {
             return Err(format!(
                 "no running container has address {peer} (port {port})"
             ));

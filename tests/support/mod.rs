@@ -227,6 +227,11 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// A backend served by a task the test wrote itself.
+    pub fn from_task(addr: SocketAddr, task: JoinHandle<()>) -> Backend {
+        Backend { addr, task }
+    }
+
     pub fn kill(self) {
         self.task.abort();
     }

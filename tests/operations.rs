@@ -1,0 +1,570 @@
+//! Operations through the real binary: the admin endpoint's metrics after known traffic,
+//! readiness following discovery, the status page in a real headless Chromium, the
+//! access log for refused connections, and `--config` files reloaded on SIGHUP.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use support::etcd::{Etcd, free_port};
+use support::{Ambassador, Backend, eventually, field, integrity_exchange, run_to_exit};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// One HTTP/1.0 GET to the admin endpoint: status code and body.
+async fn get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(admin).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).await.ok()?;
+    let status = reply.split(' ').nth(1)?.parse().ok()?;
+    let body = reply.split_once("\r\n\r\n")?.1.to_string();
+    Some((status, body))
+}
+
+/// The admin address the ambassador logged.
+fn admin_addr(amb: &mut Ambassador) -> SocketAddr {
+    let line = amb.wait_for_log("admin endpoint listening");
+    field(&line, "admin")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no admin address in {line:?}"))
+}
+
+/// The address the route forwarding to `backend` listens on, from its log line.
+fn listen_of(amb: &Ambassador, backend: &str) -> SocketAddr {
+    let needle = format!("backend={backend} ");
+    amb.log()
+        .iter()
+        .find(|l| l.contains(" listening ") && l.contains(&needle))
+        .and_then(|l| field(l, "listen"))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no listening line for {backend}: {:#?}", amb.log()))
+}
+
+/// The value of one sample (`name{labels}`) in a Prometheus text exposition.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The sum of every sample whose series starts with `prefix`.
+fn sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A backend that greets each connection with `name\n`, then echoes until EOF: a
+/// connection that stays open tells which backend it is still attached to.
+async fn tagged_echo(name: &'static str) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                if s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+                let (mut rd, mut wr) = s.split();
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                let _ = wr.shutdown().await;
+            });
+        }
+    });
+    Backend::from_task(addr, task)
+}
+
+/// A client connection that has read the backend's greeting.
+async fn attach(proxy: SocketAddr) -> std::io::Result<(String, BufReader<TcpStream>)> {
+    let s = TcpStream::connect(proxy).await?;
+    let mut s = BufReader::new(s);
+    let mut greeting = String::new();
+    s.read_line(&mut greeting).await?;
+    Ok((greeting.trim().to_string(), s))
+}
+
+/// Which backend a fresh connection to `proxy` reaches (None if refused or cut).
+async fn greeting(proxy: SocketAddr) -> Option<String> {
+    let (name, _) = attach(proxy).await.ok()?;
+    (!name.is_empty()).then_some(name)
+}
+
+/// Sends `text` on an attached connection and reads it back, then half-closes and
+/// waits for the backend's EOF: the transfer completes.
+async fn finish(mut s: BufReader<TcpStream>, text: &str) -> String {
+    s.get_mut().write_all(text.as_bytes()).await.unwrap();
+    s.get_mut().shutdown().await.unwrap();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).await.unwrap();
+    rest
+}
+
+fn temp_file(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ambassadord-ops-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// After three known transfers and one refused connection, the counters are exact:
+/// accepted, finished, bytes each way (16+len up and len+32 down per integrity
+/// exchange), no connection left active, one refused connect to the dead backend and
+/// one no-backend failure; the refused connection gets an access log line of the same
+/// shape with close=refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_known_connections_and_bytes() {
+    let backend = support::integrity_backend().await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    let file = temp_file("metrics.toml");
+    write(
+        &file,
+        &format!(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\n\n[[route]]\nlisten = \"127.0.0.1:0\"\nbackend = \"{dead}\"\n",
+            backend.addr
+        ),
+    );
+    let mut amb =
+        Ambassador::start(&["--admin", "127.0.0.1:0", "--config", file.to_str().unwrap()]);
+    let admin = admin_addr(&mut amb);
+    let good = listen_of(&amb, &backend.addr.to_string());
+    let bad = listen_of(&amb, &dead);
+
+    for seed in 1..=3 {
+        integrity_exchange(good, seed, 1000).await;
+    }
+    let mut refused = TcpStream::connect(bad).await.unwrap();
+    let mut nothing = Vec::new();
+    let _ = refused.read_to_end(&mut nothing).await;
+    assert!(nothing.is_empty());
+
+    let (r, b) = (good.to_string(), backend.addr.to_string());
+    let text = eventually("three finished connections in /metrics", || async {
+        let (status, text) = get(admin, "/metrics").await?;
+        assert_eq!(status, 200);
+        let finished = sum(
+            &text,
+            &format!("ambassadord_connections_finished_total{{route=\"{r}\",backend=\"{b}\""),
+        );
+        let failed = sample(
+            &text,
+            &format!("ambassadord_connect_failures_total{{route=\"{bad}\",backend=\"{dead}\",reason=\"refused\"}}"),
+        );
+        (finished == 3.0 && failed == Some(1.0)).then_some(text)
+    })
+    .await;
+    let at =
+        |series: String| sample(&text, &series).unwrap_or_else(|| panic!("no {series} in\n{text}"));
+    let labels = format!("{{route=\"{r}\",backend=\"{b}\"}}");
+    assert_eq!(
+        at(format!(
+            "ambassadord_connections_accepted_total{{route=\"{r}\"}}"
+        )),
+        3.0
+    );
+    assert_eq!(
+        at(format!("ambassadord_sent_bytes_total{labels}")),
+        3.0 * 1016.0
+    );
+    assert_eq!(
+        at(format!("ambassadord_received_bytes_total{labels}")),
+        3.0 * 1032.0
+    );
+    assert_eq!(at(format!("ambassadord_connections_active{labels}")), 0.0);
+    assert_eq!(
+        at(format!(
+            "ambassadord_connections_accepted_total{{route=\"{bad}\"}}"
+        )),
+        1.0
+    );
+    assert_eq!(
+        at(format!("ambassadord_discovery_endpoints{{source=\"{b}\"}}")),
+        1.0
+    );
+    assert!(text.contains("ambassadord_discovery_seconds_since_good_update{"));
+
+    let line = amb.wait_for_log("close=refused");
+    assert_eq!(field(&line, "backend").as_deref(), Some("-"), "{line}");
+    assert_eq!(field(&line, "sent").as_deref(), Some("0"), "{line}");
+    assert!(
+        line.contains("connection refused") || line.contains(&dead),
+        "{line}"
+    );
+    let closed: Vec<String> = amb
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("connection closed") && l.contains("close=client_closed"))
+        .collect();
+    assert_eq!(closed.len(), 3, "{closed:#?}");
+    for l in &closed {
+        assert_eq!(field(l, "sent").as_deref(), Some("1016"), "{l}");
+        assert_eq!(field(l, "received").as_deref(), Some("1032"), "{l}");
+        assert!(field(l, "duration_ms").is_some(), "{l}");
+    }
+
+    let (status, json) = get(admin, "/routes").await.unwrap();
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let route = json["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["listen"] == r.as_str())
+        .unwrap_or_else(|| panic!("{json}"));
+    assert_eq!(route["accepted"], 3);
+    assert_eq!(route["open_connections"], 0);
+    assert_eq!(route["endpoints"][0]["addr"], b.as_str());
+    assert_eq!(route["endpoints"][0]["state"], "up");
+    let dead_route = json["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["listen"] == bad.to_string().as_str())
+        .unwrap();
+    assert_eq!(dead_route["endpoints"][0]["state"], "cooling_down");
+}
+
+/// /readyz answers 503 while an etcd route has no first result (the store is not up
+/// yet) and 200 once it has; it then stays 200 after the store goes away again.
+/// /healthz answers 200 throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn readiness_flips_after_the_first_discovery_result() {
+    let port = free_port();
+    let backend = tagged_echo("a").await;
+    let spec = format!("etcd://127.0.0.1:{port}/svc/n");
+    let mut amb = Ambassador::start(&[
+        "--admin",
+        "127.0.0.1:0",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        &spec,
+    ]);
+    let admin = admin_addr(&mut amb);
+    amb.wait_for_log("discovery failed");
+    let (status, body) = get(admin, "/readyz").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("waiting for discovery"), "{body}");
+    assert_eq!(get(admin, "/healthz").await.unwrap().0, 200);
+    let (_, metrics) = get(admin, "/metrics").await.unwrap();
+    assert!(
+        sample(
+            &metrics,
+            &format!("ambassadord_discovery_errors_total{{source=\"{spec}\"}}")
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+
+    let mut etcd = Etcd::start_on(port).await;
+    etcd.put("/svc/n/one", &backend.addr.to_string()).await;
+    eventually("/readyz to answer 200", || async {
+        (get(admin, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+    // Ready may come from a first read that found the key not written yet (an empty
+    // set is a result too); the backend follows.
+    eventually("the etcd backend to be served", || async {
+        (greeting(amb.addr).await.as_deref() == Some("a")).then_some(())
+    })
+    .await;
+
+    etcd.stop();
+    amb.wait_for_log("discovery failed; keeping the last good set");
+    assert_eq!(get(admin, "/readyz").await.unwrap().0, 200);
+}
+
+/// The status page loads in a real headless Chromium and shows the route, its backend
+/// and its traffic; the test saves a screenshot (target/tmp/status-page.png).
+#[tokio::test(flavor = "multi_thread")]
+async fn status_page_shows_the_route_in_headless_chromium() {
+    let a = support::integrity_backend().await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    let file = temp_file("status.toml");
+    write(
+        &file,
+        &format!(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\n\n[[route]]\nlisten = \"127.0.0.1:0\"\nbackend = \"{dead},{}\"\n",
+            a.addr, a.addr
+        ),
+    );
+    let mut amb =
+        Ambassador::start(&["--admin", "127.0.0.1:0", "--config", file.to_str().unwrap()]);
+    let admin = admin_addr(&mut amb);
+    let first = listen_of(&amb, &a.addr.to_string());
+    for seed in 0..4 {
+        integrity_exchange(first, seed, 200_000).await;
+    }
+    // The second route fails over from the dead backend: it shows as cooling down.
+    let second = listen_of(&amb, &format!("{dead},{}", a.addr));
+    integrity_exchange(second, 9, 1000).await;
+
+    let url = format!("http://{admin}/");
+    let dom = chromium(&["--dump-dom", &url]);
+    assert!(dom.contains(&first.to_string()), "route missing:\n{dom}");
+    assert!(dom.contains(&a.addr.to_string()), "backend missing:\n{dom}");
+    assert!(
+        dom.contains("cooling down"),
+        "dead backend state missing:\n{dom}"
+    );
+    assert!(dom.contains("accepted"), "{dom}");
+
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(&[
+        &format!("--screenshot={}", shot.display()),
+        "--window-size=1280,900",
+        &url,
+    ]);
+    let png = std::fs::read(&shot).expect("chromium wrote no screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "not a PNG");
+    assert!(png.len() > 10_000, "suspiciously small screenshot");
+}
+
+/// Runs Debian's chromium headless against loopback and returns its stdout.
+fn chromium(args: &[&str]) -> String {
+    let profile = temp_file(&format!("chromium-{}", free_port()));
+    let out = Command::new("timeout")
+        .arg("120")
+        .arg("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .output()
+        .expect("run chromium (Debian package chromium; scripts/test installs it)");
+    let _ = std::fs::remove_dir_all(&profile);
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn routes_file(routes: &[(u16, String)]) -> String {
+    let mut s = String::from("connect_timeout = \"2s\"\n");
+    for (port, backend) in routes {
+        s.push_str(&format!(
+            "\n[[route]]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"{backend}\"\n"
+        ));
+    }
+    s
+}
+
+/// SIGHUP with a changed file: a route added starts listening, a route removed stops
+/// accepting while its open connection drains, and a route whose backend changed sends
+/// new connections to the new backend while a transfer opened before the reload stays
+/// on its original backend and completes.
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_adds_removes_and_changes_routes_under_open_transfers() {
+    let (a, b, c) = (
+        tagged_echo("a").await,
+        tagged_echo("b").await,
+        tagged_echo("c").await,
+    );
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    let file = temp_file("reload.toml");
+    write(
+        &file,
+        &routes_file(&[(p1, a.addr.to_string()), (p2, c.addr.to_string())]),
+    );
+    let mut amb =
+        Ambassador::start(&["--admin", "127.0.0.1:0", "--config", file.to_str().unwrap()]);
+    let admin = admin_addr(&mut amb);
+    let r1: SocketAddr = ([127, 0, 0, 1], p1).into();
+    let r2: SocketAddr = ([127, 0, 0, 1], p2).into();
+    let r3: SocketAddr = ([127, 0, 0, 1], p3).into();
+    assert_eq!(greeting(r1).await.as_deref(), Some("a"));
+    assert_eq!(greeting(r2).await.as_deref(), Some("c"));
+
+    let (name, open_on_changed) = attach(r1).await.unwrap();
+    assert_eq!(name, "a");
+    let (name, open_on_removed) = attach(r2).await.unwrap();
+    assert_eq!(name, "c");
+
+    // Route 1 now goes to b, route 2 is gone, route 3 is new.
+    write(
+        &file,
+        &routes_file(&[(p1, b.addr.to_string()), (p3, c.addr.to_string())]),
+    );
+    amb.signal("HUP");
+    amb.wait_for_log("configuration reloaded");
+    assert!(amb.count_log("route changed") == 1, "{:#?}", amb.log());
+
+    assert_eq!(greeting(r1).await.as_deref(), Some("b"));
+    assert_eq!(greeting(r3).await.as_deref(), Some("c"));
+    eventually("the removed route to stop accepting", || async {
+        TcpStream::connect(r2).await.is_err().then_some(())
+    })
+    .await;
+
+    // Both transfers opened before the reload complete, on their original backends.
+    assert_eq!(finish(open_on_changed, "still a\n").await, "still a\n");
+    assert_eq!(finish(open_on_removed, "drained!\n").await, "drained!\n");
+    // The replaced source's series are gone; the new one's are there.
+    let gone = format!("ambassadord_discovery_endpoints{{source=\"{}\"}}", a.addr);
+    let there = format!("ambassadord_discovery_endpoints{{source=\"{}\"}}", b.addr);
+    eventually("the old source's series to go", || async {
+        let (_, text) = get(admin, "/metrics").await?;
+        (sample(&text, &gone).is_none() && sample(&text, &there) == Some(1.0)).then_some(())
+    })
+    .await;
+
+    let line = amb.wait_for_log("sent=8 received=10");
+    assert_eq!(field(&line, "backend"), Some(a.addr.to_string()), "{line}");
+    assert_eq!(field(&line, "listen"), Some(r1.to_string()), "{line}");
+    assert_eq!(
+        field(&line, "close").as_deref(),
+        Some("client_closed"),
+        "{line}"
+    );
+}
+
+/// A reload with an unknown key (or a backend that does not parse) is rejected with a
+/// log line naming the key and file; the running routes keep serving and the new
+/// route in the bad file is not started. The same file at startup exits 64.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_reload_is_rejected_and_nothing_changes() {
+    let a = tagged_echo("a").await;
+    let b = tagged_echo("b").await;
+    let (p1, p2) = (free_port(), free_port());
+    let file = temp_file("bad.toml");
+    write(&file, &routes_file(&[(p1, a.addr.to_string())]));
+    let mut amb = Ambassador::start(&["--admin", "off", "--config", file.to_str().unwrap()]);
+    let r1: SocketAddr = ([127, 0, 0, 1], p1).into();
+    let r2: SocketAddr = ([127, 0, 0, 1], p2).into();
+
+    let mut bad = routes_file(&[(p1, b.addr.to_string()), (p2, b.addr.to_string())]);
+    bad.push_str("listen_adress = \"oops\"\n");
+    write(&file, &bad);
+    amb.signal("HUP");
+    let line = amb.wait_for_log("reload rejected");
+    assert!(line.contains("listen_adress"), "{line}");
+    assert!(line.contains(file.to_str().unwrap()), "{line}");
+
+    write(
+        &file,
+        &routes_file(&[(p1, b.addr.to_string()), (p2, "b:notaport".into())]),
+    );
+    amb.signal("HUP");
+    eventually("the second reload to be rejected", || async {
+        (amb.count_log("reload rejected") == 2).then_some(())
+    })
+    .await;
+    let second = amb
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("reload rejected"))
+        .nth(1)
+        .unwrap();
+    assert!(
+        second.contains("route 2") && second.contains("notaport"),
+        "{second}"
+    );
+
+    assert_eq!(amb.count_log("configuration reloaded"), 0);
+    assert_eq!(greeting(r1).await.as_deref(), Some("a"));
+    assert!(
+        TcpStream::connect(r2).await.is_err(),
+        "route from a bad file started"
+    );
+
+    let (code, stderr) = run_to_exit(&["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("notaport"), "{stderr}");
+    write(
+        &file,
+        "[[route]]\nlisten = \"127.0.0.1:0\"\nbakend = \"a:1\"\n",
+    );
+    let (code, stderr) = run_to_exit(&["--config", file.to_str().unwrap()], &[]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("bakend"), "{stderr}");
+}
+
+/// A network namespace of the test's own, deleted on drop.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// With `--setup-iptables`' redirect installed in the ambassador's network namespace,
+/// the admin endpoint on its default loopback address still answers from inside that
+/// namespace: the redirect hooks prerouting, which connections made inside the
+/// namespace never pass. (This is how the README tells users to reach it.)
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_on_loopback_is_not_caught_by_the_redirect() {
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+    });
+    if !root {
+        eprintln!("skipping: network namespaces need root");
+        return;
+    }
+    let ns = Netns(format!("amb-ops-{}", fastrand::u32(..)));
+    let ip = |args: &[&str]| {
+        let out = Command::new("ip").args(args).output().expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ip(&["netns", "add", &ns.0]);
+    ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    let bin = env!("CARGO_BIN_EXE_ambassadord");
+    ip(&["netns", "exec", &ns.0, bin, "--setup-iptables"]);
+    let mut amb = Ambassador::start_with_shell(&format!(
+        "exec ip netns exec {} {bin} --bind 127.0.0.1 --port 10000 127.0.0.1:1",
+        ns.0
+    ));
+    amb.wait_for_log("admin endpoint listening");
+    let path = format!("/run/netns/{}", ns.0);
+    let reply = std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open the namespace");
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(config_default_admin())
+            .expect("connect to the admin port");
+        s.set_read_timeout(Some(support::DEADLINE)).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        s.read_to_string(&mut reply).unwrap();
+        reply
+    })
+    .join()
+    .unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.0 200") && reply.ends_with("ok\n"),
+        "{reply}"
+    );
+}
+
+fn config_default_admin() -> SocketAddr {
+    ambassadord::config::DEFAULT_ADMIN.parse().unwrap()
+}
