@@ -249,7 +249,10 @@ fn links_inside_a_container_forward_each_linked_port() {
     amb.wait_for_log(&format!("endpoints={redis_ip}:6379"));
     amb.wait_for_log(&format!("endpoints={web_ip}:8080"));
     let logs = amb.logs();
-    let listening: Vec<&str> = logs.lines().filter(|l| l.contains("listening")).collect();
+    let listening: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("listening listen="))
+        .collect();
     assert_eq!(listening.len(), 2, "{logs}");
     assert!(
         listening[0].contains(":6379")

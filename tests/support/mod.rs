@@ -74,7 +74,7 @@ impl Ambassador {
             lines,
             addr: "0.0.0.0:0".parse().unwrap(),
         };
-        let line = amb.wait_for_log("listening");
+        let line = amb.wait_for_log("listening listen=");
         amb.addr = field(&line, "listen")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no listen address in {line:?}"));
