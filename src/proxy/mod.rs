@@ -526,15 +526,6 @@ async fn serve(
             sent = 0u64, received = 0u64, duration_ms = start.elapsed().as_millis() as u64,
             close = %"refused", error = reason, "connection refused");
     };
-    let no_backend = || {
-        m.connect_failures
-            .get_or_create(&CloseLabels {
-                route: route.label.clone(),
-                backend: String::new(),
-                reason: "no_backend".into(),
-            })
-            .inc();
-    };
     let (balancer, label) = match &active.target {
         Target::Fixed(balancer) => (balancer.clone(), None),
         Target::Omni(omni) => {
@@ -545,7 +536,7 @@ async fn serve(
             match routed {
                 Ok(r) => (r.balancer, Some(r.label)),
                 Err(reason) => {
-                    no_backend();
+                    count_connect_failure(&route, String::new(), "no_backend");
                     return refused(&reason, "omni");
                 }
             }
@@ -609,29 +600,15 @@ async fn connect(
     settings: &Settings,
     route: &Route,
 ) -> Result<(TcpStream, Endpoint), String> {
-    let m = metrics::global();
-    let failed = |endpoint: &Endpoint, reason: &str| {
+    let failed = |backend: String, reason: &str| {
         route.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-        m.connect_failures
-            .get_or_create(&CloseLabels {
-                route: route.label.clone(),
-                backend: endpoint.addr.to_string(),
-                reason: reason.to_string(),
-            })
-            .inc();
+        count_connect_failure(route, backend, reason);
     };
     let plan = balancer
         .plan_when_discovered(settings.connect_timeout)
         .await
         .map_err(|reason| {
-            route.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
-            m.connect_failures
-                .get_or_create(&CloseLabels {
-                    route: route.label.clone(),
-                    backend: String::new(),
-                    reason: "no_backend".into(),
-                })
-                .inc();
+            failed(String::new(), "no_backend");
             reason.to_string()
         })?;
     let mut failures = Vec::with_capacity(plan.len());
@@ -649,12 +626,12 @@ async fn connect(
                 } else {
                     "error"
                 };
-                failed(endpoint, reason);
+                failed(endpoint.addr.to_string(), reason);
                 failures.push(format!("{endpoint}: {e}"));
             }
             Err(_) => {
                 debug!(backend = %endpoint, timeout = ?settings.connect_timeout, "connect timed out; trying the next backend");
-                failed(endpoint, "timeout");
+                failed(endpoint.addr.to_string(), "timeout");
                 failures.push(format!(
                     "{endpoint}: connect timed out after {:?}",
                     settings.connect_timeout
@@ -664,4 +641,17 @@ async fn connect(
         balancer.connect_failed(endpoint.addr);
     }
     Err(format!("every backend failed: {}", failures.join("; ")))
+}
+
+/// Counts a connect failure for `route` in the metrics (`backend` empty when there was no
+/// backend to try).
+fn count_connect_failure(route: &Route, backend: String, reason: &str) {
+    metrics::global()
+        .connect_failures
+        .get_or_create(&CloseLabels {
+            route: route.label.clone(),
+            backend,
+            reason: reason.to_string(),
+        })
+        .inc();
 }
