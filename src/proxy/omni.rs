@@ -8,7 +8,7 @@
 //! every container that declares the same spec and stopped once none does.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use socket2::SockRef;
@@ -65,7 +65,7 @@ impl Omni {
 
     /// Finds where `client` (connected from `peer`) should go, or says why it cannot.
     pub async fn route(&self, client: &TcpStream, peer: IpAddr) -> Result<OmniRoute, String> {
-        let port = original_port(client)?;
+        let port = original_port(client, peer)?;
         let lookups = &crate::metrics::global().omni_lookups;
         let count = |result: &str| {
             lookups
@@ -156,22 +156,22 @@ impl Omni {
 }
 
 /// The port the client was really connecting to before the nat REDIRECT. A socket that
-/// was not redirected reports its own local address, which is then the answer.
-pub fn original_port(stream: &TcpStream) -> Result<u16, String> {
-    let local = stream
-        .local_addr()
-        .map_err(|e| format!("cannot read the local address: {e}"))?;
+/// was not redirected has no original destination (ENOENT), and its own local port is
+/// then the answer. `peer` is the client's canonical address.
+pub fn original_port(stream: &TcpStream, peer: IpAddr) -> Result<u16, String> {
     // On a dual-stack listener an IPv4 client arrives v4-mapped and answers the IPv4
-    // option; an IPv6 client answers only the IPv6 one.
+    // option; an IPv6 client answers only the IPv6 one. The local address is read only
+    // when neither answers: one system call fewer on the usual, redirected path.
     let sock = SockRef::from(stream);
-    let original = sock.original_dst_v4().or_else(|e| match local {
-        SocketAddr::V6(_) => sock.original_dst_v6(),
-        SocketAddr::V4(_) => Err(e),
-    });
-    let port = original
-        .ok()
-        .and_then(|sa| sa.as_socket())
-        .map(|sa| sa.port());
-    // ENOENT: conntrack has no entry (not redirected, or no conntrack): not an error.
-    Ok(port.unwrap_or(local.port()))
+    let original = match peer {
+        IpAddr::V4(_) => sock.original_dst_v4(),
+        IpAddr::V6(_) => sock.original_dst_v6(),
+    };
+    if let Some(addr) = original.ok().and_then(|sa| sa.as_socket()) {
+        return Ok(addr.port());
+    }
+    stream
+        .local_addr()
+        .map(|local| local.port())
+        .map_err(|e| format!("cannot read the local address: {e}"))
 }
