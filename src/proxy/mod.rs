@@ -529,8 +529,10 @@ async fn serve(
     let (balancer, label) = match &active.target {
         Target::Fixed(balancer) => (balancer.clone(), None),
         Target::Omni(omni) => {
+            // Boxed: the lookup may call the Engine API, and that future is large; inline,
+            // it would enlarge every connection's task, idle ones included.
             let routed = tokio::select! {
-                r = omni.route(&client, peer.ip()) => r,
+                r = Box::pin(omni.route(&client, peer.ip())) => r,
                 _ = force_close.cancelled() => return,
             };
             match routed {
@@ -553,11 +555,14 @@ async fn serve(
     };
     drop(active);
 
-    let labels = BackendLabels {
+    let backend_labels = || BackendLabels {
         route: route.label.clone(),
         backend: endpoint.addr.to_string(),
     };
-    m.active.get_or_create(&labels).inc();
+    // Hold the gauge itself (one shared counter) across the transfer, not its labels:
+    // what an open connection keeps alive is what idle connections cost in memory.
+    let active_gauge = m.active.get_or_create(&backend_labels()).clone();
+    active_gauge.inc();
     let t = copy::pipe_with(
         settings.copy,
         &client,
@@ -566,7 +571,8 @@ async fn serve(
         &force_close,
     )
     .await;
-    m.active.get_or_create(&labels).dec();
+    active_gauge.dec();
+    let labels = backend_labels();
     m.bytes_sent.get_or_create(&labels).inc_by(t.sent);
     m.bytes_received.get_or_create(&labels).inc_by(t.received);
     m.finished
