@@ -28,22 +28,32 @@ async fn paced_backend(chunks: usize) -> (std::net::SocketAddr, tokio::sync::mps
     (addr, go)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_drains_open_transfer_and_refuses_new_connections() {
-    let (backend, go) = paced_backend(4).await;
-    let mut amb = Ambassador::start(&[
+/// An ambassador with `--shutdown-grace grace` and one client whose transfer from a
+/// paced backend of `chunks` chunks has started (the first chunk has arrived).
+async fn transfer_in_flight(
+    chunks: usize,
+    grace: &str,
+) -> (Ambassador, TcpStream, tokio::sync::mpsc::Sender<()>) {
+    let (backend, go) = paced_backend(chunks).await;
+    let amb = Ambassador::start(&[
         "--bind",
         "127.0.0.1",
         "--port",
         "0",
         "--shutdown-grace",
-        "30s",
+        grace,
         &backend.to_string(),
     ]);
     let mut client = TcpStream::connect(amb.addr).await.unwrap();
     go.send(()).await.unwrap();
     let mut first = vec![0u8; 64 * 1024];
     client.read_exact(&mut first).await.unwrap();
+    (amb, client, go)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_open_transfer_and_refuses_new_connections() {
+    let (mut amb, mut client, go) = transfer_in_flight(4, "30s").await;
 
     amb.signal("TERM");
     amb.wait_for_log("stopped accepting");
@@ -70,20 +80,7 @@ async fn sigterm_drains_open_transfer_and_refuses_new_connections() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn grace_period_ends_connections_still_open_and_exits_0() {
-    let (backend, go) = paced_backend(2).await;
-    let mut amb = Ambassador::start(&[
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--shutdown-grace",
-        "500ms",
-        &backend.to_string(),
-    ]);
-    let mut client = TcpStream::connect(amb.addr).await.unwrap();
-    go.send(()).await.unwrap();
-    let mut first = vec![0u8; 64 * 1024];
-    client.read_exact(&mut first).await.unwrap();
+    let (mut amb, mut client, go) = transfer_in_flight(2, "500ms").await;
 
     amb.signal("INT");
     let status = amb.wait_exit();
