@@ -299,3 +299,49 @@ async fn propagation_time_from_put_to_routing() {
         ms(times[times.len() - 1]),
     );
 }
+
+/// A backend leaving the set never cuts a connection already open to it: after its key
+/// is deleted and new connections go elsewhere, the open connection still carries bytes
+/// both ways.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_leaving_the_set_keeps_its_open_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let etcd = Etcd::start().await;
+    // An echo backend that also says its name first.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(b"leaving\n").await;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let stays = named_backend("127.0.0.1:0", "stays").await;
+    etcd.put("/svc/nodes/one", &echo_addr.to_string()).await;
+    let amb = start_ambassador(&etcd.url("/svc/nodes"));
+
+    let mut open = eventually("a connection to the first backend", || async {
+        let mut s = tokio::net::TcpStream::connect(amb.addr).await.ok()?;
+        let mut hello = [0u8; 8];
+        s.read_exact(&mut hello).await.ok()?;
+        (&hello == b"leaving\n").then_some(s)
+    })
+    .await;
+
+    etcd.delete("/svc/nodes/one").await;
+    etcd.put("/svc/nodes/two", &stays.addr.to_string()).await;
+    wait_serving(&amb, &["stays"]).await;
+
+    open.write_all(b"still here").await.unwrap();
+    let mut back = [0u8; 10];
+    open.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still here");
+}
