@@ -338,3 +338,73 @@ impl SocketRelay {
         self.open.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// Containers declaring the same spec share one source, which keeps running while any
+/// running container declares it and stops once none does.
+#[tokio::test(flavor = "multi_thread")]
+async fn containers_share_a_source_until_none_declares_it() {
+    let engine = engine();
+    let gateway = engine.docker_ok(&[
+        "network",
+        "inspect",
+        "bridge",
+        "--format",
+        "{{(index .IPAM.Config 0).Gateway}}",
+    ]);
+    let one = backend(engine, "one", 80, &[]);
+    let docker_host = format!(
+        "unix://{}",
+        engine.socket_path().expect("a unix socket engine")
+    );
+    let mut amb = Ambassador::start(&[
+        "--omnimode",
+        "--bind",
+        &gateway,
+        "--port",
+        "0",
+        "--docker-host",
+        &docker_host,
+        "--log-level",
+        "info,ambassadord::proxy::omni=debug",
+    ]);
+    amb.wait_for_log("container index ready");
+    let port = amb.addr.port();
+    let spec = format!("{}:80", one.ip());
+    let env = format!("BACKEND_{port}={spec}");
+    let url = format!("timeout 10 wget -qO- http://{gateway}:{port}/answer");
+    let first = engine.container(
+        "first",
+        &["-e", &env, engine.busybox_image(), "sleep", "600"],
+    );
+    let second = engine.container(
+        "second",
+        &["-e", &env, engine.busybox_image(), "sleep", "600"],
+    );
+    for c in [&first, &second] {
+        let answer = eventually_sync("a declaring client is served", || {
+            c.exec(&["sh", "-c", &url]).ok()
+        });
+        assert_eq!(answer.trim(), "one");
+    }
+    let started = format!("spec={spec}");
+    let starts = amb
+        .log()
+        .iter()
+        .filter(|l| l.contains("source started") && l.contains(&started))
+        .count();
+    assert_eq!(starts, 1, "one shared source: {:#?}", amb.log());
+
+    // One declaring container left: the source stays.
+    drop(first);
+    assert_eq!(
+        second.exec(&["sh", "-c", &url]).unwrap().trim(),
+        "one",
+        "{:#?}",
+        amb.log()
+    );
+    assert_eq!(amb.count_log("source stopped"), 0, "{:#?}", amb.log());
+    // None left: it stops.
+    drop(second);
+    let line = amb.wait_for_log("source stopped");
+    assert!(line.contains(&started), "{line}");
+}
