@@ -177,26 +177,10 @@ async fn index_survives_the_engine_going_away() {
     let engine = engine();
     let socket = engine.socket_path().expect("a unix socket engine");
     let relay = SocketRelay::start(Path::new(socket)).await;
-    let gateway = engine.docker_ok(&[
-        "network",
-        "inspect",
-        "bridge",
-        "--format",
-        "{{(index .IPAM.Config 0).Gateway}}",
-    ]);
     let one = backend(engine, "one", 80, &[]);
     let two = backend(engine, "two", 80, &[]);
     let docker_host = format!("unix://{}", relay.path.display());
-    let mut amb = Ambassador::start(&[
-        "--omnimode",
-        "--bind",
-        &gateway,
-        "--port",
-        "0",
-        "--docker-host",
-        &docker_host,
-    ]);
-    amb.wait_for_log("container index ready");
+    let (mut amb, gateway) = host_omni(engine, &docker_host, &[]);
     let port = amb.addr.port();
     let url = format!("timeout 10 wget -qO- http://{gateway}:{port}/answer");
     let declare = |c: &Container| format!("BACKEND_{port}={}:80", c.ip());
@@ -231,6 +215,33 @@ async fn index_survives_the_engine_going_away() {
     let answer = eventually_sync("the new client is served", || fetch_from(&late).ok());
     assert_eq!(answer.trim(), "two");
     assert_eq!(fetch_from(&known).unwrap().trim(), "one");
+}
+
+/// The binary in omni mode on the host, listening on the default bridge's gateway
+/// address (so containers reach it without a redirect: the port is the listen port),
+/// reading the engine at `docker_host`; returns it, once its index is ready, and the
+/// gateway address.
+fn host_omni(engine: &Engine, docker_host: &str, extra: &[&str]) -> (Ambassador, String) {
+    let gateway = engine.docker_ok(&[
+        "network",
+        "inspect",
+        "bridge",
+        "--format",
+        "{{(index .IPAM.Config 0).Gateway}}",
+    ]);
+    let mut args = vec![
+        "--omnimode",
+        "--bind",
+        &gateway,
+        "--port",
+        "0",
+        "--docker-host",
+        docker_host,
+    ];
+    args.extend_from_slice(extra);
+    let mut amb = Ambassador::start(&args);
+    amb.wait_for_log("container index ready");
+    (amb, gateway)
 }
 
 /// Polls `check` from a synchronous context, failing after the deadline.
@@ -344,30 +355,16 @@ impl SocketRelay {
 #[tokio::test(flavor = "multi_thread")]
 async fn containers_share_a_source_until_none_declares_it() {
     let engine = engine();
-    let gateway = engine.docker_ok(&[
-        "network",
-        "inspect",
-        "bridge",
-        "--format",
-        "{{(index .IPAM.Config 0).Gateway}}",
-    ]);
     let one = backend(engine, "one", 80, &[]);
     let docker_host = format!(
         "unix://{}",
         engine.socket_path().expect("a unix socket engine")
     );
-    let mut amb = Ambassador::start(&[
-        "--omnimode",
-        "--bind",
-        &gateway,
-        "--port",
-        "0",
-        "--docker-host",
+    let (mut amb, gateway) = host_omni(
+        engine,
         &docker_host,
-        "--log-level",
-        "info,ambassadord::proxy::omni=debug",
-    ]);
-    amb.wait_for_log("container index ready");
+        &["--log-level", "info,ambassadord::proxy::omni=debug"],
+    );
     let port = amb.addr.port();
     let spec = format!("{}:80", one.ip());
     let env = format!("BACKEND_{port}={spec}");
