@@ -519,17 +519,34 @@ async fn consul_unreachable_at_startup_listens_refuses_then_serves() {
     consul.put("svc/a", &a.addr.to_string());
     consul.stop().await;
 
-    let amb = start_ambassador(&consul, "/svc", &[]);
+    // A short connect timeout: that is also how long a connection waits for the first
+    // result before it is refused, and every refusal here would otherwise take 5 s.
+    let amb = Ambassador::start(&[
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--connect-timeout",
+        "1s",
+        &consul.url("/svc"),
+    ]);
     let line = logged(&amb, &["discovery failed", "no backends yet"]).await;
     assert!(
         line.contains(&format!("consul {} key 'svc'", consul.addr))
             && line.contains("cannot connect"),
         "{line}"
     );
-    serves_exactly(amb.addr, &[""]).await;
+    assert_eq!(read_reply(amb.addr).await.unwrap_or_default(), "");
     logged(&amb, &["refusing connections until discovery finds some"]).await;
 
     consul.restart().await;
+    // The retry comes after the backoff grown while the store was down: up to twice
+    // that time (capped at 30 s), so allow more than the usual deadline.
+    eventually_within(Duration::from_secs(45), "discovery to recover", || {
+        let found = amb.log().iter().any(|l| l.contains("discovery recovered"));
+        async move { found.then_some(()) }
+    })
+    .await;
     serves_exactly(amb.addr, &["a"]).await;
 }
 
