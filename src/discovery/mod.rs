@@ -25,8 +25,26 @@ use tracing::{debug, info, warn};
 use crate::endpoint::EndpointSet;
 use crate::spec::{Host, Spec};
 
-/// What the data path reads: `None` until the source's first good read.
-pub type Endpoints = watch::Receiver<Option<EndpointSet>>;
+/// What the data path reads from one spec's discovery.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    /// `None` until the first good read, then the latest good set.
+    pub sets: watch::Receiver<Option<EndpointSet>>,
+    /// True while nothing was ever found and the latest read failed (a store unreachable
+    /// since startup): a new connection is then refused at once instead of waiting for a
+    /// first result that is not on its way.
+    pub failing: watch::Receiver<bool>,
+}
+
+impl Endpoints {
+    /// Endpoints fed by the caller through `sets`; never failing.
+    pub fn fixed(sets: watch::Receiver<Option<EndpointSet>>) -> Self {
+        Endpoints {
+            sets,
+            failing: watch::channel(false).1,
+        }
+    }
+}
 
 /// A source failed to read its backends. The message names what was asked and of whom.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,23 +96,30 @@ impl Discovery {
     /// receiver is dropped.
     pub fn spawn(&self, spec: &Spec, cancel: CancellationToken) -> Endpoints {
         let name = spec.to_string();
-        match spec {
+        // Both stages of a KV pipeline report into one flag: whichever fails first
+        // (the store, or resolving its list) before anything was found.
+        let (failing_tx, failing) = watch::channel(false);
+        let drive = Drive {
+            failing: failing_tx,
+            cancel,
+        };
+        let sets = match spec {
             Spec::Static(list) => {
                 let resolver = list
                     .iter()
                     .any(|hp| matches!(hp.host, Host::Name(_)))
                     .then(|| self.resolver());
                 let source = hosts::HostsSource::new(list.clone(), resolver);
-                spawn_source(name, source, cancel)
+                drive.spawn(name, source)
             }
             Spec::Srv(srv_name) => {
                 let source = srv::SrvSource::new(srv_name.clone(), self.resolver());
-                spawn_source(name, source, cancel)
+                drive.spawn(name, source)
             }
             Spec::Etcd(kv) => {
                 let store = etcd::EtcdSource::new(kv.clone()).with_resolver(self.resolver());
-                let lists = spawn_source(name.clone(), store, cancel.clone());
-                spawn_source(name, kv::Resolving::new(lists, self.resolver()), cancel)
+                let lists = drive.spawn(name.clone(), store);
+                drive.spawn(name, kv::Resolving::new(lists, self.resolver()))
             }
             Spec::Consul(kv) => {
                 let token = std::env::var("CONSUL_HTTP_TOKEN")
@@ -102,10 +127,11 @@ impl Discovery {
                     .filter(|t| !t.is_empty());
                 let store =
                     consul::ConsulSource::new(kv.clone(), token).with_resolver(self.resolver());
-                let lists = spawn_source(name.clone(), store, cancel.clone());
-                spawn_source(name, kv::Resolving::new(lists, self.resolver()), cancel)
+                let lists = drive.spawn(name.clone(), store);
+                drive.spawn(name, kv::Resolving::new(lists, self.resolver()))
             }
-        }
+        };
+        Endpoints { sets, failing }
     }
 }
 
@@ -115,20 +141,38 @@ pub fn spawn_source<S: Source>(
     source: S,
     cancel: CancellationToken,
 ) -> watch::Receiver<Option<S::Item>> {
-    let (tx, rx) = watch::channel(None);
-    tokio::spawn(drive(name, source, tx, cancel));
-    rx
+    let drive = Drive {
+        failing: watch::channel(false).0,
+        cancel,
+    };
+    drive.spawn(name, source)
+}
+
+/// What the driver tasks of one spec share.
+struct Drive {
+    failing: watch::Sender<bool>,
+    cancel: CancellationToken,
+}
+
+impl Drive {
+    fn spawn<S: Source>(&self, name: String, source: S) -> watch::Receiver<Option<S::Item>> {
+        let (tx, rx) = watch::channel(None);
+        let failing = self.failing.clone();
+        tokio::spawn(drive(name, source, tx, failing, self.cancel.clone()));
+        rx
+    }
 }
 
 async fn drive<S: Source>(
     name: String,
     mut source: S,
     tx: watch::Sender<Option<S::Item>>,
+    failing: watch::Sender<bool>,
     cancel: CancellationToken,
 ) {
     let _counted = crate::metrics::global().source_started(&name);
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
-    let mut failing = false;
+    let mut in_outage = false;
     loop {
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -137,11 +181,12 @@ async fn drive<S: Source>(
         };
         let delay = match result {
             Ok(set) => {
-                if failing {
+                if in_outage {
                     info!(source = %name, "discovery recovered");
-                    failing = false;
+                    in_outage = false;
                 }
                 backoff.reset();
+                failing.send_if_modified(|f| std::mem::replace(f, false));
                 // Only endpoint sets (not a KV store's intermediate list) have a size.
                 let size = (&set as &dyn std::any::Any)
                     .downcast_ref::<EndpointSet>()
@@ -163,14 +208,17 @@ async fn drive<S: Source>(
             }
             Err(e) => {
                 crate::metrics::global().source_error(&name);
+                if tx.borrow().is_none() {
+                    failing.send_if_modified(|f| !std::mem::replace(f, true));
+                }
                 let delay = backoff.next_delay();
-                if !failing {
+                if !in_outage {
                     let keeping = match &*tx.borrow() {
                         Some(set) => format!("keeping the last good set ({set})"),
                         None => "no backends yet, connections are refused".to_string(),
                     };
                     warn!(source = %name, error = %e, "discovery failed; {keeping}; retrying with backoff");
-                    failing = true;
+                    in_outage = true;
                 } else {
                     debug!(source = %name, error = %e, retry_in = ?delay, "discovery still failing");
                 }
@@ -273,6 +321,33 @@ mod tests {
         // The errors and the repeated `a` publish nothing; the next change is `b`.
         rx.changed().await.unwrap();
         assert_eq!(rx.borrow_and_update().as_ref(), Some(&b));
+    }
+
+    /// The failing flag is raised by an error while nothing was ever found, lowered by
+    /// the next good read, and not raised by errors once a set exists.
+    #[tokio::test(start_paused = true)]
+    async fn driver_flags_failing_only_before_anything_was_found() {
+        let a = set(&["10.0.0.1:1"]);
+        let script = VecDeque::from([
+            Err(SourceError("store down".into())),
+            Ok(a.clone()),
+            Err(SourceError("store down".into())),
+        ]);
+        let (failing_tx, mut failing) = watch::channel(false);
+        let drive = Drive {
+            failing: failing_tx,
+            cancel: CancellationToken::new(),
+        };
+        let mut rx = drive.spawn("test".into(), Scripted(script));
+        failing.changed().await.unwrap();
+        assert!(*failing.borrow_and_update());
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow_and_update().as_ref(), Some(&a));
+        assert!(!*failing.borrow_and_update());
+        // The later error, and its backoff, pass without raising it again.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!failing.has_changed().unwrap());
+        assert!(!*failing.borrow());
     }
 
     #[tokio::test(start_paused = true)]

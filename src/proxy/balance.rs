@@ -88,16 +88,35 @@ impl Balancer {
 
     /// The current set, as the data path sees it.
     pub fn current(&self) -> Option<EndpointSet> {
-        self.endpoints.borrow().clone()
+        self.endpoints.sets.borrow().clone()
     }
 
-    /// Like [`Balancer::plan`], but a connection that arrives before discovery's first
-    /// result (just after start, or for an omni source started by this very connection)
-    /// waits for it up to `wait` instead of being refused at once.
+    /// Like [`Balancer::plan`], but a connection that arrives while discovery's first
+    /// read is under way (just after start, or for an omni source started by this very
+    /// connection) waits for its result up to `wait` instead of being refused at once.
+    /// Once that read has failed there is nothing to wait for: refused at once.
     pub async fn plan_when_discovered(&self, wait: std::time::Duration) -> Result<Plan, NoBackend> {
-        if self.endpoints.borrow().is_none() {
-            let mut rx = self.endpoints.clone();
-            let _ = tokio::time::timeout(wait, rx.wait_for(Option::is_some)).await;
+        if self.endpoints.sets.borrow().is_none() && !*self.endpoints.failing.borrow() {
+            let mut sets = self.endpoints.sets.clone();
+            let mut failing = self.endpoints.failing.clone();
+            // A closed channel (the source stopped) is no reason to stop waiting early.
+            let found = async {
+                if sets.wait_for(Option::is_some).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let failed = async {
+                if failing.wait_for(|f| *f).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let _ = tokio::time::timeout(wait, async {
+                tokio::select! {
+                    _ = found => {}
+                    _ = failed => {}
+                }
+            })
+            .await;
         }
         self.plan()
     }
@@ -105,7 +124,7 @@ impl Balancer {
     /// The order to try endpoints in for one new connection. Going from having backends
     /// to having none (and back) is logged once, not once per connection.
     pub fn plan(&self) -> Result<Plan, NoBackend> {
-        let set = match &*self.endpoints.borrow() {
+        let set = match &*self.endpoints.sets.borrow() {
             None => Err(NoBackend::NotYetDiscovered),
             Some(set) if set.is_empty() => Err(NoBackend::Empty),
             Some(set) => Ok(set.clone()),
@@ -139,7 +158,7 @@ impl Balancer {
 
     /// Resolves once discovery has produced a first result (or has stopped).
     pub async fn discovered(&self) {
-        let mut rx = self.endpoints.clone();
+        let mut rx = self.endpoints.sets.clone();
         let _ = rx.wait_for(|set| set.is_some()).await;
     }
 
@@ -246,7 +265,7 @@ mod tests {
 
     fn balancer(endpoints: Vec<Endpoint>) -> (Balancer, watch::Sender<Option<EndpointSet>>) {
         let (tx, rx) = watch::channel(Some(EndpointSet::new(endpoints)));
-        (Balancer::new("test".into(), rx), tx)
+        (Balancer::new("test".into(), Endpoints::fixed(rx)), tx)
     }
 
     fn order(b: &Balancer) -> Vec<String> {
@@ -324,7 +343,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_connection_before_the_first_result_waits_for_it() {
         let (tx, rx) = watch::channel(None);
-        let b = std::sync::Arc::new(Balancer::new("test".into(), rx));
+        let b = std::sync::Arc::new(Balancer::new("test".into(), Endpoints::fixed(rx)));
         let waiting = tokio::spawn({
             let b = b.clone();
             async move {
@@ -339,17 +358,43 @@ mod tests {
         assert_eq!(waiting.await.unwrap(), Ok(1));
         // Nothing ever discovered: refused once the wait is over.
         let (_tx, rx) = watch::channel(None);
-        let b = Balancer::new("test".into(), rx);
+        let b = Balancer::new("test".into(), Endpoints::fixed(rx));
+        let start = Instant::now();
         assert_eq!(
             b.plan_when_discovered(Duration::from_secs(5)).await.err(),
             Some(NoBackend::NotYetDiscovered)
         );
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+    }
+
+    /// A first read that failed (a store unreachable since startup) ends the wait: the
+    /// waiting connection and every later one are refused at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_first_read_refuses_at_once() {
+        let (_sets_tx, sets) = watch::channel(None);
+        let (failing_tx, failing) = watch::channel(false);
+        let b = std::sync::Arc::new(Balancer::new("test".into(), Endpoints { sets, failing }));
+        let start = Instant::now();
+        let waiting = tokio::spawn({
+            let b = b.clone();
+            async move { b.plan_when_discovered(Duration::from_secs(5)).await.err() }
+        });
+        tokio::time::advance(Duration::from_secs(1)).await;
+        failing_tx.send(true).unwrap();
+        assert_eq!(waiting.await.unwrap(), Some(NoBackend::NotYetDiscovered));
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        let later = Instant::now();
+        assert_eq!(
+            b.plan_when_discovered(Duration::from_secs(5)).await.err(),
+            Some(NoBackend::NotYetDiscovered)
+        );
+        assert_eq!(later.elapsed(), Duration::ZERO);
     }
 
     #[test]
     fn empty_and_undiscovered_are_told_apart() {
         let (tx, rx) = watch::channel(None);
-        let b = Balancer::new("test".into(), rx);
+        let b = Balancer::new("test".into(), Endpoints::fixed(rx));
         assert_eq!(b.plan().err(), Some(NoBackend::NotYetDiscovered));
         tx.send(Some(EndpointSet::empty())).unwrap();
         assert_eq!(b.plan().err(), Some(NoBackend::Empty));
