@@ -222,13 +222,29 @@ async fn index_survives_the_engine_going_away() {
 /// reading the engine at `docker_host`; returns it, once its index is ready, and the
 /// gateway address.
 fn host_omni(engine: &Engine, docker_host: &str, extra: &[&str]) -> (Ambassador, String) {
+    host_omni_on(engine, "bridge", docker_host, extra)
+}
+
+/// [`host_omni`] listening on `network`'s gateway address instead of the default
+/// bridge's: the host is on every bridge network through its gateway, so a container
+/// reaches it over that network alone, from its address there.
+fn host_omni_on(
+    engine: &Engine,
+    network: &str,
+    docker_host: &str,
+    extra: &[&str],
+) -> (Ambassador, String) {
     let gateway = engine.docker_ok(&[
         "network",
         "inspect",
-        "bridge",
+        network,
         "--format",
         "{{(index .IPAM.Config 0).Gateway}}",
     ]);
+    assert!(
+        !gateway.is_empty(),
+        "network {network} reports no gateway address"
+    );
     let mut args = vec![
         "--omnimode",
         "--bind",
@@ -256,8 +272,8 @@ fn eventually_sync<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// A user-defined bridge network with a fixed subnet (so a test can pick an address),
-/// removed when dropped.
+/// A user-defined bridge network with a fixed subnet (so a test can pick an address)
+/// and the subnet's first address as its gateway, removed when dropped.
 struct OwnNetwork<'e> {
     engine: &'e Engine,
     name: String,
@@ -266,12 +282,18 @@ struct OwnNetwork<'e> {
 impl<'e> OwnNetwork<'e> {
     fn create(engine: &'e Engine, subnet: &str) -> Self {
         let name = unique_name("net");
+        // Named explicitly: Docker reports no gateway for a subnet given without one.
+        let (base, _) = subnet.split_once('/').expect("a subnet in CIDR form");
+        let base: std::net::Ipv4Addr = base.parse().expect("an IPv4 subnet");
+        let gateway = std::net::Ipv4Addr::from(u32::from(base) + 1).to_string();
         let pid_label = format!("{}.pid={}", support::docker::LABEL, std::process::id());
         engine.docker_ok(&[
             "network",
             "create",
             "--subnet",
             subnet,
+            "--gateway",
+            &gateway,
             "--label",
             support::docker::LABEL,
             "--label",
@@ -405,3 +427,4 @@ async fn containers_share_a_source_until_none_declares_it() {
     let line = amb.wait_for_log("source stopped");
     assert!(line.contains(&started), "{line}");
 }
+
