@@ -6,6 +6,8 @@
 
 mod support;
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
@@ -222,13 +224,29 @@ async fn index_survives_the_engine_going_away() {
 /// reading the engine at `docker_host`; returns it, once its index is ready, and the
 /// gateway address.
 fn host_omni(engine: &Engine, docker_host: &str, extra: &[&str]) -> (Ambassador, String) {
+    host_omni_on(engine, "bridge", docker_host, extra)
+}
+
+/// [`host_omni`] listening on `network`'s gateway address instead of the default
+/// bridge's: the host is on every bridge network through its gateway, so a container
+/// reaches it over that network alone, from its address there.
+fn host_omni_on(
+    engine: &Engine,
+    network: &str,
+    docker_host: &str,
+    extra: &[&str],
+) -> (Ambassador, String) {
     let gateway = engine.docker_ok(&[
         "network",
         "inspect",
-        "bridge",
+        network,
         "--format",
         "{{(index .IPAM.Config 0).Gateway}}",
     ]);
+    assert!(
+        !gateway.is_empty(),
+        "network {network} reports no gateway address"
+    );
     let mut args = vec![
         "--omnimode",
         "--bind",
@@ -256,8 +274,8 @@ fn eventually_sync<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// A user-defined bridge network with a fixed subnet (so a test can pick an address),
-/// removed when dropped.
+/// A user-defined bridge network with a fixed subnet (so a test can pick an address)
+/// and the subnet's first address as its gateway, removed when dropped.
 struct OwnNetwork<'e> {
     engine: &'e Engine,
     name: String,
@@ -266,12 +284,18 @@ struct OwnNetwork<'e> {
 impl<'e> OwnNetwork<'e> {
     fn create(engine: &'e Engine, subnet: &str) -> Self {
         let name = unique_name("net");
+        // Named explicitly: Docker reports no gateway for a subnet given without one.
+        let (base, _) = subnet.split_once('/').expect("a subnet in CIDR form");
+        let base: std::net::Ipv4Addr = base.parse().expect("an IPv4 subnet");
+        let gateway = std::net::Ipv4Addr::from(u32::from(base) + 1).to_string();
         let pid_label = format!("{}.pid={}", support::docker::LABEL, std::process::id());
         engine.docker_ok(&[
             "network",
             "create",
             "--subnet",
             subnet,
+            "--gateway",
+            &gateway,
             "--label",
             support::docker::LABEL,
             "--label",
@@ -404,4 +428,236 @@ async fn containers_share_a_source_until_none_declares_it() {
     drop(second);
     let line = amb.wait_for_log("source stopped");
     assert!(line.contains(&started), "{line}");
+}
+
+/// `docker network connect` is learned from the event stream. A client the index already
+/// knows (on the default bridge only) is attached to a second, user-defined network; its
+/// first connection over that network, from its new address there, is routed by its own
+/// `BACKEND_<port>` (a container already on that network declares another backend for
+/// the same port). The index shows the new address before the client connects, and the
+/// connection counts as an index hit with no miss: it was the connect event, not the
+/// targeted refresh a miss makes, that taught the index the address. The ambassador runs
+/// on the host listening on the second network's gateway only, so the client reaches it
+/// over that network alone.
+#[test]
+fn network_connect_is_learned_from_the_event() {
+    let engine = engine();
+    let net = OwnNetwork::create(engine, "10.213.37.0/24");
+    let on_net = format!("--network={}", net.name);
+    let one = backend(engine, "one", 80, &[]);
+    let two = backend(engine, "two", 80, &[]);
+    let (amb, gateway, admin) = host_omni_with_admin(engine, &net.name);
+    let port = amb.addr.port();
+    let url = format!("timeout 10 wget -qO- http://{gateway}:{port}/answer");
+
+    // Already on the second network, with its own declaration for the same port.
+    let env_two = format!("BACKEND_{port}={}:80", two.ip());
+    let resident = engine.container(
+        "resident",
+        &[
+            &on_net,
+            "-e",
+            &env_two,
+            engine.busybox_image(),
+            "sleep",
+            "600",
+        ],
+    );
+    let resident_ip = ip_on(engine, &resident, &net.name);
+    wait_indexed(admin, &resident.name, &[&resident_ip]);
+    assert_eq!(resident.exec(&["sh", "-c", &url]).unwrap(), "two");
+
+    let env_one = format!("BACKEND_{port}={}:80", one.ip());
+    let client = engine.container(
+        "client",
+        &["-e", &env_one, engine.busybox_image(), "sleep", "600"],
+    );
+    let bridge_ip = client.ip();
+    wait_indexed(admin, &client.name, &[&bridge_ip]);
+
+    engine.docker_ok(&["network", "connect", &net.name, &client.name]);
+    let new_ip = ip_on(engine, &client, &net.name);
+    // /routes reads the index alone: nothing but the event can have put it there, since
+    // nothing has connected from the new address yet.
+    wait_indexed(admin, &client.name, &[&bridge_ip, &new_ip]);
+    let (hits, misses) = (lookups(admin, "hit"), lookups(admin, "miss"));
+    assert_eq!(
+        client.exec(&["sh", "-c", &url]).unwrap(),
+        "one",
+        "{:#?}",
+        amb.log()
+    );
+    assert_eq!(lookups(admin, "hit"), hits + 1, "{:#?}", amb.log());
+    assert_eq!(lookups(admin, "miss"), misses, "{:#?}", amb.log());
+    assert_eq!(misses, 0, "every lookup in this test is an index hit");
+    // It came from the new address (the log names the peer) and was routed as the client.
+    let served = served_line(&amb, &format!("{}:{port}", client.name));
+    assert!(served.contains(&format!("client={new_ip}:")), "{served}");
+    assert_eq!(amb.count_log("lost the Docker engine"), 0, "no re-list");
+    drop((client, resident, one, two));
+}
+
+/// `docker network disconnect` evicts the address the container had on that network:
+/// the index keeps the still-running client with its other address only, and no
+/// container with the old one. A different container later given that same address on
+/// that network is routed by its own declaration, not the first client's (whose
+/// declaration would send it to another backend), and again without a miss.
+#[test]
+fn network_disconnect_evicts_the_address_and_a_reuser_gets_its_own_routing() {
+    let engine = engine();
+    let net = OwnNetwork::create(engine, "10.213.38.0/24");
+    let on_net = format!("--network={}", net.name);
+    let one = backend(engine, "one", 80, &[]);
+    let two = backend(engine, "two", 80, &[]);
+    let (amb, gateway, admin) = host_omni_with_admin(engine, &net.name);
+    let port = amb.addr.port();
+    let url = format!("timeout 10 wget -qO- http://{gateway}:{port}/answer");
+
+    let env_one = format!("BACKEND_{port}={}:80", one.ip());
+    let client = engine.container(
+        "client",
+        &["-e", &env_one, engine.busybox_image(), "sleep", "600"],
+    );
+    let bridge_ip = client.ip();
+    let shared_ip = "10.213.38.38";
+    engine.docker_ok(&[
+        "network",
+        "connect",
+        "--ip",
+        shared_ip,
+        &net.name,
+        &client.name,
+    ]);
+    wait_indexed(admin, &client.name, &[&bridge_ip, shared_ip]);
+    assert_eq!(client.exec(&["sh", "-c", &url]).unwrap(), "one");
+
+    engine.docker_ok(&["network", "disconnect", &net.name, &client.name]);
+    wait_indexed(admin, &client.name, &[&bridge_ip]);
+    assert_eq!(
+        owners(admin, shared_ip),
+        Vec::<String>::new(),
+        "the disconnected address is still indexed"
+    );
+
+    let env_two = format!("BACKEND_{port}={}:80", two.ip());
+    let reuser = engine.container(
+        "reuser",
+        &[
+            &on_net,
+            "--ip",
+            shared_ip,
+            "-e",
+            &env_two,
+            engine.busybox_image(),
+            "sleep",
+            "600",
+        ],
+    );
+    wait_indexed(admin, &reuser.name, &[shared_ip]);
+    assert_eq!(owners(admin, shared_ip), vec![reuser.name.clone()]);
+    let answer = reuser.exec(&["sh", "-c", &url]).unwrap();
+    assert_eq!(answer, "two", "{:#?}", amb.log());
+    let served = served_line(&amb, &format!("{}:{port}", reuser.name));
+    assert!(served.contains(&format!("client={shared_ip}:")), "{served}");
+    assert_eq!(lookups(admin, "miss"), 0, "{:#?}", amb.log());
+    drop((reuser, client, one, two));
+}
+
+/// [`host_omni_on`] `network` with the admin endpoint on an ephemeral loopback port;
+/// returns the ambassador, its listen address (the network's gateway) and the admin
+/// address.
+fn host_omni_with_admin(engine: &Engine, network: &str) -> (Ambassador, String, SocketAddr) {
+    let docker_host = format!(
+        "unix://{}",
+        engine.socket_path().expect("a unix socket engine")
+    );
+    let (mut amb, gateway) =
+        host_omni_on(engine, network, &docker_host, &["--admin", "127.0.0.1:0"]);
+    let line = amb.wait_for_log("admin endpoint listening");
+    let admin = field(&line, "admin")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no admin address in {line:?}"));
+    (amb, gateway, admin)
+}
+
+/// The body of a `GET path` on the admin endpoint, which must answer 200.
+fn admin_get(admin: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&admin, DEADLINE)
+        .unwrap_or_else(|e| panic!("admin endpoint {admin}: {e}"));
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    let status = head.lines().next().unwrap_or_default();
+    assert!(status.contains(" 200 "), "GET {path}: {reply}");
+    body.to_string()
+}
+
+/// Every container in the omni index, by name, with its addresses (from `/routes`,
+/// which reads the index and never asks Docker).
+fn indexed(admin: SocketAddr) -> HashMap<String, Vec<String>> {
+    let routes: serde_json::Value = serde_json::from_str(&admin_get(admin, "/routes")).unwrap();
+    let mut out = HashMap::new();
+    for route in routes["routes"].as_array().into_iter().flatten() {
+        for c in route["containers"].as_array().into_iter().flatten() {
+            let ips = c["ips"].as_array().into_iter().flatten();
+            let mut ips: Vec<String> = ips.filter_map(|ip| ip.as_str()).map(String::from).collect();
+            ips.sort();
+            out.insert(c["name"].as_str().unwrap_or_default().to_string(), ips);
+        }
+    }
+    out
+}
+
+/// Waits until the index has `name` with exactly the addresses `ips`.
+fn wait_indexed(admin: SocketAddr, name: &str, ips: &[&str]) {
+    let mut want: Vec<String> = ips.iter().map(|ip| ip.to_string()).collect();
+    want.sort();
+    let start = Instant::now();
+    loop {
+        let now = indexed(admin);
+        if now.get(name) == Some(&want) {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the index never had {name} at {want:?}; it has {:?}",
+            now.get(name)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The containers the index lists with address `ip`.
+fn owners(admin: SocketAddr, ip: &str) -> Vec<String> {
+    let mut names: Vec<String> = indexed(admin)
+        .into_iter()
+        .filter(|(_, ips)| ips.iter().any(|i| i == ip))
+        .map(|(name, _)| name)
+        .collect();
+    names.sort();
+    names
+}
+
+/// `ambassadord_omni_lookups_total{result=...}` from `/metrics`; 0 before the first.
+fn lookups(admin: SocketAddr, result: &str) -> u64 {
+    let series = format!("ambassadord_omni_lookups_total{{result=\"{result}\"}} ");
+    admin_get(admin, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .map(|n| n.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// The log line of a connection served on omni route `container:port` (logged when it
+/// closes, which may be just after the client has its answer).
+fn served_line(amb: &Ambassador, route: &str) -> String {
+    eventually_sync("the served connection's log line", || {
+        amb.log().into_iter().find(|l| {
+            l.contains("connection closed") && field(l, "route").as_deref() == Some(route)
+        })
+    })
 }
