@@ -146,7 +146,7 @@ fn omni_routes_each_client_by_its_own_declaration() {
 #[test]
 fn user_network_by_name_and_a_reused_ip_gets_its_own_routing() {
     let engine = engine();
-    let net = OwnNetwork::create(engine, "172.29.0.0/16");
+    let net = OwnNetwork::create(engine);
     let on_net = format!("--network={}", net.name);
     let four = backend(engine, "four", 80, &[&on_net]);
     let five = backend(engine, "five", 80, &[&on_net]);
@@ -157,7 +157,7 @@ fn user_network_by_name_and_a_reused_ip_gets_its_own_routing() {
     let out = client(engine, &[&on_net, "-e", &by_name], &script);
     assert_eq!(stdout(&out), "four", "{out:?}\n{}", amb.logs());
 
-    let ip = "172.29.9.9";
+    let ip = &net.addr(9);
     let first = format!("BACKEND_6379={}:80", ip_on(engine, &four, &net.name));
     let second = format!("BACKEND_6379={}:80", ip_on(engine, &five, &net.name));
     let out = client(engine, &[&on_net, "--ip", ip, "-e", &first], &script);
@@ -274,35 +274,57 @@ fn eventually_sync<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// A user-defined bridge network with a fixed subnet (so a test can pick an address)
-/// and the subnet's first address as its gateway, removed when dropped.
+/// A user-defined bridge network with a known /24 subnet (so a test can pick an address)
+/// and the subnet's first address as its gateway, removed when dropped. The subnet is
+/// one not in use, so tests (and test processes) sharing the daemon never collide.
 struct OwnNetwork<'e> {
     engine: &'e Engine,
     name: String,
+    /// The first three octets of the subnet.
+    prefix: String,
 }
 
 impl<'e> OwnNetwork<'e> {
-    fn create(engine: &'e Engine, subnet: &str) -> Self {
+    fn create(engine: &'e Engine) -> Self {
         let name = unique_name("net");
-        // Named explicitly: Docker reports no gateway for a subnet given without one.
-        let (base, _) = subnet.split_once('/').expect("a subnet in CIDR form");
-        let base: std::net::Ipv4Addr = base.parse().expect("an IPv4 subnet");
-        let gateway = std::net::Ipv4Addr::from(u32::from(base) + 1).to_string();
         let pid_label = format!("{}.pid={}", support::docker::LABEL, std::process::id());
-        engine.docker_ok(&[
-            "network",
-            "create",
-            "--subnet",
-            subnet,
-            "--gateway",
-            &gateway,
-            "--label",
-            support::docker::LABEL,
-            "--label",
-            &pid_label,
-            &name,
-        ]);
-        OwnNetwork { engine, name }
+        let start = fastrand::u8(..);
+        for n in (0..=255u8).map(|i| start.wrapping_add(i)) {
+            let prefix = format!("10.213.{n}");
+            let subnet = format!("{prefix}.0/24");
+            // Named explicitly: Docker reports no gateway for a subnet given without one.
+            let gateway = format!("{prefix}.1");
+            let created = engine.docker(&[
+                "network",
+                "create",
+                "--subnet",
+                &subnet,
+                "--gateway",
+                &gateway,
+                "--label",
+                support::docker::LABEL,
+                "--label",
+                &pid_label,
+                &name,
+            ]);
+            match created {
+                Ok(_) => {
+                    return OwnNetwork {
+                        engine,
+                        name,
+                        prefix,
+                    };
+                }
+                Err(e) if e.contains("overlaps") => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("no free /24 in 10.213.0.0/16 for a test network");
+    }
+
+    /// The address `host` in the network's subnet.
+    fn addr(&self, host: u8) -> String {
+        format!("{}.{host}", self.prefix)
     }
 }
 
@@ -442,7 +464,7 @@ async fn containers_share_a_source_until_none_declares_it() {
 #[test]
 fn network_connect_is_learned_from_the_event() {
     let engine = engine();
-    let net = OwnNetwork::create(engine, "10.213.37.0/24");
+    let net = OwnNetwork::create(engine);
     let on_net = format!("--network={}", net.name);
     let one = backend(engine, "one", 80, &[]);
     let two = backend(engine, "two", 80, &[]);
@@ -505,7 +527,7 @@ fn network_connect_is_learned_from_the_event() {
 #[test]
 fn network_disconnect_evicts_the_address_and_a_reuser_gets_its_own_routing() {
     let engine = engine();
-    let net = OwnNetwork::create(engine, "10.213.38.0/24");
+    let net = OwnNetwork::create(engine);
     let on_net = format!("--network={}", net.name);
     let one = backend(engine, "one", 80, &[]);
     let two = backend(engine, "two", 80, &[]);
@@ -519,7 +541,7 @@ fn network_disconnect_evicts_the_address_and_a_reuser_gets_its_own_routing() {
         &["-e", &env_one, engine.busybox_image(), "sleep", "600"],
     );
     let bridge_ip = client.ip();
-    let shared_ip = "10.213.38.38";
+    let shared_ip = &net.addr(38);
     engine.docker_ok(&[
         "network",
         "connect",
