@@ -3,7 +3,9 @@
 //!
 //! The accept loop only accepts and spawns; everything else (balancing, connecting,
 //! logging) happens in the connection's own task, so a slow backend or a discovery
-//! outage never delays the next accept.
+//! outage never delays the next accept. Each route has one listening socket and one
+//! accept loop per data thread ([`workers`]); a connection's task runs on the thread
+//! that accepted it.
 
 pub mod balance;
 pub mod copy;
@@ -11,6 +13,7 @@ pub mod listen;
 pub mod omni;
 #[cfg(target_os = "linux")]
 pub mod splice;
+pub mod workers;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -33,6 +36,7 @@ use crate::endpoint::Endpoint;
 use crate::metrics::{self, BackendLabels, CloseLabels, RouteLabels};
 use balance::Balancer;
 use omni::Omni;
+use workers::Workers;
 
 /// How long a reload waits for a changed route's new source before switching anyway.
 const SWITCH_WAIT: Duration = Duration::from_secs(5);
@@ -48,6 +52,8 @@ pub enum StartError {
     },
     #[error("{0}")]
     Docker(String),
+    #[error("cannot start the data threads: {0}")]
+    Threads(#[source] io::Error),
 }
 
 /// One listening address and where its connections go. The target can be swapped by a
@@ -155,7 +161,9 @@ impl State {
 /// Bound listeners with their routes, ready to serve.
 pub struct Server {
     state: Arc<State>,
-    pending: Vec<(TcpListener, Arc<Route>)>,
+    /// Each route's listening sockets, one per data thread.
+    pending: Vec<(Vec<std::net::TcpListener>, Arc<Route>)>,
+    workers: Option<Workers>,
     discovery: Arc<Discovery>,
     docker_host: String,
     dns: Option<SocketAddr>,
@@ -168,13 +176,15 @@ impl Server {
     /// Fails if any listener cannot be bound or the Docker host is malformed.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         let discovery = Arc::new(Discovery::new(config.dns));
+        let threads = config.threads.unwrap_or_else(Workers::default_count);
         let mut pending = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
-            let listener = bind_route(route)?;
-            let route = new_route(&listener, route, &discovery, &config.docker_host)?;
+            let listeners = bind_route(route, threads)?;
+            let route = new_route(&listeners, route, &discovery, &config.docker_host)?;
             info!(listen = %route.listen, backend = %route.active().config, kind = route.active().kind, "listening");
-            pending.push((listener, route));
+            pending.push((listeners, route));
         }
+        let workers = Workers::start(threads).map_err(StartError::Threads)?;
         let admin = match config.admin {
             None => None,
             Some(admin) => match listen::bind(Some(admin.addr.ip()), admin.addr.port()) {
@@ -206,6 +216,7 @@ impl Server {
                 started: std::time::Instant::now(),
             }),
             pending,
+            workers: Some(workers),
             discovery,
             docker_host: config.docker_host,
             dns: config.dns,
@@ -250,27 +261,34 @@ impl Server {
                 stop_accepting.clone(),
             ));
         }
-        let spawn_loop = |listener: TcpListener, route: Arc<Route>| {
-            accept_loops.spawn(accept_loop(
-                listener,
-                route,
-                self.state.clone(),
-                stop_accepting.clone(),
-                force_close.clone(),
-                connections.clone(),
-            ));
+        let Some(workers) = self.workers.take() else {
+            return;
         };
-        for (listener, route) in std::mem::take(&mut self.pending) {
-            spawn_loop(listener, route);
+        // Each data thread accepts on its own socket of the route.
+        let spawn_loops = |listeners: Vec<std::net::TcpListener>, route: Arc<Route>| {
+            for (listener, thread) in listeners.into_iter().zip(workers.handles()) {
+                let accept = accept_loop(
+                    listener,
+                    route.clone(),
+                    self.state.clone(),
+                    stop_accepting.clone(),
+                    force_close.clone(),
+                    connections.clone(),
+                );
+                accept_loops.spawn_on(accept, thread);
+            }
+        };
+        for (listeners, route) in std::mem::take(&mut self.pending) {
+            spawn_loops(listeners, route);
         }
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                Some(config) = reloads.recv() => match self.reload(config).await {
+                Some(config) = reloads.recv() => match self.reload(config, workers.len()).await {
                     Ok(added) => {
-                        for (listener, route) in added {
-                            spawn_loop(listener, route);
+                        for (listeners, route) in added {
+                            spawn_loops(listeners, route);
                         }
                     }
                     Err(e) => error!("reload rejected, keeping the running configuration: {e}"),
@@ -293,6 +311,7 @@ impl Server {
             force_close.cancel();
             connections.wait().await;
         }
+        workers.stop().await;
         // Ends every source still running.
         self.state
             .routes
@@ -304,7 +323,11 @@ impl Server {
 
     /// Applies a new configuration; returns the listeners of new routes to start. Every
     /// new listener is bound before anything changes, so a failure changes nothing.
-    async fn reload(&self, config: Config) -> Result<Vec<(TcpListener, Arc<Route>)>, StartError> {
+    async fn reload(
+        &self,
+        config: Config,
+        threads: usize,
+    ) -> Result<Vec<(Vec<std::net::TcpListener>, Arc<Route>)>, StartError> {
         if config.dns != self.dns
             || config.docker_host != self.docker_host
             || config.admin.map(|a| a.addr) != self.admin_config.map(|a| a.addr)
@@ -323,9 +346,9 @@ impl Server {
             .iter()
             .filter(|rc| !current.contains_key(&rc.listen.to_string()))
         {
-            let listener = bind_route(rc)?;
-            let route = new_route(&listener, rc, &self.discovery, &self.docker_host)?;
-            added.push((listener, route));
+            let listeners = bind_route(rc, threads)?;
+            let route = new_route(&listeners, rc, &self.discovery, &self.docker_host)?;
+            added.push((listeners, route));
         }
         // A changed route switches once its new source has a first result (bounded), so
         // connections arriving during the switch are not refused for want of backends.
@@ -379,20 +402,29 @@ impl Server {
     }
 }
 
-fn bind_route(route: &RouteConfig) -> Result<TcpListener, StartError> {
-    listen::bind(route.listen.ip, route.listen.port).map_err(|source| StartError::Bind {
-        addr: route.listen.to_string(),
-        source,
+fn bind_route(
+    route: &RouteConfig,
+    threads: usize,
+) -> Result<Vec<std::net::TcpListener>, StartError> {
+    listen::bind_group(route.listen.ip, route.listen.port, threads).map_err(|source| {
+        StartError::Bind {
+            addr: route.listen.to_string(),
+            source,
+        }
     })
 }
 
 fn new_route(
-    listener: &TcpListener,
+    listeners: &[std::net::TcpListener],
     rc: &RouteConfig,
     discovery: &Arc<Discovery>,
     docker_host: &str,
 ) -> Result<Arc<Route>, StartError> {
-    let listen = listener.local_addr().map_err(|source| StartError::Bind {
+    let bound = listeners.first().map_or_else(
+        || Err(io::Error::other("no listening socket")),
+        |l| l.local_addr(),
+    );
+    let listen = bound.map_err(|source| StartError::Bind {
         addr: rc.listen.to_string(),
         source,
     })?;
@@ -436,14 +468,24 @@ fn new_active(
     }))
 }
 
+/// Accepts on one of a route's sockets, on the data thread it runs on; each connection's
+/// task is spawned on the same thread.
 async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     route: Arc<Route>,
     state: Arc<State>,
     stop: CancellationToken,
     force_close: CancellationToken,
     connections: TaskTracker,
 ) {
+    // Registered here, with this thread's runtime, not the one that bound it.
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(listen = %route.listen, error = %e, "cannot accept on a listening socket");
+            return;
+        }
+    };
     let mut backoff = Duration::ZERO;
     loop {
         let accepted = tokio::select! {
