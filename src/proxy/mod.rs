@@ -15,7 +15,7 @@ pub mod omni;
 pub mod splice;
 pub mod workers;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,6 +36,8 @@ use crate::endpoint::Endpoint;
 use crate::metrics::{self, BackendLabels, CloseLabels, RouteLabels};
 use balance::Balancer;
 use omni::Omni;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use workers::Workers;
 
 /// How long a reload waits for a changed route's new source before switching anyway.
@@ -69,6 +71,61 @@ pub struct Route {
     /// Fired when a reload removes the route: stop accepting, let connections drain.
     stop_accepting: CancellationToken,
     pub stats: RouteStats,
+    series: RouteSeries,
+}
+
+/// A route's metric series, looked up once instead of per connection: a connection then
+/// builds no label strings (the backend's address formatted twice, the route's label
+/// cloned four times) and takes no family lock when it opens and closes.
+struct RouteSeries {
+    accepted: Counter,
+    /// By backend address; as the families themselves, never shrinks while the route lives.
+    backends: RwLock<HashMap<SocketAddr, Arc<BackendSeries>>>,
+}
+
+/// The series a connection to one backend of a route updates.
+struct BackendSeries {
+    labels: BackendLabels,
+    active: Gauge,
+    sent: Counter,
+    received: Counter,
+    /// `connections_finished` by close reason, each created when first used.
+    finished: RwLock<Vec<(&'static str, Counter)>>,
+}
+
+impl RouteSeries {
+    fn new(route: &str) -> RouteSeries {
+        let accepted = metrics::global().accepted.get_or_create(&RouteLabels {
+            route: route.to_string(),
+        });
+        RouteSeries {
+            accepted: accepted.clone(),
+            backends: RwLock::default(),
+        }
+    }
+}
+
+impl BackendSeries {
+    fn finished(&self, reason: &'static str) -> Counter {
+        let known = self.finished.read().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, c)) = known.iter().find(|(r, _)| *r == reason) {
+            return c.clone();
+        }
+        drop(known);
+        let counter = metrics::global()
+            .finished
+            .get_or_create(&CloseLabels {
+                route: self.labels.route.clone(),
+                backend: self.labels.backend.clone(),
+                reason: reason.to_string(),
+            })
+            .clone();
+        let mut known = self.finished.write().unwrap_or_else(|p| p.into_inner());
+        if !known.iter().any(|(r, _)| *r == reason) {
+            known.push((reason, counter.clone()));
+        }
+        counter
+    }
 }
 
 /// Per-route totals for the status page (the Prometheus families hold the same by label).
@@ -105,6 +162,41 @@ pub enum Target {
 }
 
 impl Route {
+    /// The metric series of connections to `backend`.
+    fn backend_series(&self, backend: SocketAddr) -> Arc<BackendSeries> {
+        let known = self
+            .series
+            .backends
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = known.get(&backend) {
+            return s.clone();
+        }
+        drop(known);
+        let mut known = self
+            .series
+            .backends
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        known
+            .entry(backend)
+            .or_insert_with(|| {
+                let m = metrics::global();
+                let labels = BackendLabels {
+                    route: self.label.clone(),
+                    backend: backend.to_string(),
+                };
+                Arc::new(BackendSeries {
+                    active: m.active.get_or_create(&labels).clone(),
+                    sent: m.bytes_sent.get_or_create(&labels).clone(),
+                    received: m.bytes_received.get_or_create(&labels).clone(),
+                    finished: RwLock::default(),
+                    labels,
+                })
+            })
+            .clone()
+    }
+
     /// The target new connections use.
     pub fn active(&self) -> Arc<Active> {
         self.active
@@ -436,6 +528,7 @@ fn new_route(
             rc.listen.to_string()
         },
         label: listen.to_string(),
+        series: RouteSeries::new(&listen.to_string()),
         active: RwLock::new(new_active(&rc.target, discovery, docker_host)?),
         stop_accepting: CancellationToken::new(),
         stats: RouteStats::default(),
@@ -550,12 +643,7 @@ async fn serve(
     let start = Instant::now();
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let _ = client.set_nodelay(true);
-    let m = metrics::global();
-    m.accepted
-        .get_or_create(&RouteLabels {
-            route: route.label.clone(),
-        })
-        .inc();
+    route.series.accepted.inc();
     route.stats.accepted.fetch_add(1, Ordering::Relaxed);
     route.stats.open.fetch_add(1, Ordering::Relaxed);
     let _open = OpenGuard(&route.stats.open);
@@ -597,14 +685,10 @@ async fn serve(
     };
     drop(active);
 
-    let backend_labels = || BackendLabels {
-        route: route.label.clone(),
-        backend: endpoint.addr.to_string(),
-    };
-    // Hold the gauge itself (one shared counter) across the transfer, not its labels:
+    // Hold the shared series (one pointer) across the transfer, not labels of its own:
     // what an open connection keeps alive is what idle connections cost in memory.
-    let active_gauge = m.active.get_or_create(&backend_labels()).clone();
-    active_gauge.inc();
+    let series = route.backend_series(endpoint.addr);
+    series.active.inc();
     let t = copy::pipe_with(
         settings.copy,
         &client,
@@ -613,17 +697,10 @@ async fn serve(
         &force_close,
     )
     .await;
-    active_gauge.dec();
-    let labels = backend_labels();
-    m.bytes_sent.get_or_create(&labels).inc_by(t.sent);
-    m.bytes_received.get_or_create(&labels).inc_by(t.received);
-    m.finished
-        .get_or_create(&CloseLabels {
-            route: labels.route,
-            backend: labels.backend,
-            reason: t.close.as_str().to_string(),
-        })
-        .inc();
+    series.active.dec();
+    series.sent.inc_by(t.sent);
+    series.received.inc_by(t.received);
+    series.finished(t.close.as_str()).inc();
     route.stats.sent.fetch_add(t.sent, Ordering::Relaxed);
     route
         .stats
