@@ -103,6 +103,15 @@ struct Cli {
     )]
     copy: CopyMode,
 
+    /// Data threads: each accepts on its own socket of every listen address and serves those connections [default: one per CPU]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "AMBASSADORD_THREADS",
+        value_parser = clap::value_parser!(u16).range(1..=1024)
+    )]
+    threads: Option<u16>,
+
     /// DNS server for host names and SRV lookups, IP[:PORT] [default: /etc/resolv.conf]
     #[arg(long, value_name = "IP[:PORT]", env = "AMBASSADORD_DNS")]
     dns: Option<String>,
@@ -202,6 +211,9 @@ pub struct Config {
     pub admin: Option<Admin>,
     /// `--config`: the file SIGHUP reloads.
     pub config_file: Option<PathBuf>,
+    /// `--threads`: data threads (default: one per CPU). Fixed at start: a reload keeps
+    /// the running count.
+    pub threads: Option<usize>,
 }
 
 /// Where the admin endpoint listens.
@@ -555,6 +567,7 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
         warnings,
         admin,
         config_file: cli.config.clone(),
+        threads: cli.threads.map(usize::from),
     })
 }
 
@@ -662,6 +675,7 @@ fn redirect_action(cli: &Cli, m: &ArgMatches) -> Result<Config, String> {
         },
         admin: None,
         config_file: None,
+        threads: None,
     })
 }
 

@@ -47,7 +47,10 @@ fn main() -> ExitCode {
         };
     }
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The control runtime: signals, reloads, discovery, Docker and the admin endpoint.
+    // Connections run on the data threads the server starts (src/proxy/workers.rs), so
+    // one thread is plenty here.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -3,7 +3,9 @@
 //!
 //! The accept loop only accepts and spawns; everything else (balancing, connecting,
 //! logging) happens in the connection's own task, so a slow backend or a discovery
-//! outage never delays the next accept.
+//! outage never delays the next accept. Each route has one listening socket and one
+//! accept loop per data thread ([`workers`]); a connection's task runs on the thread
+//! that accepted it.
 
 pub mod balance;
 pub mod copy;
@@ -11,8 +13,9 @@ pub mod listen;
 pub mod omni;
 #[cfg(target_os = "linux")]
 pub mod splice;
+pub mod workers;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,6 +36,9 @@ use crate::endpoint::Endpoint;
 use crate::metrics::{self, BackendLabels, CloseLabels, RouteLabels};
 use balance::Balancer;
 use omni::Omni;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use workers::Workers;
 
 /// How long a reload waits for a changed route's new source before switching anyway.
 const SWITCH_WAIT: Duration = Duration::from_secs(5);
@@ -48,6 +54,8 @@ pub enum StartError {
     },
     #[error("{0}")]
     Docker(String),
+    #[error("cannot start the data threads: {0}")]
+    Threads(#[source] io::Error),
 }
 
 /// One listening address and where its connections go. The target can be swapped by a
@@ -63,6 +71,61 @@ pub struct Route {
     /// Fired when a reload removes the route: stop accepting, let connections drain.
     stop_accepting: CancellationToken,
     pub stats: RouteStats,
+    series: RouteSeries,
+}
+
+/// A route's metric series, looked up once instead of per connection: a connection then
+/// builds no label strings (the backend's address formatted twice, the route's label
+/// cloned four times) and takes no family lock when it opens and closes.
+struct RouteSeries {
+    accepted: Counter,
+    /// By backend address; as the families themselves, never shrinks while the route lives.
+    backends: RwLock<HashMap<SocketAddr, Arc<BackendSeries>>>,
+}
+
+/// The series a connection to one backend of a route updates.
+struct BackendSeries {
+    labels: BackendLabels,
+    active: Gauge,
+    sent: Counter,
+    received: Counter,
+    /// `connections_finished` by close reason, each created when first used.
+    finished: RwLock<Vec<(&'static str, Counter)>>,
+}
+
+impl RouteSeries {
+    fn new(route: &str) -> RouteSeries {
+        let accepted = metrics::global().accepted.get_or_create(&RouteLabels {
+            route: route.to_string(),
+        });
+        RouteSeries {
+            accepted: accepted.clone(),
+            backends: RwLock::default(),
+        }
+    }
+}
+
+impl BackendSeries {
+    fn finished(&self, reason: &'static str) -> Counter {
+        let known = self.finished.read().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, c)) = known.iter().find(|(r, _)| *r == reason) {
+            return c.clone();
+        }
+        drop(known);
+        let counter = metrics::global()
+            .finished
+            .get_or_create(&CloseLabels {
+                route: self.labels.route.clone(),
+                backend: self.labels.backend.clone(),
+                reason: reason.to_string(),
+            })
+            .clone();
+        let mut known = self.finished.write().unwrap_or_else(|p| p.into_inner());
+        if !known.iter().any(|(r, _)| *r == reason) {
+            known.push((reason, counter.clone()));
+        }
+        counter
+    }
 }
 
 /// Per-route totals for the status page (the Prometheus families hold the same by label).
@@ -99,6 +162,41 @@ pub enum Target {
 }
 
 impl Route {
+    /// The metric series of connections to `backend`.
+    fn backend_series(&self, backend: SocketAddr) -> Arc<BackendSeries> {
+        let known = self
+            .series
+            .backends
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = known.get(&backend) {
+            return s.clone();
+        }
+        drop(known);
+        let mut known = self
+            .series
+            .backends
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        known
+            .entry(backend)
+            .or_insert_with(|| {
+                let m = metrics::global();
+                let labels = BackendLabels {
+                    route: self.label.clone(),
+                    backend: backend.to_string(),
+                };
+                Arc::new(BackendSeries {
+                    active: m.active.get_or_create(&labels).clone(),
+                    sent: m.bytes_sent.get_or_create(&labels).clone(),
+                    received: m.bytes_received.get_or_create(&labels).clone(),
+                    finished: RwLock::default(),
+                    labels,
+                })
+            })
+            .clone()
+    }
+
     /// The target new connections use.
     pub fn active(&self) -> Arc<Active> {
         self.active
@@ -155,7 +253,9 @@ impl State {
 /// Bound listeners with their routes, ready to serve.
 pub struct Server {
     state: Arc<State>,
-    pending: Vec<(TcpListener, Arc<Route>)>,
+    /// Each route's listening sockets, one per data thread.
+    pending: Vec<(Vec<std::net::TcpListener>, Arc<Route>)>,
+    workers: Option<Workers>,
     discovery: Arc<Discovery>,
     docker_host: String,
     dns: Option<SocketAddr>,
@@ -168,13 +268,15 @@ impl Server {
     /// Fails if any listener cannot be bound or the Docker host is malformed.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         let discovery = Arc::new(Discovery::new(config.dns));
+        let threads = config.threads.unwrap_or_else(Workers::default_count);
         let mut pending = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
-            let listener = bind_route(route)?;
-            let route = new_route(&listener, route, &discovery, &config.docker_host)?;
+            let listeners = bind_route(route, threads)?;
+            let route = new_route(&listeners, route, &discovery, &config.docker_host)?;
             info!(listen = %route.listen, backend = %route.active().config, kind = route.active().kind, "listening");
-            pending.push((listener, route));
+            pending.push((listeners, route));
         }
+        let workers = Workers::start(threads).map_err(StartError::Threads)?;
         let admin = match config.admin {
             None => None,
             Some(admin) => match listen::bind(Some(admin.addr.ip()), admin.addr.port()) {
@@ -206,6 +308,7 @@ impl Server {
                 started: std::time::Instant::now(),
             }),
             pending,
+            workers: Some(workers),
             discovery,
             docker_host: config.docker_host,
             dns: config.dns,
@@ -250,27 +353,34 @@ impl Server {
                 stop_accepting.clone(),
             ));
         }
-        let spawn_loop = |listener: TcpListener, route: Arc<Route>| {
-            accept_loops.spawn(accept_loop(
-                listener,
-                route,
-                self.state.clone(),
-                stop_accepting.clone(),
-                force_close.clone(),
-                connections.clone(),
-            ));
+        let Some(workers) = self.workers.take() else {
+            return;
         };
-        for (listener, route) in std::mem::take(&mut self.pending) {
-            spawn_loop(listener, route);
+        // Each data thread accepts on its own socket of the route.
+        let spawn_loops = |listeners: Vec<std::net::TcpListener>, route: Arc<Route>| {
+            for (listener, thread) in listeners.into_iter().zip(workers.handles()) {
+                let accept = accept_loop(
+                    listener,
+                    route.clone(),
+                    self.state.clone(),
+                    stop_accepting.clone(),
+                    force_close.clone(),
+                    connections.clone(),
+                );
+                accept_loops.spawn_on(accept, thread);
+            }
+        };
+        for (listeners, route) in std::mem::take(&mut self.pending) {
+            spawn_loops(listeners, route);
         }
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                Some(config) = reloads.recv() => match self.reload(config).await {
+                Some(config) = reloads.recv() => match self.reload(config, workers.len()).await {
                     Ok(added) => {
-                        for (listener, route) in added {
-                            spawn_loop(listener, route);
+                        for (listeners, route) in added {
+                            spawn_loops(listeners, route);
                         }
                     }
                     Err(e) => error!("reload rejected, keeping the running configuration: {e}"),
@@ -293,6 +403,7 @@ impl Server {
             force_close.cancel();
             connections.wait().await;
         }
+        workers.stop().await;
         // Ends every source still running.
         self.state
             .routes
@@ -304,7 +415,11 @@ impl Server {
 
     /// Applies a new configuration; returns the listeners of new routes to start. Every
     /// new listener is bound before anything changes, so a failure changes nothing.
-    async fn reload(&self, config: Config) -> Result<Vec<(TcpListener, Arc<Route>)>, StartError> {
+    async fn reload(
+        &self,
+        config: Config,
+        threads: usize,
+    ) -> Result<Vec<(Vec<std::net::TcpListener>, Arc<Route>)>, StartError> {
         if config.dns != self.dns
             || config.docker_host != self.docker_host
             || config.admin.map(|a| a.addr) != self.admin_config.map(|a| a.addr)
@@ -323,9 +438,9 @@ impl Server {
             .iter()
             .filter(|rc| !current.contains_key(&rc.listen.to_string()))
         {
-            let listener = bind_route(rc)?;
-            let route = new_route(&listener, rc, &self.discovery, &self.docker_host)?;
-            added.push((listener, route));
+            let listeners = bind_route(rc, threads)?;
+            let route = new_route(&listeners, rc, &self.discovery, &self.docker_host)?;
+            added.push((listeners, route));
         }
         // A changed route switches once its new source has a first result (bounded), so
         // connections arriving during the switch are not refused for want of backends.
@@ -379,20 +494,29 @@ impl Server {
     }
 }
 
-fn bind_route(route: &RouteConfig) -> Result<TcpListener, StartError> {
-    listen::bind(route.listen.ip, route.listen.port).map_err(|source| StartError::Bind {
-        addr: route.listen.to_string(),
-        source,
+fn bind_route(
+    route: &RouteConfig,
+    threads: usize,
+) -> Result<Vec<std::net::TcpListener>, StartError> {
+    listen::bind_group(route.listen.ip, route.listen.port, threads).map_err(|source| {
+        StartError::Bind {
+            addr: route.listen.to_string(),
+            source,
+        }
     })
 }
 
 fn new_route(
-    listener: &TcpListener,
+    listeners: &[std::net::TcpListener],
     rc: &RouteConfig,
     discovery: &Arc<Discovery>,
     docker_host: &str,
 ) -> Result<Arc<Route>, StartError> {
-    let listen = listener.local_addr().map_err(|source| StartError::Bind {
+    let bound = listeners.first().map_or_else(
+        || Err(io::Error::other("no listening socket")),
+        |l| l.local_addr(),
+    );
+    let listen = bound.map_err(|source| StartError::Bind {
         addr: rc.listen.to_string(),
         source,
     })?;
@@ -404,6 +528,7 @@ fn new_route(
             rc.listen.to_string()
         },
         label: listen.to_string(),
+        series: RouteSeries::new(&listen.to_string()),
         active: RwLock::new(new_active(&rc.target, discovery, docker_host)?),
         stop_accepting: CancellationToken::new(),
         stats: RouteStats::default(),
@@ -436,14 +561,24 @@ fn new_active(
     }))
 }
 
+/// Accepts on one of a route's sockets, on the data thread it runs on; each connection's
+/// task is spawned on the same thread.
 async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     route: Arc<Route>,
     state: Arc<State>,
     stop: CancellationToken,
     force_close: CancellationToken,
     connections: TaskTracker,
 ) {
+    // Registered here, with this thread's runtime, not the one that bound it.
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(listen = %route.listen, error = %e, "cannot accept on a listening socket");
+            return;
+        }
+    };
     let mut backoff = Duration::ZERO;
     loop {
         let accepted = tokio::select! {
@@ -508,12 +643,7 @@ async fn serve(
     let start = Instant::now();
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let _ = client.set_nodelay(true);
-    let m = metrics::global();
-    m.accepted
-        .get_or_create(&RouteLabels {
-            route: route.label.clone(),
-        })
-        .inc();
+    route.series.accepted.inc();
     route.stats.accepted.fetch_add(1, Ordering::Relaxed);
     route.stats.open.fetch_add(1, Ordering::Relaxed);
     let _open = OpenGuard(&route.stats.open);
@@ -555,14 +685,10 @@ async fn serve(
     };
     drop(active);
 
-    let backend_labels = || BackendLabels {
-        route: route.label.clone(),
-        backend: endpoint.addr.to_string(),
-    };
-    // Hold the gauge itself (one shared counter) across the transfer, not its labels:
+    // Hold the shared series (one pointer) across the transfer, not labels of its own:
     // what an open connection keeps alive is what idle connections cost in memory.
-    let active_gauge = m.active.get_or_create(&backend_labels()).clone();
-    active_gauge.inc();
+    let series = route.backend_series(endpoint.addr);
+    series.active.inc();
     let t = copy::pipe_with(
         settings.copy,
         &client,
@@ -571,17 +697,10 @@ async fn serve(
         &force_close,
     )
     .await;
-    active_gauge.dec();
-    let labels = backend_labels();
-    m.bytes_sent.get_or_create(&labels).inc_by(t.sent);
-    m.bytes_received.get_or_create(&labels).inc_by(t.received);
-    m.finished
-        .get_or_create(&CloseLabels {
-            route: labels.route,
-            backend: labels.backend,
-            reason: t.close.as_str().to_string(),
-        })
-        .inc();
+    series.active.dec();
+    series.sent.inc_by(t.sent);
+    series.received.inc_by(t.received);
+    series.finished(t.close.as_str()).inc();
     route.stats.sent.fetch_add(t.sent, Ordering::Relaxed);
     route
         .stats
