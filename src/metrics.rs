@@ -2,9 +2,10 @@
 //! update, and their text exposition for `GET /metrics`.
 //!
 //! One registry per process (the sources and connection tasks have no other shared
-//! context to carry it). The hot path touches a family once per connection event
-//! (accept, connect, close), never per byte: byte counts are added when a connection
-//! closes, from the totals the copy loop already keeps.
+//! context to carry it). The hot path never looks a family up per connection: each route
+//! keeps its series (proxy/mod.rs), so a family is touched only on a backend's first
+//! connection or a new close reason. Byte counters are added to as each read moves
+//! (one atomic add), so long transfers show while they run.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -127,12 +128,12 @@ impl Metrics {
         );
         r.register(
             "sent_bytes",
-            "Bytes from clients to backends, counted when a connection closes",
+            "Bytes from clients to backends, counted as they move",
             m.bytes_sent.clone(),
         );
         r.register(
             "received_bytes",
-            "Bytes from backends to clients, counted when a connection closes",
+            "Bytes from backends to clients, counted as they move",
             m.bytes_received.clone(),
         );
         r.register(

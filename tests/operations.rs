@@ -235,6 +235,49 @@ async fn metrics_count_known_connections_and_bytes() {
     assert_eq!(dead_route["endpoints"][0]["state"], "cooling_down");
 }
 
+/// Bytes are counted as they move, not when the connection closes: while a connection
+/// is still open, /metrics and /routes already show what it carried each way (5,000
+/// bytes up; the 2-byte greeting and the 5,000-byte echo down).
+#[tokio::test(flavor = "multi_thread")]
+async fn byte_counts_grow_while_a_connection_is_open() {
+    let backend = tagged_echo("a").await;
+    let mut amb = Ambassador::start(&[
+        "--admin",
+        "127.0.0.1:0",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        &backend.addr.to_string(),
+    ]);
+    let admin = admin_addr(&mut amb);
+    let (name, mut s) = attach(amb.addr).await.unwrap();
+    assert_eq!(name, "a");
+    let payload = vec![b'x'; 5000];
+    s.get_mut().write_all(&payload).await.unwrap();
+    let mut echoed = vec![0; payload.len()];
+    s.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(echoed, payload);
+
+    let (r, b) = (amb.addr.to_string(), backend.addr.to_string());
+    let labels = format!("{{route=\"{r}\",backend=\"{b}\"}}");
+    eventually("the open connection's bytes in /metrics", || async {
+        let (_, text) = get(admin, "/metrics").await?;
+        let sent = sample(&text, &format!("ambassadord_sent_bytes_total{labels}"));
+        let received = sample(&text, &format!("ambassadord_received_bytes_total{labels}"));
+        let active = sample(&text, &format!("ambassadord_connections_active{labels}"));
+        (sent == Some(5000.0) && received == Some(5002.0) && active == Some(1.0)).then_some(())
+    })
+    .await;
+    let (_, json) = get(admin, "/routes").await.unwrap();
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let route = &json["routes"][0];
+    assert_eq!(route["open_connections"], 1, "{json}");
+    assert_eq!(route["sent_bytes"], 5000, "{json}");
+    assert_eq!(route["received_bytes"], 5002, "{json}");
+    drop(s);
+}
+
 /// /readyz answers 503 while an etcd route has no first result (the store is not up
 /// yet) and 200 once it has; it then stays 200 after the store goes away again.
 /// /healthz answers 200 throughout.

@@ -73,6 +73,9 @@ pub struct Discovery {
     /// `--dns`: the nameserver for every lookup instead of /etc/resolv.conf.
     nameserver: Option<SocketAddr>,
     resolver: std::sync::OnceLock<dns::Resolver>,
+    /// The runtime sources run on: the one that built this (the control runtime), also
+    /// for a source started from a connection's task on a data thread (omni mode).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Discovery {
@@ -80,6 +83,7 @@ impl Discovery {
         Discovery {
             nameserver,
             resolver: std::sync::OnceLock::new(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -102,6 +106,7 @@ impl Discovery {
         let drive = Drive {
             failing: failing_tx,
             cancel,
+            runtime: self.runtime.clone(),
         };
         let sets = match spec {
             Spec::Static(list) => {
@@ -144,6 +149,7 @@ pub fn spawn_source<S: Source>(
     let drive = Drive {
         failing: watch::channel(false).0,
         cancel,
+        runtime: None,
     };
     drive.spawn(name, source)
 }
@@ -152,13 +158,19 @@ pub fn spawn_source<S: Source>(
 struct Drive {
     failing: watch::Sender<bool>,
     cancel: CancellationToken,
+    /// Where the driver tasks run; the caller's runtime if `None`.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Drive {
     fn spawn<S: Source>(&self, name: String, source: S) -> watch::Receiver<Option<S::Item>> {
         let (tx, rx) = watch::channel(None);
         let failing = self.failing.clone();
-        tokio::spawn(drive(name, source, tx, failing, self.cancel.clone()));
+        let task = drive(name, source, tx, failing, self.cancel.clone());
+        match &self.runtime {
+            Some(runtime) => drop(runtime.spawn(task)),
+            None => drop(tokio::spawn(task)),
+        }
         rx
     }
 }
@@ -337,6 +349,7 @@ mod tests {
         let drive = Drive {
             failing: failing_tx,
             cancel: CancellationToken::new(),
+            runtime: None,
         };
         let mut rx = drive.spawn("test".into(), Scripted(script));
         failing.changed().await.unwrap();

@@ -25,6 +25,7 @@ use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -114,6 +115,43 @@ pub(super) enum Fault {
     To(io::Error),
 }
 
+/// Shared counters one direction adds its bytes to as they move, so a long transfer
+/// shows in /metrics and /routes while it runs, not only once it closes.
+#[derive(Clone, Copy, Default)]
+pub struct Live<'a> {
+    pub metric: Option<&'a Counter>,
+    pub total: Option<&'a AtomicU64>,
+}
+
+/// One direction's byte count: the connection's own total plus its [`Live`] counters.
+pub(super) struct Tally<'a> {
+    own: AtomicU64,
+    live: Live<'a>,
+}
+
+impl<'a> Tally<'a> {
+    fn new(live: Live<'a>) -> Self {
+        Tally {
+            own: AtomicU64::new(0),
+            live,
+        }
+    }
+
+    pub(super) fn add(&self, n: u64) {
+        self.own.fetch_add(n, Ordering::Relaxed);
+        if let Some(metric) = self.live.metric {
+            metric.inc_by(n);
+        }
+        if let Some(total) = self.live.total {
+            total.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn get(&self) -> u64 {
+        self.own.load(Ordering::Relaxed)
+    }
+}
+
 /// Copies both ways until both directions end, with the default [`CopyMode`]; see the
 /// module documentation.
 pub async fn pipe(
@@ -122,20 +160,31 @@ pub async fn pipe(
     idle_timeout: Option<Duration>,
     stop: &CancellationToken,
 ) -> Transfer {
-    pipe_with(CopyMode::default(), client, backend, idle_timeout, stop).await
+    let live = (Live::default(), Live::default());
+    pipe_with(
+        CopyMode::default(),
+        client,
+        backend,
+        idle_timeout,
+        stop,
+        live,
+    )
+    .await
 }
 
-/// [`pipe`] with the copy mode chosen explicitly.
+/// [`pipe`] with the copy mode chosen explicitly, adding the bytes sent and received to
+/// `live` as they move.
 pub async fn pipe_with(
     mode: CopyMode,
     client: &TcpStream,
     backend: &TcpStream,
     idle_timeout: Option<Duration>,
     stop: &CancellationToken,
+    live: (Live<'_>, Live<'_>),
 ) -> Transfer {
     let start = Instant::now();
-    let sent = AtomicU64::new(0);
-    let received = AtomicU64::new(0);
+    let sent = Tally::new(live.0);
+    let received = Tally::new(live.1);
     // Milliseconds since `start` of the last byte moved either way.
     let last_activity = AtomicU64::new(0);
 
@@ -186,8 +235,8 @@ pub async fn pipe_with(
         }
     };
     Transfer {
-        sent: sent.load(Ordering::Relaxed),
-        received: received.load(Ordering::Relaxed),
+        sent: sent.get(),
+        received: received.get(),
         close,
     }
 }
@@ -197,7 +246,7 @@ async fn one_way(
     mode: CopyMode,
     from: &TcpStream,
     to: &TcpStream,
-    count: &AtomicU64,
+    count: &Tally<'_>,
     last_activity: &AtomicU64,
     start: Instant,
 ) -> Result<(), Fault> {
@@ -241,7 +290,7 @@ enum Flow {
 async fn copy_one_way(
     from: &TcpStream,
     to: &TcpStream,
-    count: &AtomicU64,
+    count: &Tally<'_>,
     last_activity: &AtomicU64,
     start: Instant,
     stop_on_bulk: bool,
@@ -284,7 +333,7 @@ async fn copy_one_way(
             }
             Ok(n) => {
                 write_all(to, &buf[..n]).await.map_err(Fault::To)?;
-                count.fetch_add(n as u64, Ordering::Relaxed);
+                count.add(n as u64);
                 last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
                 if stop_on_bulk && n >= BUF_SIZE {
                     return Ok(Flow::Bulk);

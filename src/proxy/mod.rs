@@ -689,23 +689,24 @@ async fn serve(
     // what an open connection keeps alive is what idle connections cost in memory.
     let series = route.backend_series(endpoint.addr);
     series.active.inc();
+    let live = |metric, total| copy::Live {
+        metric: Some(metric),
+        total: Some(total),
+    };
     let t = copy::pipe_with(
         settings.copy,
         &client,
         &backend,
         settings.idle_timeout,
         &force_close,
+        (
+            live(&series.sent, &route.stats.sent),
+            live(&series.received, &route.stats.received),
+        ),
     )
     .await;
     series.active.dec();
-    series.sent.inc_by(t.sent);
-    series.received.inc_by(t.received);
     series.finished(t.close.as_str()).inc();
-    route.stats.sent.fetch_add(t.sent, Ordering::Relaxed);
-    route
-        .stats
-        .received
-        .fetch_add(t.received, Ordering::Relaxed);
     let duration_ms = start.elapsed().as_millis() as u64;
     match t.close.error() {
         None => info!(listen = %route.listen, client = %peer, route = label, backend = %endpoint,

@@ -114,7 +114,7 @@ fn unsupported(e: &io::Error) -> bool {
 pub(super) async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
-    count: &AtomicU64,
+    count: &super::copy::Tally<'_>,
     last_activity: &AtomicU64,
     start: Instant,
 ) -> Spliced {
@@ -157,7 +157,7 @@ pub(super) async fn one_way(
                 if let Err(e) = drain(p, to).await {
                     return Spliced::Done(Err(Fault::To(e)));
                 }
-                count.fetch_add(n as u64, Ordering::Relaxed);
+                count.add(n as u64);
                 last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
             }
             // Drained for now: the pipe is empty, give it back while the direction is quiet.
