@@ -172,6 +172,8 @@ struct FileConfig {
     admin: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
+    copy: Option<String>,
+    threads: Option<i64>,
     #[serde(default)]
     route: Vec<FileRoute>,
 }
@@ -528,6 +530,33 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
         _ => cli.log_format,
     };
 
+    let copy = match &file.copy {
+        Some(c) if !given("copy") => CopyMode::from_str(c, true).map_err(|_| {
+            at(
+                &format!("{file_name}: copy"),
+                c,
+                "not a copy mode (auto, splice, userspace)",
+            )
+        })?,
+        _ => cli.copy,
+    };
+    let threads = match (cli.threads, file.threads) {
+        (Some(n), _) => Some(usize::from(n)),
+        (None, Some(n)) => Some(
+            usize::try_from(n)
+                .ok()
+                .filter(|n| (1..=1024).contains(n))
+                .ok_or_else(|| {
+                    at(
+                        &format!("{file_name}: threads"),
+                        &n.to_string(),
+                        "not a thread count (1-1024)",
+                    )
+                })?,
+        ),
+        (None, None) => None,
+    };
+
     let dns_value = match (&cli.dns, &file.dns) {
         (Some(d), _) => Some((d.clone(), origin(m, "dns"))),
         (None, Some(d)) => Some((d.clone(), format!("{file_name}: dns"))),
@@ -558,7 +587,7 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
             connect_timeout,
             idle_timeout,
             shutdown_grace,
-            copy: cli.copy,
+            copy,
         },
         log: LogConfig {
             filter: log_level.map(|(l, _)| l),
@@ -567,7 +596,7 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
         warnings,
         admin,
         config_file: cli.config.clone(),
-        threads: cli.threads.map(usize::from),
+        threads,
     })
 }
 
@@ -965,6 +994,13 @@ mod tests {
             })
         );
         assert_eq!(c.config_file.as_deref(), Some(path.as_path()));
+        // copy and threads come from the file unless a flag says otherwise.
+        let path = file("copy = \"splice\"\nthreads = 3\n[[route]]\nbackend = \"a:1\"\n");
+        let p2 = path.to_str().unwrap();
+        let c = parse(&["--config", p2]).unwrap();
+        assert_eq!((c.settings.copy, c.threads), (CopyMode::Splice, Some(3)));
+        let c = parse(&["--config", p2, "--copy", "userspace", "--threads", "1"]).unwrap();
+        assert_eq!((c.settings.copy, c.threads), (CopyMode::Userspace, Some(1)));
         // A BACKEND on the command line is one more route.
         let c = parse(&["--config", p, "--port", "7001", "10.0.0.9:1"]).unwrap();
         assert_eq!(c.routes.len(), 4);
@@ -990,6 +1026,11 @@ mod tests {
                 "connect_timeout 'fast'",
             ),
             ("", "no routes"),
+            ("threads = 0\n[[route]]\nbackend = \"a:1\"\n", "threads '0'"),
+            (
+                "copy = \"fast\"\n[[route]]\nbackend = \"a:1\"\n",
+                "copy 'fast'",
+            ),
             (
                 "[[route]]\nlisten=\":5\"\nbackend = \"a:1\"\n[[route]]\nlisten=\":5\"\nbackend = \"b:1\"\n",
                 "two routes listen on *:5",
