@@ -464,16 +464,20 @@ async fn containers_share_a_source_until_none_declares_it() {
 #[test]
 fn network_connect_is_learned_from_the_event() {
     let engine = engine();
-    let net = OwnNetwork::create(engine);
+    let scene = NetScene::start(engine);
+    let NetScene {
+        amb,
+        admin,
+        port,
+        url,
+        net,
+        ..
+    } = &scene;
+    let (admin, port) = (*admin, *port);
     let on_net = format!("--network={}", net.name);
-    let one = backend(engine, "one", 80, &[]);
-    let two = backend(engine, "two", 80, &[]);
-    let (amb, gateway, admin) = host_omni_with_admin(engine, &net.name);
-    let port = amb.addr.port();
-    let url = format!("timeout 10 wget -qO- http://{gateway}:{port}/answer");
 
     // Already on the second network, with its own declaration for the same port.
-    let env_two = format!("BACKEND_{port}={}:80", two.ip());
+    let env_two = scene.declares(&scene.two);
     let resident = engine.container(
         "resident",
         &[
@@ -487,9 +491,9 @@ fn network_connect_is_learned_from_the_event() {
     );
     let resident_ip = ip_on(engine, &resident, &net.name);
     wait_indexed(admin, &resident.name, &[&resident_ip]);
-    assert_eq!(resident.exec(&["sh", "-c", &url]).unwrap(), "two");
+    assert_eq!(resident.exec(&["sh", "-c", url]).unwrap(), "two");
 
-    let env_one = format!("BACKEND_{port}={}:80", one.ip());
+    let env_one = scene.declares(&scene.one);
     let client = engine.container(
         "client",
         &["-e", &env_one, engine.busybox_image(), "sleep", "600"],
@@ -504,7 +508,7 @@ fn network_connect_is_learned_from_the_event() {
     wait_indexed(admin, &client.name, &[&bridge_ip, &new_ip]);
     let (hits, misses) = (lookups(admin, "hit"), lookups(admin, "miss"));
     assert_eq!(
-        client.exec(&["sh", "-c", &url]).unwrap(),
+        client.exec(&["sh", "-c", url]).unwrap(),
         "one",
         "{:#?}",
         amb.log()
@@ -513,10 +517,9 @@ fn network_connect_is_learned_from_the_event() {
     assert_eq!(lookups(admin, "miss"), misses, "{:#?}", amb.log());
     assert_eq!(misses, 0, "every lookup in this test is an index hit");
     // It came from the new address (the log names the peer) and was routed as the client.
-    let served = served_line(&amb, &format!("{}:{port}", client.name));
+    let served = served_line(amb, &format!("{}:{port}", client.name));
     assert!(served.contains(&format!("client={new_ip}:")), "{served}");
     assert_eq!(amb.count_log("lost the Docker engine"), 0, "no re-list");
-    drop((client, resident, one, two));
 }
 
 /// `docker network disconnect` evicts the address the container had on that network:
@@ -527,15 +530,19 @@ fn network_connect_is_learned_from_the_event() {
 #[test]
 fn network_disconnect_evicts_the_address_and_a_reuser_gets_its_own_routing() {
     let engine = engine();
-    let net = OwnNetwork::create(engine);
+    let scene = NetScene::start(engine);
+    let NetScene {
+        amb,
+        admin,
+        port,
+        url,
+        net,
+        ..
+    } = &scene;
+    let (admin, port) = (*admin, *port);
     let on_net = format!("--network={}", net.name);
-    let one = backend(engine, "one", 80, &[]);
-    let two = backend(engine, "two", 80, &[]);
-    let (amb, gateway, admin) = host_omni_with_admin(engine, &net.name);
-    let port = amb.addr.port();
-    let url = format!("timeout 10 wget -qO- http://{gateway}:{port}/answer");
 
-    let env_one = format!("BACKEND_{port}={}:80", one.ip());
+    let env_one = scene.declares(&scene.one);
     let client = engine.container(
         "client",
         &["-e", &env_one, engine.busybox_image(), "sleep", "600"],
@@ -551,7 +558,7 @@ fn network_disconnect_evicts_the_address_and_a_reuser_gets_its_own_routing() {
         &client.name,
     ]);
     wait_indexed(admin, &client.name, &[&bridge_ip, shared_ip]);
-    assert_eq!(client.exec(&["sh", "-c", &url]).unwrap(), "one");
+    assert_eq!(client.exec(&["sh", "-c", url]).unwrap(), "one");
 
     engine.docker_ok(&["network", "disconnect", &net.name, &client.name]);
     wait_indexed(admin, &client.name, &[&bridge_ip]);
@@ -561,7 +568,7 @@ fn network_disconnect_evicts_the_address_and_a_reuser_gets_its_own_routing() {
         "the disconnected address is still indexed"
     );
 
-    let env_two = format!("BACKEND_{port}={}:80", two.ip());
+    let env_two = scene.declares(&scene.two);
     let reuser = engine.container(
         "reuser",
         &[
@@ -577,12 +584,51 @@ fn network_disconnect_evicts_the_address_and_a_reuser_gets_its_own_routing() {
     );
     wait_indexed(admin, &reuser.name, &[shared_ip]);
     assert_eq!(owners(admin, shared_ip), vec![reuser.name.clone()]);
-    let answer = reuser.exec(&["sh", "-c", &url]).unwrap();
+    let answer = reuser.exec(&["sh", "-c", url]).unwrap();
     assert_eq!(answer, "two", "{:#?}", amb.log());
-    let served = served_line(&amb, &format!("{}:{port}", reuser.name));
+    let served = served_line(amb, &format!("{}:{port}", reuser.name));
     assert!(served.contains(&format!("client={shared_ip}:")), "{served}");
     assert_eq!(lookups(admin, "miss"), 0, "{:#?}", amb.log());
-    drop((reuser, client, one, two));
+}
+
+/// What the network connect/disconnect tests start from: their own network, backends
+/// "one" and "two" on the default bridge, and the host omni ambassador (with its admin
+/// endpoint) listening on the network's gateway only, so clients reach it over that
+/// network alone. Fields drop in order: the network goes last, after its containers.
+struct NetScene<'e> {
+    amb: Ambassador,
+    admin: SocketAddr,
+    port: u16,
+    /// What a client runs to fetch `/answer` through the ambassador.
+    url: String,
+    one: Container<'e>,
+    two: Container<'e>,
+    net: OwnNetwork<'e>,
+}
+
+impl<'e> NetScene<'e> {
+    fn start(engine: &'e Engine) -> Self {
+        let net = OwnNetwork::create(engine);
+        let one = backend(engine, "one", 80, &[]);
+        let two = backend(engine, "two", 80, &[]);
+        let (amb, gateway, admin) = host_omni_with_admin(engine, &net.name);
+        let port = amb.addr.port();
+        let url = format!("timeout 10 wget -qO- http://{gateway}:{port}/answer");
+        NetScene {
+            amb,
+            admin,
+            port,
+            url,
+            one,
+            two,
+            net,
+        }
+    }
+
+    /// The env declaration that sends this scene's port to `backend`.
+    fn declares(&self, backend: &Container) -> String {
+        format!("BACKEND_{}={}:80", self.port, backend.ip())
+    }
 }
 
 /// [`host_omni_on`] `network` with the admin endpoint on an ephemeral loopback port;
