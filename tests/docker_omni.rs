@@ -322,6 +322,11 @@ impl<'e> OwnNetwork<'e> {
         panic!("no free /24 in 10.213.0.0/16 for a test network");
     }
 
+    /// The `docker run` argument that attaches a container to this network.
+    fn on(&self) -> String {
+        format!("--network={}", self.name)
+    }
+
     /// The address `host` in the network's subnet.
     fn addr(&self, host: u8) -> String {
         format!("{}.{host}", self.prefix)
@@ -465,39 +470,16 @@ async fn containers_share_a_source_until_none_declares_it() {
 fn network_connect_is_learned_from_the_event() {
     let engine = engine();
     let scene = NetScene::start(engine);
-    let NetScene {
-        amb,
-        admin,
-        port,
-        url,
-        net,
-        ..
-    } = &scene;
-    let (admin, port) = (*admin, *port);
-    let on_net = format!("--network={}", net.name);
+    let (amb, admin, port, url, net) =
+        (&scene.amb, scene.admin, scene.port, &scene.url, &scene.net);
 
     // Already on the second network, with its own declaration for the same port.
-    let env_two = scene.declares(&scene.two);
-    let resident = engine.container(
-        "resident",
-        &[
-            &on_net,
-            "-e",
-            &env_two,
-            engine.busybox_image(),
-            "sleep",
-            "600",
-        ],
-    );
+    let resident = scene.client("resident", &[&net.on()], &scene.two);
     let resident_ip = ip_on(engine, &resident, &net.name);
     wait_indexed(admin, &resident.name, &[&resident_ip]);
     assert_eq!(resident.exec(&["sh", "-c", url]).unwrap(), "two");
 
-    let env_one = scene.declares(&scene.one);
-    let client = engine.container(
-        "client",
-        &["-e", &env_one, engine.busybox_image(), "sleep", "600"],
-    );
+    let client = scene.client("client", &[], &scene.one);
     let bridge_ip = client.ip();
     wait_indexed(admin, &client.name, &[&bridge_ip]);
 
@@ -531,22 +513,10 @@ fn network_connect_is_learned_from_the_event() {
 fn network_disconnect_evicts_the_address_and_a_reuser_gets_its_own_routing() {
     let engine = engine();
     let scene = NetScene::start(engine);
-    let NetScene {
-        amb,
-        admin,
-        port,
-        url,
-        net,
-        ..
-    } = &scene;
-    let (admin, port) = (*admin, *port);
-    let on_net = format!("--network={}", net.name);
+    let (amb, admin, port, url, net) =
+        (&scene.amb, scene.admin, scene.port, &scene.url, &scene.net);
 
-    let env_one = scene.declares(&scene.one);
-    let client = engine.container(
-        "client",
-        &["-e", &env_one, engine.busybox_image(), "sleep", "600"],
-    );
+    let client = scene.client("client", &[], &scene.one);
     let bridge_ip = client.ip();
     let shared_ip = &net.addr(38);
     engine.docker_ok(&[
@@ -568,20 +538,7 @@ fn network_disconnect_evicts_the_address_and_a_reuser_gets_its_own_routing() {
         "the disconnected address is still indexed"
     );
 
-    let env_two = scene.declares(&scene.two);
-    let reuser = engine.container(
-        "reuser",
-        &[
-            &on_net,
-            "--ip",
-            shared_ip,
-            "-e",
-            &env_two,
-            engine.busybox_image(),
-            "sleep",
-            "600",
-        ],
-    );
+    let reuser = scene.client("reuser", &[&net.on(), "--ip", shared_ip], &scene.two);
     wait_indexed(admin, &reuser.name, &[shared_ip]);
     assert_eq!(owners(admin, shared_ip), vec![reuser.name.clone()]);
     let answer = reuser.exec(&["sh", "-c", url]).unwrap();
@@ -625,9 +582,14 @@ impl<'e> NetScene<'e> {
         }
     }
 
-    /// The env declaration that sends this scene's port to `backend`.
-    fn declares(&self, backend: &Container) -> String {
-        format!("BACKEND_{}={}:80", self.port, backend.ip())
+    /// A client container (started with `args`, then the image) whose `BACKEND_<port>`
+    /// sends this scene's port to `backend`.
+    fn client(&self, role: &str, args: &[&str], backend: &Container) -> Container<'e> {
+        let declares = format!("BACKEND_{}={}:80", self.port, backend.ip());
+        let image = self.net.engine.busybox_image();
+        let mut all = args.to_vec();
+        all.extend(["-e", &declares, image, "sleep", "600"]);
+        self.net.engine.container(role, &all)
     }
 }
 
