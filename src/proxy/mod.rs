@@ -40,6 +40,10 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use workers::Workers;
 
+/// How long accepts must go without failing before the accept backoff starts again from
+/// its first step.
+const ACCEPT_CALM: Duration = Duration::from_secs(1);
+
 /// How long a reload waits for a changed route's new source before switching anyway.
 const SWITCH_WAIT: Duration = Duration::from_secs(5);
 
@@ -580,6 +584,7 @@ async fn accept_loop(
         }
     };
     let mut backoff = Duration::ZERO;
+    let mut last_failure: Option<Instant> = None;
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -588,7 +593,13 @@ async fn accept_loop(
         };
         match accepted {
             Ok((client, peer)) => {
-                backoff = Duration::ZERO;
+                // Out of descriptors, one accept can still succeed between failures
+                // (a refused connection freed one): only a quiet second ends the backoff,
+                // so a lasting shortage is retried (and logged) ever more slowly.
+                if last_failure.is_some_and(|at| at.elapsed() >= ACCEPT_CALM) {
+                    backoff = Duration::ZERO;
+                    last_failure = None;
+                }
                 connections.spawn(serve(
                     client,
                     peer,
@@ -601,6 +612,7 @@ async fn accept_loop(
             Err(e) if is_per_connection(&e) => debug!(error = %e, "accept: connection aborted"),
             // Out of file descriptors or memory: wait for connections to close, never exit.
             Err(e) => {
+                last_failure = Some(Instant::now());
                 backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
                 error!(listen = %route.listen, error = %e, retry_in = ?backoff, "accept failed");
                 tokio::select! {
