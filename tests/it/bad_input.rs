@@ -1,9 +1,7 @@
 //! Bad input is rejected with one line naming the value and the right exit code
 //! (64 for bad usage, 1 for a runtime failure), never a panic.
 
-mod support;
-
-use support::run_to_exit;
+use crate::support::run_to_exit;
 
 fn assert_rejected(args: &[&str], env: &[(&str, &str)], code: i32, needle: &str) {
     let (got, stderr) = run_to_exit(args, env);

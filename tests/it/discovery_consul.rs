@@ -2,17 +2,13 @@
 //! emulator's own behaviour, the source's blocking-query loop, and the real binary
 //! following keys as they change, lose their store and come back.
 
-mod support;
-
-use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::support::consul::{ConsulEmulator, http};
+use crate::support::*;
 use ambassadord::discovery::Source;
 use ambassadord::discovery::consul::ConsulSource;
 use ambassadord::spec::{KvSpec, Spec};
-use support::consul::{ConsulEmulator, http};
-use support::*;
 
 fn kv_spec(consul: &ConsulEmulator, path: &str) -> KvSpec {
     match Spec::parse(&consul.url(path)).unwrap() {
@@ -24,27 +20,6 @@ fn kv_spec(consul: &ConsulEmulator, path: &str) -> KvSpec {
 fn start_ambassador(consul: &ConsulEmulator, path: &str, env: &[(&str, &str)]) -> Ambassador {
     let url = consul.url(path);
     Ambassador::start_with_env(&["--bind", "127.0.0.1", "--port", "0", &url], env)
-}
-
-/// The names that answer `tries` connections in a row (errors and refusals count as "").
-async fn names(proxy: SocketAddr, tries: usize) -> BTreeSet<String> {
-    let mut seen = BTreeSet::new();
-    for _ in 0..tries {
-        let reply = read_reply(proxy).await.unwrap_or_default();
-        seen.insert(reply.trim().to_string());
-    }
-    seen
-}
-
-/// Waits until the proxy serves exactly `expected`, every one of them.
-async fn serves_exactly(proxy: SocketAddr, expected: &[&str]) {
-    let want: BTreeSet<String> = expected.iter().map(|s| s.to_string()).collect();
-    let tries = 3 * expected.len() + 2;
-    eventually(&format!("serving exactly {want:?}"), || {
-        let want = want.clone();
-        async move { (names(proxy, tries).await == want).then_some(()) }
-    })
-    .await;
 }
 
 /// Waits until the ambassador has logged a line containing all of `needles`.
@@ -383,14 +358,14 @@ async fn consul_child_changed_added_removed_and_propagation_time() {
     consul.put("svc/web/", ""); // a folder marker, as the Consul UI writes
     consul.put("svc/web/one", &a.addr.to_string());
     let amb = start_ambassador(&consul, "/svc/web", &[]);
-    serves_exactly(amb.addr, &["a"]).await;
+    wait_serving(amb.addr, &["a"]).await;
 
     consul.put("svc/web/one", &b.addr.to_string());
-    serves_exactly(amb.addr, &["b"]).await;
+    wait_serving(amb.addr, &["b"]).await;
     consul.put("svc/web/two", &c.addr.to_string());
-    serves_exactly(amb.addr, &["b", "c"]).await;
+    wait_serving(amb.addr, &["b", "c"]).await;
     consul.delete("svc/web/one");
-    serves_exactly(amb.addr, &["c"]).await;
+    wait_serving(amb.addr, &["c"]).await;
 
     // Propagation: from the write to the first connection served by the new backend.
     // "Quiet": the write lands while the watch is held (the usual case). "Back to back":
@@ -407,15 +382,17 @@ async fn consul_child_changed_added_removed_and_propagation_time() {
             }
             let written = Instant::now();
             consul.put("svc/web/two", &backend.addr.to_string());
-            loop {
-                if read_reply(amb.addr).await.unwrap_or_default().trim() == *name {
-                    break;
-                }
-                assert!(
-                    written.elapsed() < DEADLINE,
-                    "change to {name} never served"
-                );
-            }
+            let proxy = amb.addr;
+            eventually_every(
+                DEADLINE,
+                Duration::ZERO,
+                || async move {
+                    let reply = read_reply(proxy).await.unwrap_or_default();
+                    (reply.trim() == *name).then_some(())
+                },
+                || format!("change to {name} never served"),
+            )
+            .await;
             times.push(written.elapsed());
         }
         times.sort();
@@ -439,9 +416,9 @@ async fn consul_single_value_with_a_comma_list() {
     consul.put("redis", &format!("{}, {}", a.addr, b.addr));
     consul.put("redisx/one", "127.0.0.1:9"); // a sibling sharing the prefix: not a child
     let amb = start_ambassador(&consul, "/redis", &[]);
-    serves_exactly(amb.addr, &["a", "b"]).await;
+    wait_serving(amb.addr, &["a", "b"]).await;
     consul.put("redis", &b.addr.to_string());
-    serves_exactly(amb.addr, &["b"]).await;
+    wait_serving(amb.addr, &["b"]).await;
 }
 
 /// A value that is not a backend is skipped with one warning naming its key and value;
@@ -454,12 +431,12 @@ async fn consul_bad_value_is_skipped_with_a_warning_naming_key_and_value() {
     consul.put("svc/a", &a.addr.to_string());
     consul.put("svc/bad", "redis:abc");
     let amb = start_ambassador(&consul, "/svc", &[]);
-    serves_exactly(amb.addr, &["a"]).await;
+    wait_serving(amb.addr, &["a"]).await;
     let line = logged(&amb, &["key 'svc/bad'", "value 'redis:abc'"]).await;
     assert!(line.contains("WARN"), "{line}");
     // Other writes re-read the prefix; the same bad value is not reported again.
     consul.put("svc/b", &b.addr.to_string());
-    serves_exactly(amb.addr, &["a", "b"]).await;
+    wait_serving(amb.addr, &["a", "b"]).await;
     assert_eq!(amb.count_log("value 'redis:abc'"), 1, "{:#?}", amb.log());
 }
 
@@ -476,22 +453,22 @@ async fn consul_store_restart_keeps_last_set_then_follows_changes_even_with_a_lo
         consul.put("svc/one", &a.addr.to_string()); // a high index to fall back from
     }
     let amb = start_ambassador(&consul, "/svc", &[]);
-    serves_exactly(amb.addr, &["a"]).await;
+    wait_serving(amb.addr, &["a"]).await;
 
     consul.stop().await;
     let line = logged(&amb, &["discovery failed", "keeping the last good set"]).await;
     assert!(line.contains(&format!("consul {}", consul.addr)), "{line}");
-    serves_exactly(amb.addr, &["a"]).await;
+    wait_serving(amb.addr, &["a"]).await;
 
     consul.restart().await;
     consul.put("svc/one", &b.addr.to_string());
-    serves_exactly(amb.addr, &["b"]).await;
+    wait_serving(amb.addr, &["b"]).await;
     logged(&amb, &["discovery recovered"]).await;
 
     consul.restart_with_index(2).await;
     assert!(consul.index() < 30);
     consul.put("svc/one", &c.addr.to_string());
-    serves_exactly(amb.addr, &["c"]).await;
+    wait_serving(amb.addr, &["c"]).await;
 }
 
 /// CONSUL_HTTP_TOKEN is sent as X-Consul-Token: a store that refuses requests without it
@@ -502,12 +479,12 @@ async fn consul_token_is_sent_as_x_consul_token() {
     let consul = ConsulEmulator::start_with_token("s3cret").await;
     consul.put("svc/a", &a.addr.to_string());
     let amb = start_ambassador(&consul, "/svc", &[("CONSUL_HTTP_TOKEN", "s3cret")]);
-    serves_exactly(amb.addr, &["a"]).await;
+    wait_serving(amb.addr, &["a"]).await;
 
     let refused = start_ambassador(&consul, "/svc", &[("CONSUL_HTTP_TOKEN", "wrong")]);
     let line = logged(&refused, &["discovery failed", "403"]).await;
     assert!(line.contains("ACL not found"), "{line}");
-    serves_exactly(refused.addr, &[""]).await;
+    wait_serving(refused.addr, &[""]).await;
 }
 
 /// A store unreachable at startup: the ambassador still listens, refuses connections,
@@ -522,15 +499,7 @@ async fn consul_unreachable_at_startup_listens_refuses_then_serves() {
     // The connect timeout is also how long a connection may wait for a first result
     // that is under way; a long one shows that, once the first read has failed, there
     // is no such wait: the connection is refused at once (well within the deadline).
-    let amb = Ambassador::start(&[
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--connect-timeout",
-        "60s",
-        &consul.url("/svc"),
-    ]);
+    let amb = Ambassador::on_loopback(&["--connect-timeout", "60s", &consul.url("/svc")]);
     let line = logged(&amb, &["discovery failed", "no backends yet"]).await;
     assert!(
         line.contains(&format!("consul {} key 'svc'", consul.addr))
@@ -549,7 +518,7 @@ async fn consul_unreachable_at_startup_listens_refuses_then_serves() {
         async move { found.then_some(()) }
     })
     .await;
-    serves_exactly(amb.addr, &["a"]).await;
+    wait_serving(amb.addr, &["a"]).await;
 }
 
 /// An HTTP 5xx from the store keeps the last set serving and is logged with its status
@@ -561,7 +530,7 @@ async fn consul_server_error_keeps_the_last_set() {
     let consul = ConsulEmulator::start().await;
     consul.put("svc/a", &a.addr.to_string());
     let amb = start_ambassador(&consul, "/svc", &[]);
-    serves_exactly(amb.addr, &["a"]).await;
+    wait_serving(amb.addr, &["a"]).await;
 
     consul.set_fault(Some((500, "No cluster leader")));
     consul.put("svc/a", &a.addr.to_string()); // wakes the held query into the fault
@@ -570,9 +539,9 @@ async fn consul_server_error_keeps_the_last_set() {
         line.contains("500") && line.contains("No cluster leader"),
         "{line}"
     );
-    serves_exactly(amb.addr, &["a"]).await;
+    wait_serving(amb.addr, &["a"]).await;
 
     consul.set_fault(None);
     consul.put("svc/a", &b.addr.to_string());
-    serves_exactly(amb.addr, &["b"]).await;
+    wait_serving(amb.addr, &["b"]).await;
 }

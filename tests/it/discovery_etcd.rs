@@ -1,73 +1,46 @@
-//! etcd discovery end to end: a real etcd (Debian's etcd-server) started per test on
-//! loopback, the real binary pointed at it with `etcd://127.0.0.1:PORT/path`, and the
+//! etcd discovery end to end: a real etcd (Debian's etcd-server) on loopback (shared by
+//! the tests that only read and write keys, one of its own for a test that stops or
+//! compacts it), the real binary pointed at it with `etcd://127.0.0.1:PORT/path`, and the
 //! keys changed through etcd's gateway while connections show where traffic goes.
 
-mod support;
-
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use support::etcd::{Etcd, WatchGate, free_port};
-use support::*;
+use crate::support::etcd::{Etcd, WatchGate, free_port};
+use crate::support::*;
 
 fn start_ambassador(url: &str) -> Ambassador {
-    Ambassador::start(&["--bind", "127.0.0.1", "--port", "0", url])
-}
-
-/// The backends a handful of connections through the proxy reach.
-async fn serving(addr: SocketAddr) -> BTreeSet<String> {
-    let mut seen = BTreeSet::new();
-    for _ in 0..6 {
-        if let Ok(reply) = read_reply(addr).await {
-            let name = reply.trim();
-            if !name.is_empty() {
-                seen.insert(name.to_string());
-            }
-        }
-    }
-    seen
-}
-
-/// Waits until connections reach exactly the backends named in `want`.
-async fn wait_serving(amb: &Ambassador, want: &[&str]) {
-    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
-    let addr = amb.addr;
-    eventually(&format!("the proxy serving exactly {want:?}"), || {
-        let want = want.clone();
-        async move { (serving(addr).await == want).then_some(()) }
-    })
-    .await;
+    Ambassador::on_loopback(&[url])
 }
 
 /// A child's value changed, a child added and a child removed are each followed live;
 /// a grandchild and a sibling key sharing the prefix are not backends.
 #[tokio::test(flavor = "multi_thread")]
 async fn children_changed_added_and_removed_are_followed() {
-    let etcd = Etcd::start().await;
+    let etcd = Etcd::scope();
     let a = named_backend("127.0.0.1:0", "a").await;
     let b = named_backend("127.0.0.1:0", "b").await;
     let c = named_backend("127.0.0.1:0", "c").await;
     etcd.put("/svc/nodes/one", &a.addr.to_string()).await;
     let amb = start_ambassador(&etcd.url("/svc/nodes"));
-    wait_serving(&amb, &["a"]).await;
+    wait_serving(amb.addr, &["a"]).await;
 
     etcd.put("/svc/nodes/one", &b.addr.to_string()).await;
-    wait_serving(&amb, &["b"]).await;
+    wait_serving(amb.addr, &["b"]).await;
 
     // Not children: these must never be served (they are written before `two`, so once
     // `c` is served they have been seen too).
     etcd.put("/svc/nodes/two/meta", &a.addr.to_string()).await;
     etcd.put("/svc/nodesx/one", &a.addr.to_string()).await;
     etcd.put("/svc/nodes/two", &c.addr.to_string()).await;
-    wait_serving(&amb, &["b", "c"]).await;
+    wait_serving(amb.addr, &["b", "c"]).await;
     assert_eq!(
-        serving(amb.addr).await,
+        serving(amb.addr, 8).await,
         BTreeSet::from(["b".to_string(), "c".to_string()])
     );
 
     etcd.delete("/svc/nodes/one").await;
-    wait_serving(&amb, &["c"]).await;
+    wait_serving(amb.addr, &["c"]).await;
 }
 
 /// Without children the key's own value is the backend list, and a comma-separated
@@ -75,7 +48,7 @@ async fn children_changed_added_and_removed_are_followed() {
 /// goes the value serves again.
 #[tokio::test(flavor = "multi_thread")]
 async fn single_value_with_a_comma_list_serves_when_there_are_no_children() {
-    let etcd = Etcd::start().await;
+    let etcd = Etcd::scope();
     let a = named_backend("127.0.0.1:0", "a").await;
     let b = named_backend("127.0.0.1:0", "b").await;
     let c = named_backend("127.0.0.1:0", "c").await;
@@ -85,12 +58,12 @@ async fn single_value_with_a_comma_list_serves_when_there_are_no_children() {
     )
     .await;
     let amb = start_ambassador(&etcd.url("/svc/single"));
-    wait_serving(&amb, &["a", "b"]).await;
+    wait_serving(amb.addr, &["a", "b"]).await;
 
     etcd.put("/svc/single/x", &c.addr.to_string()).await;
-    wait_serving(&amb, &["c"]).await;
+    wait_serving(amb.addr, &["c"]).await;
     etcd.delete("/svc/single/x").await;
-    wait_serving(&amb, &["a", "b"]).await;
+    wait_serving(amb.addr, &["a", "b"]).await;
 }
 
 /// A value that is not a backend is skipped with one warning naming key and value; the
@@ -98,22 +71,29 @@ async fn single_value_with_a_comma_list_serves_when_there_are_no_children() {
 /// named `localhost` here, so this also proves a store given by name is found.)
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_value_is_skipped_with_a_warning_naming_key_and_value() {
-    let etcd = Etcd::start().await;
+    let etcd = Etcd::scope();
     let a = named_backend("127.0.0.1:0", "a").await;
     let b = named_backend("127.0.0.1:0", "b").await;
     etcd.put("/svc/n/good", &a.addr.to_string()).await;
     etcd.put("/svc/n/bad", "redis:abc").await;
     // The store by name: resolved through the project's resolver (/etc/hosts here).
-    let mut amb = start_ambassador(&format!("etcd://localhost:{}/svc/n", etcd.client.port()));
-    wait_serving(&amb, &["a"]).await;
-    let warning = "key '/svc/n/bad': value 'redis:abc' is not a backend";
-    let line = amb.wait_for_log(warning);
+    let mut amb = start_ambassador(&format!(
+        "etcd://localhost:{}{}",
+        etcd.etcd.client.port(),
+        etcd.key("/svc/n")
+    ));
+    wait_serving(amb.addr, &["a"]).await;
+    let warning = format!(
+        "key '{}': value 'redis:abc' is not a backend",
+        etcd.key("/svc/n/bad")
+    );
+    let line = amb.wait_for_log(&warning);
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("port 'abc' is not a number"), "{line}");
 
     etcd.put("/svc/n/other", &b.addr.to_string()).await;
-    wait_serving(&amb, &["a", "b"]).await;
-    assert_eq!(amb.count_log(warning), 1, "{:#?}", amb.log());
+    wait_serving(amb.addr, &["a", "b"]).await;
+    assert_eq!(amb.count_log(&warning), 1, "{:#?}", amb.log());
 }
 
 /// While etcd is down the last set keeps serving (and the log says so once); after
@@ -125,19 +105,22 @@ async fn store_stopped_then_restarted_keeps_serving_and_follows_changes() {
     let b = named_backend("127.0.0.1:0", "b").await;
     etcd.put("/svc/n/one", &a.addr.to_string()).await;
     let mut amb = start_ambassador(&etcd.url("/svc/n"));
-    wait_serving(&amb, &["a"]).await;
+    wait_serving(amb.addr, &["a"]).await;
 
     etcd.stop();
     let line = amb.wait_for_log("discovery failed");
     assert!(line.contains("keeping the last good set"), "{line}");
     assert!(line.contains(&etcd.client.to_string()), "{line}");
     for _ in 0..3 {
-        assert_eq!(serving(amb.addr).await, BTreeSet::from(["a".to_string()]));
+        assert_eq!(
+            serving(amb.addr, 8).await,
+            BTreeSet::from(["a".to_string()])
+        );
     }
 
     etcd.restart().await;
     etcd.put("/svc/n/one", &b.addr.to_string()).await;
-    wait_serving(&amb, &["b"]).await;
+    wait_serving(amb.addr, &["b"]).await;
     amb.wait_for_log("discovery recovered");
     assert_eq!(amb.count_log("discovery failed"), 1, "{:#?}", amb.log());
 }
@@ -151,14 +134,14 @@ async fn compaction_while_watching_keeps_changes_flowing() {
     let b = named_backend("127.0.0.1:0", "b").await;
     etcd.put("/svc/n/one", &a.addr.to_string()).await;
     let amb = start_ambassador(&etcd.url("/svc/n"));
-    wait_serving(&amb, &["a"]).await;
+    wait_serving(amb.addr, &["a"]).await;
 
     for i in 0..5 {
         etcd.put("/elsewhere", &i.to_string()).await;
     }
     etcd.compact(etcd.revision().await).await;
     etcd.put("/svc/n/one", &b.addr.to_string()).await;
-    wait_serving(&amb, &["b"]).await;
+    wait_serving(amb.addr, &["b"]).await;
 }
 
 /// A watch that reaches etcd only after the revision it starts from was compacted away
@@ -172,7 +155,7 @@ async fn watch_starting_behind_a_compaction_reads_afresh() {
     etcd.put("/svc/n/one", &a.addr.to_string()).await;
     let gate = WatchGate::start(etcd.client).await;
     let mut amb = start_ambassador(&format!("etcd://{}/svc/n", gate.addr));
-    wait_serving(&amb, &["a"]).await;
+    wait_serving(amb.addr, &["a"]).await;
     gate.wait_held().await;
 
     // The change falls between the read and the held watch; the compaction then removes
@@ -182,7 +165,7 @@ async fn watch_starting_behind_a_compaction_reads_afresh() {
     etcd.compact(etcd.revision().await).await;
     gate.release();
 
-    wait_serving(&amb, &["b"]).await;
+    wait_serving(amb.addr, &["b"]).await;
     let line = amb.wait_for_log("compacted past the watched revision");
     assert!(line.contains("reading afresh"), "{line}");
     assert_eq!(amb.count_log("discovery failed"), 0, "{:#?}", amb.log());
@@ -213,7 +196,7 @@ async fn unreachable_at_startup_then_coming_up() {
 
     let etcd = Etcd::start_on(port).await;
     etcd.put("/svc/n/one", &a.addr.to_string()).await;
-    wait_serving(&amb, &["a"]).await;
+    wait_serving(amb.addr, &["a"]).await;
 }
 
 /// A server that is not etcd (a reply that is not the gateway's JSON) gets a message
@@ -260,12 +243,12 @@ async fn malformed_reply_is_named_with_server_and_key() {
 /// does assert that every change is applied.
 #[tokio::test(flavor = "multi_thread")]
 async fn propagation_time_from_put_to_routing() {
-    let etcd = Etcd::start().await;
+    let etcd = Etcd::scope();
     let a = named_backend("127.0.0.1:0", "a").await;
     let b = named_backend("127.0.0.1:0", "b").await;
     etcd.put("/svc/n/one", &a.addr.to_string()).await;
     let amb = start_ambassador(&etcd.url("/svc/n"));
-    wait_serving(&amb, &["a"]).await;
+    wait_serving(amb.addr, &["a"]).await;
 
     let mut times = Vec::new();
     for round in 0..20 {
@@ -276,15 +259,17 @@ async fn propagation_time_from_put_to_routing() {
         };
         let start = Instant::now();
         etcd.put("/svc/n/one", &addr.to_string()).await;
-        loop {
-            if read_reply(amb.addr).await.is_ok_and(|r| r.trim() == name) {
-                break;
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "round {round}: the change to {name} was never applied"
-            );
-        }
+        let proxy = amb.addr;
+        eventually_every(
+            DEADLINE,
+            Duration::ZERO,
+            || async move {
+                let reply = read_reply(proxy).await;
+                reply.is_ok_and(|r| r.trim() == name).then_some(())
+            },
+            || format!("round {round}: the change to {name} was never applied"),
+        )
+        .await;
         times.push(start.elapsed());
     }
     times.sort();
@@ -307,7 +292,7 @@ async fn propagation_time_from_put_to_routing() {
 async fn a_backend_leaving_the_set_keeps_its_open_connections() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let etcd = Etcd::start().await;
+    let etcd = Etcd::scope();
     // An echo backend that also says its name first.
     let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let echo_addr = echo.local_addr().unwrap();
@@ -338,7 +323,7 @@ async fn a_backend_leaving_the_set_keeps_its_open_connections() {
 
     etcd.delete("/svc/nodes/one").await;
     etcd.put("/svc/nodes/two", &stays.addr.to_string()).await;
-    wait_serving(&amb, &["stays"]).await;
+    wait_serving(amb.addr, &["stays"]).await;
 
     open.write_all(b"still here").await.unwrap();
     let mut back = [0u8; 10];

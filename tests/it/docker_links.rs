@@ -1,13 +1,11 @@
 //! `--links` and the image: the binary on loopback with link variables written by the
 //! test, and the scripts/build-image image in a real Docker engine with real links.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
-use support::docker::engine;
-use support::*;
+use crate::support::docker::engine;
+use crate::support::*;
 
 /// The `listen=` addresses of every "listening" line so far.
 fn listen_addrs(amb: &Ambassador) -> BTreeSet<SocketAddr> {

@@ -4,17 +4,14 @@
 //! that connect to `backends:<port>`), plus the index's behaviour when containers come
 //! and go and when the Engine API goes away.
 
-mod support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use support::docker::{Container, Engine, TempDir, engine, unique_name};
-use support::*;
+use crate::support::docker::{Container, Engine, Network, TempDir, engine, unique_name};
+use crate::support::*;
 
 /// A busybox httpd that answers `/answer` with `answer`, on `port`.
 fn backend<'e>(engine: &'e Engine, answer: &str, port: u16, extra: &[&str]) -> Container<'e> {
@@ -146,7 +143,7 @@ fn omni_routes_each_client_by_its_own_declaration() {
 #[test]
 fn user_network_by_name_and_a_reused_ip_gets_its_own_routing() {
     let engine = engine();
-    let net = OwnNetwork::create(engine);
+    let net = Network::create(engine);
     let on_net = format!("--network={}", net.name);
     let four = backend(engine, "four", 80, &[&on_net]);
     let five = backend(engine, "five", 80, &[&on_net]);
@@ -219,8 +216,8 @@ async fn index_survives_the_engine_going_away() {
     assert_eq!(fetch_from(&known).unwrap().trim(), "one");
 }
 
-/// The binary in omni mode on the host, listening on the default bridge's gateway
-/// address (so containers reach it without a redirect: the port is the listen port),
+/// The binary in omni mode on the host, listening on the host's address on the default
+/// bridge (the bridge's gateway) (so containers reach it without a redirect: the port is the listen port),
 /// reading the engine at `docker_host`; returns it, once its index is ready, and the
 /// gateway address.
 fn host_omni(engine: &Engine, docker_host: &str, extra: &[&str]) -> (Ambassador, String) {
@@ -236,17 +233,7 @@ fn host_omni_on(
     docker_host: &str,
     extra: &[&str],
 ) -> (Ambassador, String) {
-    let gateway = engine.docker_ok(&[
-        "network",
-        "inspect",
-        network,
-        "--format",
-        "{{(index .IPAM.Config 0).Gateway}}",
-    ]);
-    assert!(
-        !gateway.is_empty(),
-        "network {network} reports no gateway address"
-    );
+    let gateway = engine.host_address(network).to_string();
     let mut args = vec![
         "--omnimode",
         "--bind",
@@ -262,81 +249,9 @@ fn host_omni_on(
     (amb, gateway)
 }
 
-/// Polls `check` from a synchronous context, failing after the deadline.
-fn eventually_sync<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A user-defined bridge network with a known /24 subnet (so a test can pick an address)
-/// and the subnet's first address as its gateway, removed when dropped. The subnet is
-/// one not in use, so tests (and test processes) sharing the daemon never collide.
-struct OwnNetwork<'e> {
-    engine: &'e Engine,
-    name: String,
-    /// The first three octets of the subnet.
-    prefix: String,
-}
-
-impl<'e> OwnNetwork<'e> {
-    fn create(engine: &'e Engine) -> Self {
-        let name = unique_name("net");
-        let pid_label = format!("{}.pid={}", support::docker::LABEL, std::process::id());
-        let start = fastrand::u8(..);
-        for n in (0..=255u8).map(|i| start.wrapping_add(i)) {
-            let prefix = format!("10.213.{n}");
-            let subnet = format!("{prefix}.0/24");
-            // Named explicitly: Docker reports no gateway for a subnet given without one.
-            let gateway = format!("{prefix}.1");
-            let created = engine.docker(&[
-                "network",
-                "create",
-                "--subnet",
-                &subnet,
-                "--gateway",
-                &gateway,
-                "--label",
-                support::docker::LABEL,
-                "--label",
-                &pid_label,
-                &name,
-            ]);
-            match created {
-                Ok(_) => {
-                    return OwnNetwork {
-                        engine,
-                        name,
-                        prefix,
-                    };
-                }
-                Err(e) if e.contains("overlaps") => continue,
-                Err(e) => panic!("{e}"),
-            }
-        }
-        panic!("no free /24 in 10.213.0.0/16 for a test network");
-    }
-
-    /// The `docker run` argument that attaches a container to this network.
-    fn on(&self) -> String {
-        format!("--network={}", self.name)
-    }
-
-    /// The address `host` in the network's subnet.
-    fn addr(&self, host: u8) -> String {
-        format!("{}.{host}", self.prefix)
-    }
-}
-
-impl Drop for OwnNetwork<'_> {
-    fn drop(&mut self) {
-        let _ = self.engine.docker(&["network", "rm", &self.name]);
-    }
+/// Polls `check` from a synchronous test until it returns `Some`.
+fn eventually_sync<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
+    wait_until(DEADLINE, check, || format!("timed out waiting for: {what}"))
 }
 
 /// The container's address on `network`.
@@ -560,12 +475,12 @@ struct NetScene<'e> {
     url: String,
     one: Container<'e>,
     two: Container<'e>,
-    net: OwnNetwork<'e>,
+    net: Network<'e>,
 }
 
 impl<'e> NetScene<'e> {
     fn start(engine: &'e Engine) -> Self {
-        let net = OwnNetwork::create(engine);
+        let net = Network::create(engine);
         let one = backend(engine, "one", 80, &[]);
         let two = backend(engine, "two", 80, &[]);
         let (amb, gateway, admin) = host_omni_with_admin(engine, &net.name);
@@ -603,33 +518,14 @@ fn host_omni_with_admin(engine: &Engine, network: &str) -> (Ambassador, String, 
     );
     let (mut amb, gateway) =
         host_omni_on(engine, network, &docker_host, &["--admin", "127.0.0.1:0"]);
-    let line = amb.wait_for_log("admin endpoint listening");
-    let admin = field(&line, "admin")
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no admin address in {line:?}"));
+    let admin = amb.admin_addr();
     (amb, gateway, admin)
-}
-
-/// The body of a `GET path` on the admin endpoint, which must answer 200.
-fn admin_get(admin: SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&admin, DEADLINE)
-        .unwrap_or_else(|e| panic!("admin endpoint {admin}: {e}"));
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
-    let status = head.lines().next().unwrap_or_default();
-    assert!(status.contains(" 200 "), "GET {path}: {reply}");
-    body.to_string()
 }
 
 /// Every container in the omni index, by name, with its addresses (from `/routes`,
 /// which reads the index and never asks Docker).
 fn indexed(admin: SocketAddr) -> HashMap<String, Vec<String>> {
-    let routes: serde_json::Value = serde_json::from_str(&admin_get(admin, "/routes")).unwrap();
+    let routes: serde_json::Value = serde_json::from_str(&admin::get_ok(admin, "/routes")).unwrap();
     let mut out = HashMap::new();
     for route in routes["routes"].as_array().into_iter().flatten() {
         for c in route["containers"].as_array().into_iter().flatten() {
@@ -646,19 +542,14 @@ fn indexed(admin: SocketAddr) -> HashMap<String, Vec<String>> {
 fn wait_indexed(admin: SocketAddr, name: &str, ips: &[&str]) {
     let mut want: Vec<String> = ips.iter().map(|ip| ip.to_string()).collect();
     want.sort();
-    let start = Instant::now();
-    loop {
-        let now = indexed(admin);
-        if now.get(name) == Some(&want) {
-            return;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the index never had {name} at {want:?}; it has {:?}",
-            now.get(name)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        DEADLINE,
+        || (indexed(admin).get(name) == Some(&want)).then_some(()),
+        || {
+            let now = indexed(admin).remove(name);
+            format!("the index never had {name} at {want:?}; it has {now:?}")
+        },
+    );
 }
 
 /// The containers the index lists with address `ip`.
@@ -675,7 +566,7 @@ fn owners(admin: SocketAddr, ip: &str) -> Vec<String> {
 /// `ambassadord_omni_lookups_total{result=...}` from `/metrics`; 0 before the first.
 fn lookups(admin: SocketAddr, result: &str) -> u64 {
     let series = format!("ambassadord_omni_lookups_total{{result=\"{result}\"}} ");
-    admin_get(admin, "/metrics")
+    admin::get_ok(admin, "/metrics")
         .lines()
         .find_map(|l| l.strip_prefix(&series))
         .map(|n| n.trim().parse().unwrap())

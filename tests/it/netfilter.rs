@@ -1,195 +1,48 @@
 //! `--setup-iptables` / `--remove-iptables` against the real kernel: the real binary runs
 //! in a network namespace each test creates (`ip netns exec`), `nft` (used only here, never
 //! by the product) reads back what it programmed, and real TCP connections over a veth pair
-//! between this namespace and the test's prove the redirect works. Needs root; skipped with
-//! a message otherwise.
+//! between this namespace and the test's prove the redirect works. Needs root (the test
+//! command runs as root); without it each test fails saying so.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::mpsc;
-use std::time::Duration;
 
-use nix::sched::CloneFlags;
 use serde_json::Value;
 use socket2::{Domain, SockRef, Socket, Type};
 
-/// How long any condition in a test may take before the test fails.
-const DEADLINE: Duration = Duration::from_secs(20);
+use crate::support::DEADLINE;
+use crate::support::netns::Netns;
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// Runs a command, panicking with its output when it cannot run or fails.
-fn run(program: &str, args: &[&str]) -> Output {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (scripts/test installs it): {e}"));
+/// The namespace's whole nf_tables ruleset, as `nft -j` reports it.
+fn ruleset(ns: &Netns) -> Vec<Value> {
+    let out = ns.exec("nft", &["-j", "list", "ruleset"]);
     assert!(
         out.status.success(),
-        "{program} {args:?} failed: {}",
+        "nft -j list ruleset: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    out
+    let json: Value = serde_json::from_slice(&out.stdout).expect("nft -j output is JSON");
+    json["nftables"].as_array().cloned().unwrap_or_default()
 }
 
-/// A network namespace of this test's own, deleted on drop even when the test fails
-/// (which also deletes the veth pair, whose other end lives in it).
-struct Netns {
-    name: String,
-    veth: Option<String>,
+/// The `inet ambassadord` table's chains and rules (empty when it does not exist).
+fn ours(ns: &Netns) -> (Vec<Value>, Vec<Value>) {
+    let mine = |v: &Value, kind: &str| {
+        let o = &v[kind];
+        o.is_object() && o["family"] == "inet" && o["table"] == "ambassadord"
+    };
+    let all = ruleset(ns);
+    let chains = all.iter().filter(|v| mine(v, "chain")).cloned().collect();
+    let rules = all.iter().filter(|v| mine(v, "rule")).cloned().collect();
+    (chains, rules)
 }
 
-impl Netns {
-    /// Creates the namespace with loopback up, or returns `None` (after saying why) when
-    /// the test cannot run here.
-    fn new() -> Option<Netns> {
-        if !is_root() {
-            eprintln!("skipping: creating network namespaces and nf_tables rules needs root");
-            return None;
-        }
-        let name = format!("amb-test-{}", fastrand::u32(..));
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns { name, veth: None };
-        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
-        Some(ns)
-    }
-
-    /// Runs `ip netns exec NS program args...` and returns its output, failing or not.
-    fn exec(&self, program: &str, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name, program])
-            .args(args)
-            .output()
-            .expect("ip netns exec")
-    }
-
-    /// Runs the real binary in the namespace.
-    fn ambassadord(&self, args: &[&str]) -> Output {
-        self.exec(env!("CARGO_BIN_EXE_ambassadord"), args)
-    }
-
-    /// The namespace's whole nf_tables ruleset, as `nft -j` reports it.
-    fn ruleset(&self) -> Vec<Value> {
-        let out = self.exec("nft", &["-j", "list", "ruleset"]);
-        assert!(
-            out.status.success(),
-            "nft -j list ruleset: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let json: Value = serde_json::from_slice(&out.stdout).expect("nft -j output is JSON");
-        json["nftables"].as_array().cloned().unwrap_or_default()
-    }
-
-    /// The `inet ambassadord` table's chains and rules (empty when it does not exist).
-    fn ours(&self) -> (Vec<Value>, Vec<Value>) {
-        let mine = |v: &Value, kind: &str| {
-            let o = &v[kind];
-            o.is_object() && o["family"] == "inet" && o["table"] == "ambassadord"
-        };
-        let all = self.ruleset();
-        let chains = all.iter().filter(|v| mine(v, "chain")).cloned().collect();
-        let rules = all.iter().filter(|v| mine(v, "rule")).cloned().collect();
-        (chains, rules)
-    }
-
-    fn has_table(&self, family: &str, name: &str) -> bool {
-        self.ruleset()
-            .iter()
-            .any(|v| v["table"]["family"] == family && v["table"]["name"] == name)
-    }
-
-    /// Connects this namespace to the test's own with a veth pair, addresses in the
-    /// benchmarking ranges (198.18.0.0/15, and a ULA prefix for IPv6) used only between
-    /// the two. Returns the namespace side's IPv4 and IPv6 addresses.
-    fn veth(&mut self) -> (Ipv4Addr, Ipv6Addr) {
-        let tag = fastrand::u32(..0x100_0000);
-        let (host, inner) = (format!("ambh{tag:06x}"), format!("ambn{tag:06x}"));
-        run(
-            "ip",
-            &[
-                "link", "add", &host, "type", "veth", "peer", "name", &inner, "netns", &self.name,
-            ],
-        );
-        self.veth = Some(host.clone());
-        let (a, b) = ((tag >> 8) as u8, (tag as u8) & 0xfc);
-        let v4 = |last: u8| Ipv4Addr::new(198, 18, a, b + last);
-        let v6 = |last: u16| {
-            Ipv6Addr::new(
-                0xfd61,
-                0x6d62,
-                (tag >> 16) as u16,
-                tag as u16,
-                0,
-                0,
-                0,
-                last,
-            )
-        };
-        run(
-            "ip",
-            &["addr", "add", &format!("{}/30", v4(1)), "dev", &host],
-        );
-        run(
-            "ip",
-            &[
-                "-6",
-                "addr",
-                "add",
-                &format!("{}/64", v6(1)),
-                "dev",
-                &host,
-                "nodad",
-            ],
-        );
-        run("ip", &["link", "set", &host, "up"]);
-        let ns = |args: &[&str]| run("ip", &[&["-n", &self.name][..], args].concat());
-        ns(&["addr", "add", &format!("{}/30", v4(2)), "dev", &inner]);
-        ns(&[
-            "-6",
-            "addr",
-            "add",
-            &format!("{}/64", v6(2)),
-            "dev",
-            &inner,
-            "nodad",
-        ]);
-        ns(&["link", "set", &inner, "up"]);
-        (v4(2), v6(2))
-    }
-
-    /// Runs `f` on a thread that has entered the namespace, so sockets it creates live
-    /// there (sockets keep their namespace when used from any other thread afterwards).
-    fn inside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("open the namespace");
-            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-        .join()
-        .expect("thread inside the namespace")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Some(veth) = &self.veth {
-            let _ = Command::new("ip").args(["link", "del", veth]).output();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
+fn has_table(ns: &Netns, family: &str, name: &str) -> bool {
+    ruleset(ns)
+        .iter()
+        .any(|v| v["table"]["family"] == family && v["table"]["name"] == name)
 }
 
 fn assert_ok(out: &Output, what: &str) {
@@ -204,7 +57,7 @@ fn assert_ok(out: &Output, what: &str) {
 /// Asserts the table holds exactly the plan: one nat chain hooked at prerouting with
 /// dstnat priority, and one rule redirecting TCP to `port`.
 fn assert_one_redirect(ns: &Netns, port: u16) {
-    let (chains, rules) = ns.ours();
+    let (chains, rules) = ours(ns);
     assert_eq!(chains.len(), 1, "chains: {chains:?}");
     let c = &chains[0]["chain"];
     assert_eq!(
@@ -231,7 +84,7 @@ fn assert_one_redirect(ns: &Netns, port: u16) {
 /// port, then without --port, so the default 10000) still leaves exactly one rule.
 #[test]
 fn setup_installs_one_redirect_and_running_again_keeps_one() {
-    let Some(ns) = Netns::new() else { return };
+    let ns = Netns::new();
     assert_ok(
         &ns.ambassadord(&["--setup-iptables", "--port", "15001"]),
         "setup",
@@ -253,7 +106,7 @@ fn setup_installs_one_redirect_and_running_again_keeps_one() {
 /// leaves other tables in the namespace alone (setup does too).
 #[test]
 fn remove_deletes_only_our_table_and_is_harmless_when_absent() {
-    let Some(ns) = Netns::new() else { return };
+    let ns = Netns::new();
     assert_ok(
         &ns.ambassadord(&["--remove-iptables"]),
         "remove with nothing there",
@@ -263,10 +116,10 @@ fn remove_deletes_only_our_table_and_is_harmless_when_absent() {
         "nft add table",
     );
     assert_ok(&ns.ambassadord(&["--setup-iptables"]), "setup");
-    assert!(ns.has_table("inet", "ambassadord"));
+    assert!(has_table(&ns, "inet", "ambassadord"));
     assert_ok(&ns.ambassadord(&["--remove-iptables"]), "remove");
-    assert!(!ns.has_table("inet", "ambassadord"), "{:?}", ns.ruleset());
-    assert!(ns.has_table("inet", "someone_else"), "{:?}", ns.ruleset());
+    assert!(!has_table(&ns, "inet", "ambassadord"), "{:?}", ruleset(&ns));
+    assert!(has_table(&ns, "inet", "someone_else"), "{:?}", ruleset(&ns));
     assert_ok(&ns.ambassadord(&["--remove-iptables"]), "remove again");
 }
 
@@ -274,7 +127,7 @@ fn remove_deletes_only_our_table_and_is_harmless_when_absent() {
 /// capability is missing and how to grant it, and change nothing.
 #[test]
 fn without_cap_net_admin_exits_1_with_a_clear_message() {
-    let Some(ns) = Netns::new() else { return };
+    let ns = Netns::new();
     let bin = env!("CARGO_BIN_EXE_ambassadord");
     for (flag, doing) in [
         ("--setup-iptables", "setting up the redirect"),
@@ -298,7 +151,7 @@ fn without_cap_net_admin_exits_1_with_a_clear_message() {
         assert!(stderr.contains(&want), "{flag}: {stderr}");
         assert_eq!(stderr.trim_end().lines().count(), 1, "{flag}: {stderr}");
     }
-    assert!(!ns.has_table("inet", "ambassadord"));
+    assert!(!has_table(&ns, "inet", "ambassadord"));
 }
 
 /// A listener on `port` inside the namespace, IPv4 or IPv6 only (so each family's
@@ -365,7 +218,7 @@ fn connect_through(listener: &TcpListener, to: SocketAddr) -> SocketAddr {
 /// Before setup and after `--remove-iptables` the same connection is refused.
 #[test]
 fn redirected_connection_reaches_the_omni_port_with_its_original_destination() {
-    let Some(mut ns) = Netns::new() else { return };
+    let mut ns = Netns::new();
     let (v4, v6) = ns.veth();
     let omni = 15002;
     let l4 = listen_inside(&ns, Ipv4Addr::UNSPECIFIED.into(), omni);
@@ -406,7 +259,7 @@ fn redirected_connection_reaches_the_omni_port_with_its_original_destination() {
 /// IPv6 one answers at the IPv6 level.
 #[test]
 fn dual_stack_listener_gets_the_original_destination_of_both_families() {
-    let Some(mut ns) = Netns::new() else { return };
+    let mut ns = Netns::new();
     let (v4, v6) = ns.veth();
     let omni = 10000;
     let listener = ns.inside(move || {

@@ -2,37 +2,17 @@
 //! readiness following discovery, the status page in a real headless Chromium, the
 //! access log for refused connections, and `--config` files reloaded on SIGHUP.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use support::etcd::{Etcd, free_port};
-use support::{Ambassador, Backend, eventually, field, integrity_exchange, run_to_exit};
+use crate::support::etcd::{Etcd, free_port};
+use crate::support::netns::Netns;
+use crate::support::{
+    Ambassador, Backend, admin, eventually, field, integrity_exchange, run_to_exit,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-
-/// One HTTP/1.0 GET to the admin endpoint: status code and body.
-async fn get(admin: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(admin).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).await.ok()?;
-    let status = reply.split(' ').nth(1)?.parse().ok()?;
-    let body = reply.split_once("\r\n\r\n")?.1.to_string();
-    Some((status, body))
-}
-
-/// The admin address the ambassador logged.
-fn admin_addr(amb: &mut Ambassador) -> SocketAddr {
-    let line = amb.wait_for_log("admin endpoint listening");
-    field(&line, "admin")
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no admin address in {line:?}"))
-}
 
 /// The address the route forwarding to `backend` listens on, from its log line.
 fn listen_of(amb: &Ambassador, backend: &str) -> SocketAddr {
@@ -43,21 +23,6 @@ fn listen_of(amb: &Ambassador, backend: &str) -> SocketAddr {
         .and_then(|l| field(l, "listen"))
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("no listening line for {backend}: {:#?}", amb.log()))
-}
-
-/// The value of one sample (`name{labels}`) in a Prometheus text exposition.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// The sum of every sample whose series starts with `prefix`.
-fn sum(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// A backend that greets each connection with `name\n`, then echoes until EOF: a
@@ -125,19 +90,10 @@ fn write(path: &Path, text: &str) {
 /// shape with close=refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_known_connections_and_bytes() {
-    let backend = support::integrity_backend().await;
+    let backend = crate::support::integrity_backend().await;
     let dead = format!("127.0.0.1:{}", free_port());
-    let file = temp_file("metrics.toml");
-    write(
-        &file,
-        &format!(
-            "[[route]]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\n\n[[route]]\nlisten = \"127.0.0.1:0\"\nbackend = \"{dead}\"\n",
-            backend.addr
-        ),
-    );
-    let mut amb =
-        Ambassador::start(&["--admin", "127.0.0.1:0", "--config", file.to_str().unwrap()]);
-    let admin = admin_addr(&mut amb);
+    let (mut amb, admin) =
+        start_with_routes("metrics.toml", &[backend.addr.to_string(), dead.clone()]);
     let good = listen_of(&amb, &backend.addr.to_string());
     let bad = listen_of(&amb, &dead);
 
@@ -151,21 +107,22 @@ async fn metrics_count_known_connections_and_bytes() {
 
     let (r, b) = (good.to_string(), backend.addr.to_string());
     let text = eventually("three finished connections in /metrics", || async {
-        let (status, text) = get(admin, "/metrics").await?;
+        let (status, text) = admin::get(admin, "/metrics")?;
         assert_eq!(status, 200);
-        let finished = sum(
+        let finished = admin::sum(
             &text,
             &format!("ambassadord_connections_finished_total{{route=\"{r}\",backend=\"{b}\""),
         );
-        let failed = sample(
+        let failed = admin::sample(
             &text,
             &format!("ambassadord_connect_failures_total{{route=\"{bad}\",backend=\"{dead}\",reason=\"refused\"}}"),
         );
         (finished == 3.0 && failed == Some(1.0)).then_some(text)
     })
     .await;
-    let at =
-        |series: String| sample(&text, &series).unwrap_or_else(|| panic!("no {series} in\n{text}"));
+    let at = |series: String| {
+        admin::sample(&text, &series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
     let labels = format!("{{route=\"{r}\",backend=\"{b}\"}}");
     assert_eq!(
         at(format!(
@@ -213,7 +170,7 @@ async fn metrics_count_known_connections_and_bytes() {
         assert!(field(l, "duration_ms").is_some(), "{l}");
     }
 
-    let (status, json) = get(admin, "/routes").await.unwrap();
+    let (status, json) = admin::get(admin, "/routes").unwrap();
     assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_str(&json).unwrap();
     let route = json["routes"]
@@ -250,7 +207,7 @@ async fn byte_counts_grow_while_a_connection_is_open() {
         "0",
         &backend.addr.to_string(),
     ]);
-    let admin = admin_addr(&mut amb);
+    let admin = amb.admin_addr();
     let (name, mut s) = attach(amb.addr).await.unwrap();
     assert_eq!(name, "a");
     let payload = vec![b'x'; 5000];
@@ -262,14 +219,14 @@ async fn byte_counts_grow_while_a_connection_is_open() {
     let (r, b) = (amb.addr.to_string(), backend.addr.to_string());
     let labels = format!("{{route=\"{r}\",backend=\"{b}\"}}");
     eventually("the open connection's bytes in /metrics", || async {
-        let (_, text) = get(admin, "/metrics").await?;
-        let sent = sample(&text, &format!("ambassadord_sent_bytes_total{labels}"));
-        let received = sample(&text, &format!("ambassadord_received_bytes_total{labels}"));
-        let active = sample(&text, &format!("ambassadord_connections_active{labels}"));
+        let (_, text) = admin::get(admin, "/metrics")?;
+        let sent = admin::sample(&text, &format!("ambassadord_sent_bytes_total{labels}"));
+        let received = admin::sample(&text, &format!("ambassadord_received_bytes_total{labels}"));
+        let active = admin::sample(&text, &format!("ambassadord_connections_active{labels}"));
         (sent == Some(5000.0) && received == Some(5002.0) && active == Some(1.0)).then_some(())
     })
     .await;
-    let (_, json) = get(admin, "/routes").await.unwrap();
+    let (_, json) = admin::get(admin, "/routes").unwrap();
     let json: serde_json::Value = serde_json::from_str(&json).unwrap();
     let route = &json["routes"][0];
     assert_eq!(route["open_connections"], 1, "{json}");
@@ -295,15 +252,15 @@ async fn readiness_flips_after_the_first_discovery_result() {
         "0",
         &spec,
     ]);
-    let admin = admin_addr(&mut amb);
+    let admin = amb.admin_addr();
     amb.wait_for_log("discovery failed");
-    let (status, body) = get(admin, "/readyz").await.unwrap();
+    let (status, body) = admin::get(admin, "/readyz").unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("waiting for discovery"), "{body}");
-    assert_eq!(get(admin, "/healthz").await.unwrap().0, 200);
-    let (_, metrics) = get(admin, "/metrics").await.unwrap();
+    assert_eq!(admin::get(admin, "/healthz").unwrap().0, 200);
+    let (_, metrics) = admin::get(admin, "/metrics").unwrap();
     assert!(
-        sample(
+        admin::sample(
             &metrics,
             &format!("ambassadord_discovery_errors_total{{source=\"{spec}\"}}")
         )
@@ -314,7 +271,7 @@ async fn readiness_flips_after_the_first_discovery_result() {
     let mut etcd = Etcd::start_on(port).await;
     etcd.put("/svc/n/one", &backend.addr.to_string()).await;
     eventually("/readyz to answer 200", || async {
-        (get(admin, "/readyz").await?.0 == 200).then_some(())
+        (admin::get(admin, "/readyz")?.0 == 200).then_some(())
     })
     .await;
     // Ready may come from a first read that found the key not written yet (an empty
@@ -326,26 +283,17 @@ async fn readiness_flips_after_the_first_discovery_result() {
 
     etcd.stop();
     amb.wait_for_log("discovery failed; keeping the last good set");
-    assert_eq!(get(admin, "/readyz").await.unwrap().0, 200);
+    assert_eq!(admin::get(admin, "/readyz").unwrap().0, 200);
 }
 
 /// The status page loads in a real headless Chromium and shows the route, its backend
 /// and its traffic; the test saves a screenshot (target/tmp/status-page.png).
 #[tokio::test(flavor = "multi_thread")]
 async fn status_page_shows_the_route_in_headless_chromium() {
-    let a = support::integrity_backend().await;
+    let a = crate::support::integrity_backend().await;
     let dead = format!("127.0.0.1:{}", free_port());
-    let file = temp_file("status.toml");
-    write(
-        &file,
-        &format!(
-            "[[route]]\nlisten = \"127.0.0.1:0\"\nbackend = \"{}\"\n\n[[route]]\nlisten = \"127.0.0.1:0\"\nbackend = \"{dead},{}\"\n",
-            a.addr, a.addr
-        ),
-    );
-    let mut amb =
-        Ambassador::start(&["--admin", "127.0.0.1:0", "--config", file.to_str().unwrap()]);
-    let admin = admin_addr(&mut amb);
+    let second_spec = format!("{dead},{}", a.addr);
+    let (amb, admin) = start_with_routes("status.toml", &[a.addr.to_string(), second_spec]);
     let first = listen_of(&amb, &a.addr.to_string());
     for seed in 0..4 {
         integrity_exchange(first, seed, 200_000).await;
@@ -406,6 +354,19 @@ fn chromium(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Starts the binary with the admin endpoint on a free port and a `--config` file
+/// (`name`) with one route per backend spec, each on a free loopback port; returns it
+/// and the admin address.
+fn start_with_routes(name: &str, backends: &[String]) -> (Ambassador, SocketAddr) {
+    let file = temp_file(name);
+    let routes: Vec<(u16, String)> = backends.iter().map(|b| (0, b.clone())).collect();
+    write(&file, &routes_file(&routes));
+    let mut amb =
+        Ambassador::start(&["--admin", "127.0.0.1:0", "--config", file.to_str().unwrap()]);
+    let admin = amb.admin_addr();
+    (amb, admin)
+}
+
 fn routes_file(routes: &[(u16, String)]) -> String {
     let mut s = String::from("connect_timeout = \"2s\"\n");
     for (port, backend) in routes {
@@ -435,7 +396,7 @@ async fn reload_adds_removes_and_changes_routes_under_open_transfers() {
     );
     let mut amb =
         Ambassador::start(&["--admin", "127.0.0.1:0", "--config", file.to_str().unwrap()]);
-    let admin = admin_addr(&mut amb);
+    let admin = amb.admin_addr();
     let r1: SocketAddr = ([127, 0, 0, 1], p1).into();
     let r2: SocketAddr = ([127, 0, 0, 1], p2).into();
     let r3: SocketAddr = ([127, 0, 0, 1], p3).into();
@@ -470,8 +431,9 @@ async fn reload_adds_removes_and_changes_routes_under_open_transfers() {
     let gone = format!("ambassadord_discovery_endpoints{{source=\"{}\"}}", a.addr);
     let there = format!("ambassadord_discovery_endpoints{{source=\"{}\"}}", b.addr);
     eventually("the old source's series to go", || async {
-        let (_, text) = get(admin, "/metrics").await?;
-        (sample(&text, &gone).is_none() && sample(&text, &there) == Some(1.0)).then_some(())
+        let (_, text) = admin::get(admin, "/metrics")?;
+        (admin::sample(&text, &gone).is_none() && admin::sample(&text, &there) == Some(1.0))
+            .then_some(())
     })
     .await;
 
@@ -546,66 +508,23 @@ async fn bad_reload_is_rejected_and_nothing_changes() {
     assert!(stderr.contains("bakend"), "{stderr}");
 }
 
-/// A network namespace of the test's own, deleted on drop.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
-
 /// With `--setup-iptables`' redirect installed in the ambassador's network namespace,
 /// the admin endpoint on its default loopback address still answers from inside that
 /// namespace: the redirect hooks prerouting, which connections made inside the
 /// namespace never pass. (This is how the README tells users to reach it.)
 #[tokio::test(flavor = "multi_thread")]
 async fn admin_on_loopback_is_not_caught_by_the_redirect() {
-    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
-        s.lines()
-            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-    });
-    if !root {
-        eprintln!("skipping: network namespaces need root");
-        return;
-    }
-    let ns = Netns(format!("amb-ops-{}", fastrand::u32(..)));
-    let ip = |args: &[&str]| {
-        let out = Command::new("ip").args(args).output().expect("run ip");
-        assert!(
-            out.status.success(),
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    ip(&["netns", "add", &ns.0]);
-    ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+    let ns = Netns::new();
+    let setup = ns.ambassadord(&["--setup-iptables"]);
+    assert!(setup.status.success(), "{setup:?}");
     let bin = env!("CARGO_BIN_EXE_ambassadord");
-    ip(&["netns", "exec", &ns.0, bin, "--setup-iptables"]);
     let mut amb = Ambassador::start_with_shell(&format!(
         "exec ip netns exec {} {bin} --bind 127.0.0.1 --port 10000 127.0.0.1:1",
-        ns.0
+        ns.name
     ));
-    amb.wait_for_log("admin endpoint listening");
-    let path = format!("/run/netns/{}", ns.0);
-    let reply = std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open the namespace");
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(config_default_admin())
-            .expect("connect to the admin port");
-        s.set_read_timeout(Some(support::DEADLINE)).unwrap();
-        s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").unwrap();
-        let mut reply = String::new();
-        s.read_to_string(&mut reply).unwrap();
-        reply
-    })
-    .join()
-    .unwrap();
-    assert!(
-        reply.starts_with("HTTP/1.0 200") && reply.ends_with("ok\n"),
-        "{reply}"
-    );
+    assert_eq!(amb.admin_addr(), config_default_admin());
+    let reply = ns.inside(|| admin::get(config_default_admin(), "/healthz"));
+    assert_eq!(reply, Some((200, "ok\n".to_string())));
 }
 
 fn config_default_admin() -> SocketAddr {

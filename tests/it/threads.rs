@@ -2,13 +2,11 @@
 //! accepted on, a route's sockets all close together (reload, shutdown), and the shared
 //! port stays closed to a second ambassadord.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::etcd::free_port;
-use support::{Ambassador, DEADLINE, eventually, integrity_exchange, run_to_exit};
+use crate::support::etcd::free_port;
+use crate::support::{Ambassador, DEADLINE, eventually, integrity_exchange, run_to_exit};
 use tokio::net::TcpStream;
 
 /// Connections the kernel spreads over a route's sockets: enough that each of 4
@@ -20,7 +18,7 @@ const SPREAD: usize = 64;
 /// share of the connections hanging in its backlog, and this test would time out.
 #[tokio::test(flavor = "multi_thread")]
 async fn every_data_thread_accepts_its_share_of_connections() {
-    let backend = support::integrity_backend().await;
+    let backend = crate::support::integrity_backend().await;
     let amb = Ambassador::start(&[
         "--threads",
         "4",
@@ -41,7 +39,7 @@ async fn every_data_thread_accepts_its_share_of_connections() {
 /// the first one keeps serving.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_ambassadord_on_the_same_port_is_refused() {
-    let backend = support::integrity_backend().await;
+    let backend = crate::support::integrity_backend().await;
     let first = Ambassador::start(&[
         "--threads",
         "2",
@@ -91,7 +89,7 @@ async fn all_refused(addr: SocketAddr) -> bool {
 /// while the route that stays keeps serving on all of them.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_removed_route_closes_every_threads_socket() {
-    let backend = support::integrity_backend().await;
+    let backend = crate::support::integrity_backend().await;
     let (kept, removed) = (free_port(), free_port());
     let route = |port: u16| {
         format!(

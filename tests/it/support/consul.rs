@@ -24,7 +24,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use http_body_util::{BodyExt, Full};
@@ -236,10 +236,6 @@ impl ConsulEmulator {
         self.change(|s| s.delete(key, false))
     }
 
-    pub fn delete_tree(&self, prefix: &str) -> u64 {
-        self.change(|s| s.delete(prefix, true))
-    }
-
     /// The raft index of the last write.
     pub fn index(&self) -> u64 {
         self.shared.store.lock().unwrap().index
@@ -283,20 +279,11 @@ impl ConsulEmulator {
     /// Serves again on the same port with the same data.
     pub async fn restart(&self) {
         self.stop().await;
-        let start = Instant::now();
-        let listener = loop {
-            match TcpListener::bind(self.addr).await {
-                Ok(l) => break l,
-                Err(e) => {
-                    assert!(
-                        start.elapsed() < super::DEADLINE,
-                        "cannot bind {} again: {e}",
-                        self.addr
-                    );
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        };
+        let addr = self.addr;
+        let listener = super::eventually(&format!("binding {addr} again"), || async move {
+            TcpListener::bind(addr).await.ok()
+        })
+        .await;
         let task = tokio::spawn(serve(listener, self.shared.clone()));
         *self.server.lock().unwrap() = Some(task);
     }

@@ -9,9 +9,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::DEADLINE;
+use nix::sys::signal::Signal;
+
+use super::{DEADLINE, wait_until};
 
 pub struct Dnsmasq {
     child: Option<Child>,
@@ -52,17 +54,19 @@ impl Dnsmasq {
     /// does not re-read srv-host on SIGHUP).
     pub fn restart(&mut self, config: &str) {
         self.stop();
-        let start = Instant::now();
         // The port is ours, but a TCP child of the old process may hold it for a moment.
-        while !self.launch(config) {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "dnsmasq would not restart on port {}: {:#?}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let lines = self.lines.clone();
+        let port = self.port;
+        wait_until(
+            DEADLINE,
+            || self.launch(config).then_some(()),
+            || {
+                format!(
+                    "dnsmasq would not restart on port {port}: {:#?}",
+                    lines.lock().unwrap()
+                )
+            },
+        );
     }
 
     /// The `--dns` argument that points at this server.
@@ -100,24 +104,24 @@ impl Dnsmasq {
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
             .unwrap_or("dnsmasq");
-        let mut child = Command::new(bin)
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--log-queries",
-                "--log-facility=-",
-                "--pid-file=",
-            ])
-            .arg(format!("--port={}", self.port))
-            .arg(format!("--conf-file={}", conf.display()))
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--log-queries",
+            "--log-facility=-",
+            "--pid-file=",
+        ])
+        .arg(format!("--port={}", self.port))
+        .arg(format!("--conf-file={}", conf.display()))
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        let mut child = super::process::spawn(cmd, Signal::SIGKILL)
             .expect("start dnsmasq (Debian package dnsmasq-base; scripts/test installs it)");
         let stderr = child.stderr.take().unwrap();
         let sink = self.lines.clone();
@@ -128,19 +132,22 @@ impl Dnsmasq {
             }
         });
         let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(_)) = child.try_wait() {
-                return false;
-            }
-            // It binds UDP and TCP before it serves; a TCP connect proves both are bound.
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                self.child = Some(child);
-                return true;
-            }
-            assert!(start.elapsed() < DEADLINE, "dnsmasq never listened");
-            std::thread::sleep(Duration::from_millis(20));
+        let served = wait_until(
+            DEADLINE,
+            || {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return Some(false);
+                }
+                // It binds UDP and TCP before it serves; a TCP connect proves both are bound.
+                let up = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok();
+                up.then_some(true)
+            },
+            || "dnsmasq never listened".to_string(),
+        );
+        if served {
+            self.child = Some(child);
         }
+        served
     }
 }
 

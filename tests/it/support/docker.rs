@@ -1,79 +1,51 @@
 //! The Docker half of the test harness: a real Docker engine for the tests, images built
 //! from local files (no registry is reachable), and containers removed when a test ends.
 //!
-//! Which engine: `DOCKER_HOST` when it is set; else the harness's own daemon if one is
-//! running; else a system daemon on /var/run/docker.sock; else the harness starts its own
-//! `dockerd` (Debian's docker.io; root needed) with its own socket, exec root, pidfile and
-//! data root (below [`STATE_DIR`] and [`DATA_ROOT`]), so it never touches a system
-//! daemon's state and its images survive between runs. A daemon it did not start it never
-//! stops.
-//!
-//! Stopping its own daemon: every test process that uses that daemon holds a shared
-//! `flock` on `lease.lock` for as long as it lives (a `flock` child whose stdin is a pipe
-//! from the test process, so the kernel releases it however the process ends, panic and
-//! SIGKILL included). The daemon is started under a small watchdog shell that waits for
-//! the last lease to go, lingers a few seconds so the next test binary of the same
-//! `cargo test` can reuse the daemon, then stops dockerd (which stops its containers).
-//! `start.lock` makes "is it running? start it; take a lease" one step across processes,
-//! so two test processes started at once share one daemon, and a process never joins a
-//! daemon that is being stopped.
+//! Which engine: `DOCKER_HOST` when it is set; else a system daemon on
+//! /var/run/docker.sock; else the harness starts its own `dockerd` (Debian's docker.io;
+//! root needed) with its own socket, exec root, pidfile and data root (below
+//! [`STATE_DIR`] and [`DATA_ROOT`]), so it never touches a system daemon's state and its
+//! images survive between runs. The harness's daemon is started once per test run, on
+//! first use, and gets SIGTERM when the test process ends however it ends (see
+//! `process.rs`): dockerd then stops its containers and exits. A daemon it did not start
+//! it never stops.
 //!
 //! Images: [`Engine::busybox_image`] is `FROM scratch` plus Debian's busybox-static and a
 //! link per applet (sh, nc, wget, httpd, ...), for clients and backends;
 //! [`Engine::ambassadord_image`] runs scripts/build-image, the same script users run.
-//! Each is built once per test process and reused when it is already up to date.
-#![allow(dead_code)]
+//! Each is built once per test run and reused when it is already up to date.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::DEADLINE;
+use nix::sys::signal::Signal;
 
-/// Sockets, pidfile, exec root, locks and the daemon's log for the harness's own dockerd.
+use super::{DEADLINE, process, wait_until};
+
+/// Socket, pidfile, exec root and the daemon's log for the harness's own dockerd.
 pub const STATE_DIR: &str = "/run/ambassadord-test";
 /// Images and containers of the harness's own dockerd; kept between runs.
 pub const DATA_ROOT: &str = "/var/lib/ambassadord-test/docker";
 /// Every container a test starts carries this label (and `LABEL.pid=<test pid>`), so
 /// leftovers of a killed run can be found and removed.
 pub const LABEL: &str = "ambassadord-test";
-/// How long the daemon may take to answer after it is started, and a docker command to run.
+/// How long the daemon may take to answer after it is started (or a previous run's
+/// daemon to finish stopping), and a docker command to run.
 const ENGINE_START: Duration = Duration::from_secs(60);
 const COMMAND_DEADLINE: Duration = Duration::from_secs(120);
 /// How long scripts/build-image may take (a cold static release build on 2 cores).
 const BUILD_DEADLINE: Duration = Duration::from_secs(1800);
 
-/// The watchdog that owns the harness's dockerd: starts it, waits until no test process
-/// holds a lease (plus a linger), then stops it while holding start.lock so nobody joins
-/// a daemon on its way out. Arguments: the state dir, then dockerd's command line.
-const WATCHDOG: &str = r#"
-state=$1; shift
-"$@" </dev/null >"$state/dockerd.log" 2>&1 &
-dockerd=$!
-exec 8>>"$state/start.lock" 9>>"$state/lease.lock"
-while :; do
-  flock -x 9 && flock -u 9        # every test process using the daemon has gone
-  sleep 5                         # linger for the next test binary of this cargo test
-  flock -x 8                      # nobody is checking the daemon or joining it now
-  if flock -xn 9; then break; fi  # and nobody joined during the linger
-  flock -u 8
-done
-kill -TERM "$dockerd" 2>/dev/null
-wait "$dockerd"
-"#;
-
 /// A Docker engine the tests can use.
 pub struct Engine {
     /// `unix:///...`, passed to every docker command as DOCKER_HOST.
     pub host: String,
-    /// Whether the harness started this daemon (and its watchdog will stop it).
-    pub owned: bool,
-    /// Held for the life of the test process when the daemon is the harness's own.
-    _lease: Option<FlockHold>,
 }
 
 /// The engine, started or found on first use. Fails the test with the reason (and the
@@ -91,41 +63,30 @@ impl Engine {
         if let Ok(host) = std::env::var("DOCKER_HOST") {
             return Self::found(host, "DOCKER_HOST");
         }
-        let state = Path::new(STATE_DIR);
-        std::fs::create_dir_all(state.join("exec"))
-            .map_err(|e| format!("cannot create {STATE_DIR}: {e}"))?;
-        let own_sock = state.join("docker.sock");
-        let own_host = format!("unix://{}", own_sock.display());
-
-        let start_lock = FlockHold::acquire(&state.join("start.lock"), false)?;
-        let owned = if ping(&own_sock) {
-            true
-        } else if ping(Path::new("/var/run/docker.sock")) {
-            drop(start_lock);
+        if ping(Path::new("/var/run/docker.sock")) {
             return Self::found("unix:///var/run/docker.sock".into(), "the system daemon");
-        } else {
+        }
+        let state = Path::new(STATE_DIR);
+        let own_sock = state.join("docker.sock");
+        if !ping(&own_sock) {
             start_dockerd(state, &own_sock)?;
-            true
-        };
-        // Joined while holding start.lock: the watchdog cannot stop the daemon between
-        // the check above and this lease.
-        let lease = FlockHold::acquire(&state.join("lease.lock"), true)?;
-        drop(start_lock);
+        } else {
+            // Another test process is running the suite: share its daemon (it stops
+            // when that process ends).
+            eprintln!(
+                "using the dockerd another test run started on {}",
+                own_sock.display()
+            );
+        }
         let engine = Engine {
-            host: own_host,
-            owned,
-            _lease: Some(lease),
+            host: format!("unix://{}", own_sock.display()),
         };
         engine.remove_leftovers();
         Ok(engine)
     }
 
     fn found(host: String, from: &str) -> Result<Engine, String> {
-        let engine = Engine {
-            host,
-            owned: false,
-            _lease: None,
-        };
+        let engine = Engine { host };
         engine
             .docker(&["version", "--format", "{{.Server.Version}}"])
             .map_err(|e| {
@@ -276,12 +237,8 @@ impl Engine {
             "run", "-d", "--name", &name, "--label", LABEL, "--label", &pid_label,
         ];
         full.extend_from_slice(args);
-        let id = self.docker_ok(&full);
-        Container {
-            engine: self,
-            name,
-            id,
-        }
+        self.docker_ok(&full);
+        Container { engine: self, name }
     }
 
     /// The daemon's socket on this machine, for `-v PATH:/var/run/docker.sock` (omni
@@ -290,15 +247,43 @@ impl Engine {
         self.host.strip_prefix("unix://")
     }
 
-    /// Creates a user-defined bridge network named `<role>-<unique>`, removed (after the
-    /// containers on it, which must be dropped first) when the guard drops.
-    pub fn network(&self, role: &str) -> Network<'_> {
-        let name = unique_name(role);
-        let pid_label = format!("{LABEL}.pid={}", std::process::id());
-        self.docker_ok(&[
-            "network", "create", "--label", LABEL, "--label", &pid_label, &name,
-        ]);
-        Network { engine: self, name }
+    /// The host's own IPv4 address on `network` (a bridge network): the address of the
+    /// network's bridge interface, which containers reach the host at. Read from the
+    /// interface, not from the network's IPAM config: Docker leaves the default bridge's
+    /// `Gateway` out of that config when it creates the bridge itself (a daemon starting
+    /// with neither state nor a `docker0` link), though the bridge has the address.
+    pub fn host_address(&self, network: &str) -> Ipv4Addr {
+        let out = self.docker_ok(&["network", "inspect", network, "--format", "{{json .}}"]);
+        let info: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("docker network inspect {network}: {e}: {out}"));
+        // Docker names a user network's bridge br-<first 12 hex digits of its id>
+        // unless the network was created with a name for it (the default bridge's is
+        // docker0).
+        let bridge = match info["Options"]["com.docker.network.bridge.name"].as_str() {
+            Some(name) => name.to_string(),
+            None => {
+                let id = info["Id"].as_str().unwrap_or_default();
+                format!("br-{}", &id[..12.min(id.len())])
+            }
+        };
+        let out = Command::new("ip")
+            .args(["-j", "-4", "addr", "show", "dev", &bridge])
+            .output()
+            .expect("run ip (iproute2; scripts/test installs it)");
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "ip -j -4 addr show dev {bridge} (network {network}): {e}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        json[0]["addr_info"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|a| a["local"].as_str()?.parse().ok())
+            .unwrap_or_else(|| {
+                panic!("bridge {bridge} of network {network} has no IPv4 address: {json}")
+            })
     }
 
     /// Runs a container to completion (`docker run --rm`) and returns its output.
@@ -345,7 +330,6 @@ impl Engine {
 pub struct Container<'e> {
     engine: &'e Engine,
     pub name: String,
-    pub id: String,
 }
 
 impl Container<'_> {
@@ -367,29 +351,30 @@ impl Container<'_> {
     /// Waits until a log line contains `needle` and returns it; fails the test, showing
     /// the log, when the container exits first or the deadline passes.
     pub fn wait_for_log(&self, needle: &str) -> String {
-        let start = Instant::now();
-        loop {
-            let logs = self.logs();
-            if let Some(line) = logs.lines().find(|l| l.contains(needle)) {
-                return line.to_string();
-            }
-            if !self.running() {
-                let logs = self.logs();
-                if let Some(line) = logs.lines().find(|l| l.contains(needle)) {
-                    return line.to_string();
+        let find = |logs: &str| logs.lines().find(|l| l.contains(needle)).map(String::from);
+        wait_until(
+            DEADLINE,
+            || {
+                let running = self.running();
+                // Read after the state: a line logged just before exiting is still seen.
+                let found = find(&self.logs());
+                if found.is_none() && !running {
+                    panic!(
+                        "container {} exited before logging {needle:?}:\n{}",
+                        self.name,
+                        self.logs()
+                    );
                 }
-                panic!(
-                    "container {} exited before logging {needle:?}:\n{logs}",
-                    self.name
-                );
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "container {} logged no line with {needle:?}:\n{logs}",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                found
+            },
+            || {
+                format!(
+                    "container {} logged no line with {needle:?}:\n{}",
+                    self.name,
+                    self.logs()
+                )
+            },
+        )
     }
 
     /// `docker exec` in the container; `Err` carries the status and stderr.
@@ -401,19 +386,26 @@ impl Container<'_> {
 
     /// Waits until `docker exec args` succeeds (a server inside the container is up).
     pub fn wait_for_exec(&self, what: &str, args: &[&str]) -> String {
-        let start = Instant::now();
-        loop {
-            match self.exec(args) {
-                Ok(out) => return out,
-                Err(e) => assert!(
-                    start.elapsed() < DEADLINE && self.running(),
-                    "{what} in {}: {e}\n{}",
+        let last = std::cell::RefCell::new(String::new());
+        wait_until(
+            DEADLINE,
+            || match self.exec(args) {
+                Ok(out) => Some(out),
+                Err(e) if self.running() => {
+                    *last.borrow_mut() = e;
+                    None
+                }
+                Err(e) => panic!("{what} in {}: {e} (it exited)\n{}", self.name, self.logs()),
+            },
+            || {
+                format!(
+                    "{what} in {}: {}\n{}",
                     self.name,
+                    last.borrow(),
                     self.logs()
-                ),
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                )
+            },
+        )
     }
 
     /// The container's IPv4 address on the default bridge.
@@ -433,10 +425,63 @@ impl Drop for Container<'_> {
     }
 }
 
-/// A user-defined network, removed when dropped.
+/// A user-defined bridge network with a known /24 subnet (so a test can pick an
+/// address) and the subnet's first address as its gateway, removed (after the containers
+/// on it, which must be dropped first) when dropped. The subnet is one not in use, so
+/// tests sharing the daemon never collide.
 pub struct Network<'e> {
-    engine: &'e Engine,
+    pub engine: &'e Engine,
     pub name: String,
+    /// The first three octets of the subnet.
+    prefix: String,
+}
+
+impl<'e> Network<'e> {
+    pub fn create(engine: &'e Engine) -> Self {
+        let name = unique_name("net");
+        let pid_label = format!("{LABEL}.pid={}", std::process::id());
+        let start = fastrand::u8(..);
+        for n in (0..=255u8).map(|i| start.wrapping_add(i)) {
+            let prefix = format!("10.213.{n}");
+            let subnet = format!("{prefix}.0/24");
+            let gateway = format!("{prefix}.1");
+            let created = engine.docker(&[
+                "network",
+                "create",
+                "--subnet",
+                &subnet,
+                "--gateway",
+                &gateway,
+                "--label",
+                LABEL,
+                "--label",
+                &pid_label,
+                &name,
+            ]);
+            match created {
+                Ok(_) => {
+                    return Network {
+                        engine,
+                        name,
+                        prefix,
+                    };
+                }
+                Err(e) if e.contains("overlaps") => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("no free /24 in 10.213.0.0/16 for a test network");
+    }
+
+    /// The `docker run` argument that attaches a container to this network.
+    pub fn on(&self) -> String {
+        format!("--network={}", self.name)
+    }
+
+    /// The address `host` in the network's subnet.
+    pub fn addr(&self, host: u8) -> String {
+        format!("{}.{host}", self.prefix)
+    }
 }
 
 impl Drop for Network<'_> {
@@ -455,34 +500,38 @@ pub fn unique_name(role: &str) -> String {
     )
 }
 
-/// Starts the harness's own dockerd under its watchdog and waits until it answers.
+/// Starts the harness's own dockerd and waits until it answers. A daemon of an earlier
+/// run that is still stopping (it got SIGTERM when that run ended) is waited for first.
 fn start_dockerd(state: &Path, sock: &Path) -> Result<(), String> {
     if Command::new("dockerd").arg("--version").output().is_err() {
         return Err(
             "dockerd is not installed (apt-get install docker.io; scripts/test does)".into(),
         );
     }
+    std::fs::create_dir_all(state.join("exec"))
+        .map_err(|e| format!("cannot create {STATE_DIR}: {e}"))?;
     let pidfile = state.join("dockerd.pid");
-    if let Ok(pid) = std::fs::read_to_string(&pidfile) {
-        let comm = std::fs::read_to_string(format!("/proc/{}/comm", pid.trim()));
-        if comm.is_ok_and(|c| c.trim() == "dockerd") {
+    let started = Instant::now();
+    while let Some(pid) = running_dockerd(&pidfile) {
+        if started.elapsed() > ENGINE_START {
             return Err(format!(
-                "dockerd {} from {} is running but {} does not answer; stop it (kill {})",
-                pid.trim(),
+                "dockerd {pid} from {} is running but {} does not answer; stop it (kill {pid})",
                 pidfile.display(),
                 sock.display(),
-                pid.trim()
             ));
         }
-        // A stale pidfile (the daemon was killed): dockerd would refuse to start.
-        let _ = std::fs::remove_file(&pidfile);
+        std::thread::sleep(Duration::from_millis(200));
     }
+    // A stale pidfile (the daemon was killed) would make dockerd refuse to start.
+    let _ = std::fs::remove_file(&pidfile);
     let _ = std::fs::remove_file(sock);
     std::fs::create_dir_all(DATA_ROOT).map_err(|e| format!("cannot create {DATA_ROOT}: {e}"))?;
+    let log_path = state.join("dockerd.log");
+    let log = std::fs::File::create(&log_path)
+        .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
     let dir = |p: &Path| p.to_string_lossy().into_owned();
-    let status = Command::new("setsid")
-        .args(["-f", "sh", "-c", WATCHDOG, "sh", &dir(state), "dockerd"])
-        .arg(format!("--data-root={DATA_ROOT}"))
+    let mut cmd = Command::new("dockerd");
+    cmd.arg(format!("--data-root={DATA_ROOT}"))
         .arg(format!("--exec-root={}", dir(&state.join("exec"))))
         .arg(format!("--pidfile={}", dir(&pidfile)))
         .arg(format!("--host=unix://{}", dir(sock)))
@@ -491,22 +540,26 @@ fn start_dockerd(state: &Path, sock: &Path) -> Result<(), String> {
         .args(["--ip-forward=false", "--ip-masq=false"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(|e| format!("cannot run setsid to start dockerd: {e}"))?;
-    if !status.success() {
-        return Err(format!("setsid failed ({status})"));
-    }
+        .stderr(log);
+    let mut child =
+        process::spawn(cmd, Signal::SIGTERM).map_err(|e| format!("cannot start dockerd: {e}"))?;
     let start = Instant::now();
     while !ping(sock) {
-        if start.elapsed() > ENGINE_START {
-            let log = std::fs::read_to_string(state.join("dockerd.log")).unwrap_or_default();
+        let exited = child.try_wait().ok().flatten();
+        if exited.is_some() || start.elapsed() > ENGINE_START {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let why = match exited {
+                Some(status) => format!("dockerd exited ({status})"),
+                None => format!(
+                    "dockerd did not answer on {} within {ENGINE_START:?}",
+                    sock.display()
+                ),
+            };
             return Err(format!(
-                "dockerd did not answer on {} within {ENGINE_START:?}; the end of {}/dockerd.log:\n{}",
-                sock.display(),
-                state.display(),
+                "{why}; the end of {}:\n{}",
+                log_path.display(),
                 tail.join("\n")
             ));
         }
@@ -517,7 +570,17 @@ fn start_dockerd(state: &Path, sock: &Path) -> Result<(), String> {
         sock.display(),
         start.elapsed().as_secs_f64()
     );
+    // Not waited for: it runs until the test process ends (dropping a Child leaves the
+    // process alone).
+    drop(child);
     Ok(())
+}
+
+/// The pid in `pidfile` if a dockerd with that pid is alive.
+fn running_dockerd(pidfile: &Path) -> Option<String> {
+    let pid = std::fs::read_to_string(pidfile).ok()?.trim().to_string();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    (comm.trim() == "dockerd").then_some(pid)
 }
 
 /// Whether a Docker daemon answers `GET /_ping` on this socket.
@@ -535,46 +598,6 @@ fn ping(sock: &Path) -> bool {
     let mut reply = String::new();
     let _ = s.read_to_string(&mut reply);
     reply.starts_with("HTTP/1.") && reply.contains(" 200 ") && reply.ends_with("OK")
-}
-
-/// An flock(1) held by a child process until this is dropped or the test process ends
-/// (the child waits for EOF on a pipe whose other end only this process holds).
-struct FlockHold {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl FlockHold {
-    fn acquire(path: &Path, shared: bool) -> Result<FlockHold, String> {
-        let mut child = Command::new("flock")
-            .arg(if shared { "-s" } else { "-x" })
-            .arg(path)
-            .args(["-c", "echo locked; exec cat >/dev/null"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot run flock (util-linux): {e}"))?;
-        let stdin = child.stdin.take();
-        let mut line = String::new();
-        // flock waits as long as the lock is held; the holders only hold it briefly
-        // (a daemon start at most), so no deadline beyond the read.
-        BufReader::new(child.stdout.take().expect("piped"))
-            .read_line(&mut line)
-            .map_err(|e| format!("flock {}: {e}", path.display()))?;
-        if line.trim() != "locked" {
-            let _ = child.kill();
-            return Err(format!("flock {} failed", path.display()));
-        }
-        Ok(FlockHold { child, stdin })
-    }
-}
-
-impl Drop for FlockHold {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.wait();
-    }
 }
 
 /// A temporary directory removed on drop.

@@ -1,26 +1,31 @@
 //! A real etcd (Debian's etcd-server) for the tests: started on ephemeral loopback ports
-//! with a temporary data dir, driven through its v3 JSON gateway, stopped and restarted
-//! on demand, removed when dropped. Also a relay that can hold watch requests, to make a
-//! watch start behind a compaction on purpose.
+//! with a temporary data dir, driven through its v3 JSON gateway. Tests that only read
+//! and write keys share one etcd for the whole run ([`Etcd::scope`]: each test under a
+//! key prefix of its own); a test that stops, restarts or compacts the store starts its
+//! own ([`Etcd::start`]), removed when dropped. Also a relay that can hold watch
+//! requests, to make a watch start behind a compaction on purpose.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
+use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{DEADLINE, eventually};
+use super::{DEADLINE, eventually, eventually_every};
 
 static NEXT_DIR: AtomicUsize = AtomicUsize::new(0);
+/// The data dirs are `<temp>/ambassadord-etcd-<test pid>-<n>`.
+const DIR_PREFIX: &str = "ambassadord-etcd-";
 
 /// One single-member etcd cluster on 127.0.0.1.
 pub struct Etcd {
@@ -30,7 +35,59 @@ pub struct Etcd {
     peer: SocketAddr,
 }
 
+/// A key prefix of one test's own in the shared etcd: keys and URLs given to it are
+/// under `/t<n>`, so tests sharing the store never see each other's keys.
+pub struct Scope {
+    pub etcd: &'static Etcd,
+    pub prefix: String,
+}
+
+impl Scope {
+    /// The full key for `key` (`/svc/n/one` → `/t3/svc/n/one`).
+    pub fn key(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+
+    pub async fn put(&self, key: &str, value: &str) -> i64 {
+        self.etcd.put(&self.key(key), value).await
+    }
+
+    pub async fn delete(&self, key: &str) -> i64 {
+        self.etcd.delete(&self.key(key)).await
+    }
+
+    /// `etcd://127.0.0.1:PORT/t<n>/path`
+    pub fn url(&self, path: &str) -> String {
+        self.etcd.url(&self.key(path))
+    }
+}
+
 impl Etcd {
+    /// A prefix of the calling test's own in the etcd every such test shares, started
+    /// on first use and killed when the test process ends.
+    pub fn scope() -> Scope {
+        static SHARED: OnceLock<Etcd> = OnceLock::new();
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let etcd = SHARED.get_or_init(|| {
+            remove_stale_dirs();
+            // Started on a runtime of its own: the first test's runtime ends with it,
+            // and the store must not.
+            std::thread::spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime to start etcd");
+                rt.block_on(Etcd::start())
+            })
+            .join()
+            .expect("start the shared etcd")
+        });
+        Scope {
+            etcd,
+            prefix: format!("/t{}", NEXT.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+
     /// Starts etcd on fresh ephemeral ports and waits until it answers reads.
     pub async fn start() -> Etcd {
         Self::start_on(free_port()).await
@@ -40,7 +97,7 @@ impl Etcd {
     /// store that comes up after the ambassador already points at it).
     pub async fn start_on(client_port: u16) -> Etcd {
         let dir = std::env::temp_dir().join(format!(
-            "ambassadord-etcd-{}-{}",
+            "{DIR_PREFIX}{}-{}",
             std::process::id(),
             NEXT_DIR.fetch_add(1, Ordering::Relaxed)
         ));
@@ -72,49 +129,45 @@ impl Etcd {
         let log = std::fs::File::create(self.dir.join("etcd.log")).expect("etcd log file");
         let client_url = format!("http://{}", self.client);
         let peer_url = format!("http://{}", self.peer);
-        let child = Command::new("etcd")
-            .args([
-                "--name",
-                "test",
-                "--logger",
-                "zap",
-                "--log-outputs",
-                "stderr",
-            ])
-            .arg("--data-dir")
-            .arg(self.dir.join("data"))
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("test={peer_url}")])
-            // A lone member elects itself; short timeouts make that quick.
-            .args(["--heartbeat-interval", "20", "--election-timeout", "200"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
+        let mut cmd = Command::new("etcd");
+        cmd.args([
+            "--name",
+            "test",
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
+        ])
+        .arg("--data-dir")
+        .arg(self.dir.join("data"))
+        .args(["--listen-client-urls", &client_url])
+        .args(["--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url])
+        .args(["--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("test={peer_url}")])
+        // A lone member elects itself; short timeouts make that quick.
+        .args(["--heartbeat-interval", "20", "--election-timeout", "200"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+        let child = super::process::spawn(cmd, Signal::SIGKILL)
             .expect("run etcd (Debian package etcd-server; scripts/test installs it)");
-        self.child = Some(child);
-        let start = Instant::now();
-        loop {
-            if self
-                .try_call("/v3/kv/range", json!({"key": b64("/")}))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("etcd exited ({status}) at start:\n{}", self.log());
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "etcd did not come up:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let child = std::cell::RefCell::new(child);
+        let this = &*self;
+        eventually_every(
+            DEADLINE,
+            Duration::from_millis(50),
+            || async {
+                if let Ok(Some(status)) = child.borrow_mut().try_wait() {
+                    panic!("etcd exited ({status}) at start:\n{}", this.log());
+                }
+                let read = this.try_call("/v3/kv/range", json!({"key": b64("/")}));
+                read.await.ok().map(|_| ())
+            },
+            || format!("etcd did not come up:\n{}", this.log()),
+        )
+        .await;
+        self.child = Some(child.into_inner());
     }
 
     pub fn log(&self) -> String {
@@ -175,6 +228,26 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Data dirs of etcds whose test process is gone (the shared one is killed, never
+/// dropped, so its dir outlives the run).
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(DIR_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+        else {
+            continue;
+        };
+        if !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 

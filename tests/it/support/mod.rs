@@ -1,13 +1,17 @@
 //! Test harness shared by the integration tests: the real `ambassadord` binary started
 //! on ephemeral ports, real backends on loopback, and waiting on conditions with a
-//! deadline instead of sleeping.
-#![allow(dead_code)]
+//! deadline instead of sleeping ([`wait_until`] and [`eventually`] are the only deadline
+//! loops; everything else is built on them).
 
+pub mod admin;
 pub mod consul;
 pub mod dnsmasq;
 pub mod docker;
 pub mod etcd;
+pub mod netns;
+pub mod process;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -36,6 +40,14 @@ impl Ambassador {
         Self::start_with_env(args, &[])
     }
 
+    /// Starts the binary listening on 127.0.0.1 on a free port (`--bind 127.0.0.1
+    /// --port 0`), with `args` after those.
+    pub fn on_loopback(args: &[&str]) -> Ambassador {
+        let mut all = vec!["--bind", "127.0.0.1", "--port", "0"];
+        all.extend_from_slice(args);
+        Self::start(&all)
+    }
+
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Ambassador {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ambassadord"));
         cmd.args(args)
@@ -59,7 +71,8 @@ impl Ambassador {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start ambassadord");
+        let mut child =
+            process::spawn(cmd, nix::sys::signal::Signal::SIGKILL).expect("start ambassadord");
         let stderr = child.stderr.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
@@ -89,6 +102,14 @@ impl Ambassador {
         amb
     }
 
+    /// The admin endpoint's address, from its log line.
+    pub fn admin_addr(&mut self) -> SocketAddr {
+        let line = self.wait_for_log("admin endpoint listening");
+        field(&line, "admin")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no admin address in {line:?}"))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -104,29 +125,33 @@ impl Ambassador {
 
     /// Waits until a log line contains `needle` and returns it.
     pub fn wait_for_log(&mut self, needle: &str) -> String {
-        let start = Instant::now();
-        loop {
-            if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
-                return line;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                // Give the reader thread a moment to collect the last lines.
-                std::thread::sleep(Duration::from_millis(100));
+        let lines = self.lines.clone();
+        wait_until(
+            DEADLINE,
+            || {
                 if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
-                    return line;
+                    return Some(line);
                 }
-                panic!(
-                    "ambassadord exited ({status}) before logging {needle:?}: {:#?}",
-                    self.log()
-                );
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "no log line with {needle:?} in {:#?}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+                if let Ok(Some(status)) = self.child.try_wait() {
+                    // Give the reader thread a moment to collect the last lines.
+                    std::thread::sleep(Duration::from_millis(100));
+                    if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
+                        return Some(line);
+                    }
+                    panic!(
+                        "ambassadord exited ({status}) before logging {needle:?}: {:#?}",
+                        self.log()
+                    );
+                }
+                None
+            },
+            || {
+                format!(
+                    "no log line with {needle:?} in {:#?}",
+                    lines.lock().unwrap()
+                )
+            },
+        )
     }
 
     pub fn signal(&self, signal: &str) {
@@ -140,18 +165,12 @@ impl Ambassador {
 
     /// Waits for the process to exit, failing the test after the deadline.
     pub fn wait_exit(&mut self) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "ambassadord did not exit: {:#?}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let lines = self.lines.clone();
+        wait_until(
+            DEADLINE,
+            || self.child.try_wait().unwrap(),
+            || format!("ambassadord did not exit: {:#?}", lines.lock().unwrap()),
+        )
     }
 }
 
@@ -185,6 +204,29 @@ pub fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     )
 }
 
+/// Calls `check` until it returns `Some`, every 20 ms; after `deadline` fails the test
+/// with the message `failure` makes (called only then, so it can show a log). For
+/// synchronous tests and harness code; async code uses [`eventually`].
+pub fn wait_until<T>(
+    deadline: Duration,
+    mut check: impl FnMut() -> Option<T>,
+    failure: impl FnOnce() -> String,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if start.elapsed() >= deadline {
+            panic!("{}", failure());
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// How often a waiting test looks again.
+const POLL: Duration = Duration::from_millis(20);
+
 /// Polls `check` until it returns `Some`, failing the test after the deadline.
 pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
@@ -196,7 +238,26 @@ where
 
 /// [`eventually`] with its own deadline, for waits the product bounds more loosely
 /// (a discovery retry after backoff has grown).
-pub async fn eventually_within<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+pub async fn eventually_within<T, F, Fut>(deadline: Duration, what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    eventually_every(deadline, POLL, check, || {
+        format!("timed out waiting for: {what}")
+    })
+    .await
+}
+
+/// The async deadline loop: calls `check` every `every` (zero: again at once, for a
+/// test that measures how soon something happens) until it returns `Some`; after
+/// `deadline` fails the test with the message `failure` makes.
+pub async fn eventually_every<T, F, Fut>(
+    deadline: Duration,
+    every: Duration,
+    mut check: F,
+    failure: impl FnOnce() -> String,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -206,8 +267,14 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(start.elapsed() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if start.elapsed() >= deadline {
+            panic!("{}", failure());
+        }
+        if every.is_zero() {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(every).await;
+        }
     }
 }
 
@@ -354,6 +421,104 @@ pub async fn integrity_exchange(proxy: SocketAddr, seed: u64, len: usize) {
         expect_up,
         "seed {seed}: client→backend bytes corrupted"
     );
+}
+
+/// The backend that answered one connection through `proxy` (a [`named_backend`]'s
+/// name), or `None` if the proxy closed it unserved.
+pub async fn served_by(proxy: SocketAddr) -> Option<String> {
+    match read_reply(proxy).await {
+        Ok(reply) if !reply.is_empty() => Some(reply.trim().to_string()),
+        _ => None,
+    }
+}
+
+/// The backends that `tries` connections in a row reach; a connection closed unserved
+/// (refused, or an error) counts as "".
+pub async fn serving(proxy: SocketAddr, tries: usize) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..tries {
+        seen.insert(served_by(proxy).await.unwrap_or_default());
+    }
+    seen
+}
+
+/// Waits until connections through `proxy` reach exactly the backends `want`, every one
+/// of them and no other (and none is refused, unless `want` is `[""]`).
+pub async fn wait_serving(proxy: SocketAddr, want: &[&str]) {
+    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+    // Round robin reaches each of n backends within n connections; more for weights.
+    let tries = 3 * want.len() + 2;
+    eventually(&format!("the proxy serving exactly {want:?}"), || {
+        let want = want.clone();
+        async move { (serving(proxy, tries).await == want).then_some(()) }
+    })
+    .await;
+}
+
+/// Waits until a connection through `proxy` is served by `name`.
+pub async fn until_served_by(proxy: SocketAddr, name: &str) {
+    eventually(&format!("a connection served by {name}"), || async {
+        (served_by(proxy).await.as_deref() == Some(name)).then_some(())
+    })
+    .await;
+}
+
+/// Runs `n` [`integrity_exchange`]s through `proxy` at once (seed `seed + i`, length
+/// `len + i`), each checked; returns the bytes the clients sent and received in all, as
+/// the proxy's log must count them.
+pub async fn concurrent_exchanges(proxy: SocketAddr, n: u64, seed: u64, len: usize) -> (u64, u64) {
+    let mut tasks = tokio::task::JoinSet::new();
+    let (mut up, mut down) = (0, 0);
+    for i in 0..n {
+        let len = len + i as usize;
+        // A 16-byte header and the payload up; the payload and a 32-byte digest down.
+        up += 16 + len as u64;
+        down += len as u64 + 32;
+        tasks.spawn(integrity_exchange(proxy, seed + i, len));
+    }
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
+    (up, down)
+}
+
+impl Ambassador {
+    /// Waits until `n` connections have been logged as closed and returns the bytes
+    /// their log lines count each way, in all.
+    pub fn closed_totals(&mut self, n: usize) -> (u64, u64) {
+        let lines = self.lines.clone();
+        let closed = wait_until(
+            DEADLINE,
+            || {
+                let closed: Vec<String> = self
+                    .log()
+                    .into_iter()
+                    .filter(|l| l.contains("connection closed"))
+                    .collect();
+                (closed.len() >= n).then_some(closed)
+            },
+            || {
+                format!(
+                    "fewer than {n} connections logged as closed: {:#?}",
+                    lines.lock().unwrap()
+                )
+            },
+        );
+        assert_eq!(closed.len(), n, "more connections than made: {closed:#?}");
+        let total = |key| {
+            closed
+                .iter()
+                .map(|l| {
+                    field(l, key)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or_else(|| panic!("no {key} in {l}"))
+                })
+                .sum()
+        };
+        (total("sent"), total("received"))
+    }
 }
 
 /// Reads one whole answer from the proxy (until EOF).
