@@ -1,13 +1,12 @@
 //! The admin endpoint: Prometheus metrics, health and readiness, the routes as JSON, and
 //! a small self-refreshing status page, over plain HTTP/1.1 (hyper).
 //!
-//! Everything here reads state the data path already keeps (atomics, the latest
-//! endpoint snapshots); nothing the admin endpoint does can slow an accept or a copy.
+//! It knows the server only through the read-only [`View`] and the metrics registry:
+//! nothing it does writes state, and nothing it reads can slow an accept or a copy.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -15,16 +14,22 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use serde_json::{Value, json};
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::metrics;
-use crate::proxy::{Route, State, Target};
+use crate::status::{EndpointState, Status, TargetStatus, View};
+
+/// What the endpoint serves from.
+pub struct Admin {
+    pub registry: Registry,
+    pub view: Arc<dyn View>,
+}
 
 /// Serves admin requests until `stop` fires.
-pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationToken) {
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -37,11 +42,11 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationT
                 }
             },
         };
-        let state = state.clone();
+        let admin = admin.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&req, &state)) }
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(handle(&req, &admin)) }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -53,57 +58,37 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, stop: CancellationT
     }
 }
 
-fn handle(req: &Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
+fn handle(req: &Request<Incoming>, admin: &Admin) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
     }
     match req.uri().path() {
-        "/metrics" => {
-            let omni: usize = state
-                .routes()
-                .iter()
-                .filter_map(|r| match &r.active().target {
-                    Target::Omni(o) => Some(o.index().len()),
-                    Target::Fixed(_) => None,
-                })
-                .sum();
-            metrics::global().omni_index_size.set(omni as i64);
-            reply(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics::global().encode(),
-            )
-        }
+        "/metrics" => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics::encode(&admin.registry),
+        ),
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" => {
-            if state.ready() {
-                reply(StatusCode::OK, "text/plain", "ready\n")
-            } else {
-                let waiting: Vec<String> = state
-                    .routes()
-                    .iter()
-                    .filter(|r| !r.ready())
-                    .map(|r| r.listen.to_string())
-                    .collect();
-                reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    format!(
-                        "not ready: waiting for discovery on {}\n",
-                        waiting.join(", ")
-                    ),
-                )
-            }
-        }
+        "/readyz" => match admin.view.readiness() {
+            Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n"),
+            Err(waiting) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!(
+                    "not ready: waiting for discovery on {}\n",
+                    waiting.join(", ")
+                ),
+            ),
+        },
         "/routes" => reply(
             StatusCode::OK,
             "application/json",
-            serde_json::to_string_pretty(&routes_json(state)).unwrap_or_default(),
+            serde_json::to_string_pretty(&admin.view.status()).unwrap_or_default(),
         ),
         "/" => reply(
             StatusCode::OK,
             "text/html; charset=utf-8",
-            status_page(state),
+            status_page(&admin.view.status()),
         ),
         _ => reply(
             StatusCode::NOT_FOUND,
@@ -122,79 +107,6 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
             .insert(hyper::header::CONTENT_TYPE, v);
     }
     response
-}
-
-/// One route as `/routes` shows it.
-fn route_json(route: &Route) -> Value {
-    let active = route.active();
-    let source = active.config.to_string();
-    let health = metrics::global().source(&source);
-    let mut out = json!({
-        "listen": route.listen.to_string(),
-        "spec": source,
-        "kind": active.kind,
-        "open_connections": route.stats.open.load(Ordering::Relaxed),
-        "accepted": route.stats.accepted.load(Ordering::Relaxed),
-        "refused": route.stats.refused.load(Ordering::Relaxed),
-        "connect_failures": route.stats.connect_failures.load(Ordering::Relaxed),
-        "sent_bytes": route.stats.sent.load(Ordering::Relaxed),
-        "received_bytes": route.stats.received.load(Ordering::Relaxed),
-        "last_update": health.and_then(|h| h.last_good_unix),
-        "discovery_errors": health.map(|h| h.errors).unwrap_or(0),
-    });
-    match &active.target {
-        Target::Fixed(balancer) => {
-            let endpoints: Option<Vec<Value>> = balancer.current().map(|set| {
-                set.as_slice()
-                    .iter()
-                    .map(|e| {
-                        json!({
-                            "addr": e.addr.to_string(),
-                            "origin": e.origin.as_deref(),
-                            "priority": e.priority,
-                            "weight": e.weight,
-                            "state": if balancer.is_cooling(e.addr) { "cooling_down" } else { "up" },
-                        })
-                    })
-                    .collect()
-            });
-            out["discovered"] = json!(endpoints.is_some());
-            out["endpoints"] = json!(endpoints.unwrap_or_default());
-        }
-        Target::Omni(omni) => {
-            let mut containers: Vec<Value> = omni
-                .index()
-                .containers()
-                .iter()
-                .map(|c| {
-                    let declarations: serde_json::Map<String, Value> = c
-                        .declarations
-                        .iter()
-                        .map(|(port, spec)| (port.to_string(), json!(spec.to_string())))
-                        .collect();
-                    json!({
-                        "name": c.name,
-                        "id": c.id,
-                        "ips": c.ips.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
-                        "declarations": declarations,
-                    })
-                })
-                .collect();
-            containers.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-            out["discovered"] = json!(omni.index().loaded());
-            out["containers"] = json!(containers);
-            out["sources"] = json!(omni.source_count());
-        }
-    }
-    out
-}
-
-fn routes_json(state: &State) -> Value {
-    json!({
-        "ready": state.ready(),
-        "uptime_seconds": state.started.elapsed().as_secs(),
-        "routes": state.routes().iter().map(|r| route_json(r)).collect::<Vec<_>>(),
-    })
 }
 
 fn esc(s: &str) -> String {
@@ -221,10 +133,8 @@ fn bytes(n: u64) -> String {
 
 /// The status page: rendered on the server and refreshed by the browser every two
 /// seconds (a meta refresh), so it needs no script and no external asset.
-fn status_page(state: &State) -> String {
-    let data = routes_json(state);
+fn status_page(status: &Status) -> String {
     let mut h = String::new();
-    let ready = state.ready();
     let _ = write!(
         h,
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8">
@@ -242,83 +152,78 @@ th{{color:#5b6475;font-weight:600}}
 </style></head><body>
 <h1>ambassadord</h1><div class="sub">{} · up {}s · {} route(s) · refreshes every 2 s</div>
 "#,
-        if ready {
+        if status.ready {
             r#"<span class="ok">ready</span>"#
         } else {
             r#"<span class="warn">waiting for discovery</span>"#
         },
-        state.started.elapsed().as_secs(),
-        state.routes().len(),
+        status.uptime_seconds,
+        status.routes.len(),
     );
-    for r in data["routes"].as_array().into_iter().flatten() {
-        let n = |k: &str| r[k].as_u64().unwrap_or(0);
+    for r in &status.routes {
         let bad = |v: u64| if v > 0 { "bad" } else { "" };
         let _ = write!(
             h,
             r#"<div class="route"><h2>{listen}</h2><div class="spec">→ {spec} <span class="sub">({kind})</span></div>
 <div class="nums"><div><b>{open}</b>open</div><div><b>{acc}</b>accepted</div><div><b>{sent}</b>sent</div><div><b>{recv}</b>received</div><div><b class="{rcls}">{refused}</b>refused</div><div><b class="{ccls}">{cf}</b>connect failures</div><div><b class="{dcls}">{de}</b>discovery errors</div></div>
 "#,
-            listen = esc(r["listen"].as_str().unwrap_or("")),
-            spec = esc(r["spec"].as_str().unwrap_or("")),
-            kind = esc(r["kind"].as_str().unwrap_or("")),
-            open = n("open_connections"),
-            acc = n("accepted"),
-            sent = bytes(n("sent_bytes")),
-            recv = bytes(n("received_bytes")),
-            refused = n("refused"),
-            cf = n("connect_failures"),
-            de = n("discovery_errors"),
-            rcls = bad(n("refused")),
-            ccls = bad(n("connect_failures")),
-            dcls = bad(n("discovery_errors")),
+            listen = esc(&r.listen),
+            spec = esc(&r.spec),
+            kind = esc(r.kind),
+            open = r.open_connections,
+            acc = r.accepted,
+            sent = bytes(r.sent_bytes),
+            recv = bytes(r.received_bytes),
+            refused = r.refused,
+            cf = r.connect_failures,
+            de = r.discovery_errors,
+            rcls = bad(r.refused),
+            ccls = bad(r.connect_failures),
+            dcls = bad(r.discovery_errors),
         );
-        if let Some(eps) = r["endpoints"].as_array() {
-            if !r["discovered"].as_bool().unwrap_or(false) {
-                h.push_str(r#"<div class="warn">no backends discovered yet</div>"#);
-            } else if eps.is_empty() {
-                h.push_str(r#"<div class="bad">discovery found no backends</div>"#);
-            } else {
-                h.push_str("<table><tr><th>backend</th><th>from</th><th>priority</th><th>weight</th><th>state</th></tr>");
-                for e in eps {
-                    let st = e["state"].as_str().unwrap_or("");
+        match &r.target {
+            TargetStatus::Fixed { endpoints } => {
+                if !r.discovered {
+                    h.push_str(r#"<div class="warn">no backends discovered yet</div>"#);
+                } else if endpoints.is_empty() {
+                    h.push_str(r#"<div class="bad">discovery found no backends</div>"#);
+                } else {
+                    h.push_str("<table><tr><th>backend</th><th>from</th><th>priority</th><th>weight</th><th>state</th></tr>");
+                    for e in endpoints {
+                        let (class, state) = match e.state {
+                            EndpointState::Up => ("ok", "up"),
+                            EndpointState::CoolingDown => ("bad", "cooling down"),
+                        };
+                        let _ = write!(
+                            h,
+                            r#"<tr><td class="spec">{}</td><td>{}</td><td>{}</td><td>{}</td><td class="{class}">{state}</td></tr>"#,
+                            esc(&e.addr),
+                            esc(e.origin.as_deref().unwrap_or("")),
+                            e.priority,
+                            e.weight,
+                        );
+                    }
+                    h.push_str("</table>");
+                }
+            }
+            TargetStatus::Omni { containers, .. } => {
+                h.push_str("<table><tr><th>container</th><th>addresses</th><th>declares</th></tr>");
+                for c in containers {
+                    let decl: Vec<String> = c
+                        .declarations
+                        .iter()
+                        .map(|(p, s)| format!("{p} → {s}"))
+                        .collect();
                     let _ = write!(
                         h,
-                        r#"<tr><td class="spec">{}</td><td>{}</td><td>{}</td><td>{}</td><td class="{}">{}</td></tr>"#,
-                        esc(e["addr"].as_str().unwrap_or("")),
-                        esc(e["origin"].as_str().unwrap_or("")),
-                        e["priority"],
-                        e["weight"],
-                        if st == "up" { "ok" } else { "bad" },
-                        if st == "up" { "up" } else { "cooling down" },
+                        "<tr><td>{}</td><td>{}</td><td class=\"spec\">{}</td></tr>",
+                        esc(&c.name),
+                        esc(&c.ips.join(", ")),
+                        esc(&decl.join("; ")),
                     );
                 }
                 h.push_str("</table>");
             }
-        }
-        if let Some(cs) = r["containers"].as_array() {
-            h.push_str("<table><tr><th>container</th><th>addresses</th><th>declares</th></tr>");
-            for c in cs {
-                let ips: Vec<&str> = c["ips"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|v| v.as_str())
-                    .collect();
-                let decl: Vec<String> = c["declarations"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .map(|(p, s)| format!("{p} → {}", s.as_str().unwrap_or("")))
-                    .collect();
-                let _ = write!(
-                    h,
-                    "<tr><td>{}</td><td>{}</td><td class=\"spec\">{}</td></tr>",
-                    esc(c["name"].as_str().unwrap_or("")),
-                    esc(&ips.join(", ")),
-                    esc(&decl.join("; ")),
-                );
-            }
-            h.push_str("</table>");
         }
         h.push_str("</div>\n");
     }

@@ -8,6 +8,10 @@
 //! copies both ways with half-close. Nothing on the accept path waits on discovery.
 //! Routes are keyed by listen address so a reload (`--config`, SIGHUP) can add, remove
 //! or retarget them; [`metrics`] and the [`admin`] endpoint show what is going on.
+//!
+//! This file is the composition root: it makes the metrics registry, binds the server,
+//! and joins the admin endpoint to the server's read-only [`status`] view, so neither of
+//! the two knows the other.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -19,25 +23,23 @@ pub mod metrics;
 pub mod netfilter;
 pub mod proxy;
 pub mod spec;
+pub mod status;
+
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 pub use config::Config;
+use metrics::{Metrics, ScrapeTime};
 pub use proxy::{Server, StartError};
 
 /// Binds every listener, then serves until `shutdown` resolves and open connections
 /// have drained (or the grace period ran out).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    log_warnings(&config);
-    let server = Server::bind(config).await?;
-    server.run(shutdown).await;
-    Ok(())
-}
-
-/// Bad input that validation skipped rather than refused (a malformed link variable),
-/// logged once logging is set up.
-fn log_warnings(config: &Config) {
-    for warning in &config.warnings {
-        tracing::warn!("{warning}");
-    }
+    let (_keep, reloads) = tokio::sync::mpsc::channel(1);
+    run_with_reloads(config, shutdown, reloads).await
 }
 
 /// As [`run`], applying each configuration sent on `reloads` (SIGHUP in the binary).
@@ -46,8 +48,57 @@ pub async fn run_with_reloads(
     shutdown: impl Future<Output = ()>,
     reloads: tokio::sync::mpsc::Receiver<Config>,
 ) -> Result<(), StartError> {
-    log_warnings(&config);
-    let server = Server::bind(config).await?;
+    // Bad input that validation skipped rather than refused (a malformed link variable),
+    // logged now that logging is set up.
+    for warning in &config.warnings {
+        warn!("{warning}");
+    }
+    let mut registry = Registry::with_prefix("ambassadord");
+    let metrics = Metrics::new(&mut registry);
+    let admin_config = config.admin;
+    let server = Server::bind(config, metrics.clone()).await?;
+    let state = server.state();
+    let admin_listener = match admin_config {
+        None => None,
+        Some(admin) => bind_admin(admin)?,
+    };
+    let scrape_state = state.clone();
+    registry.register_collector(Box::new(ScrapeTime {
+        metrics,
+        omni_index_containers: move || scrape_state.omni_containers(),
+    }));
+    // The admin endpoint closes when shutdown begins, as the listeners do.
+    let stop_admin = CancellationToken::new();
+    if let Some(listener) = admin_listener {
+        let admin = Arc::new(admin::Admin {
+            registry,
+            view: state,
+        });
+        tokio::spawn(admin::serve(listener, admin, stop_admin.clone()));
+    }
+    let shutdown = async move {
+        shutdown.await;
+        stop_admin.cancel();
+    };
     server.run_with_reloads(shutdown, reloads).await;
     Ok(())
+}
+
+/// Binds the admin endpoint. The default address failing to bind is a warning (a second
+/// ambassador on one host still starts); an address the user asked for is fatal.
+fn bind_admin(admin: config::Admin) -> Result<Option<tokio::net::TcpListener>, StartError> {
+    match proxy::listen::bind(Some(admin.addr.ip()), admin.addr.port()) {
+        Ok(l) => {
+            info!(admin = %l.local_addr().unwrap_or(admin.addr), "admin endpoint listening");
+            Ok(Some(l))
+        }
+        Err(e) if !admin.explicit => {
+            warn!(admin = %admin.addr, error = %e, "cannot listen for the admin endpoint; running without it (set --admin to another address or off)");
+            Ok(None)
+        }
+        Err(source) => Err(StartError::Bind {
+            addr: format!("{} (--admin)", admin.addr),
+            source,
+        }),
+    }
 }

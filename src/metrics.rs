@@ -1,53 +1,58 @@
-//! Process-wide metrics: the Prometheus families the data path, discovery and omni mode
-//! update, and their text exposition for `GET /metrics`.
+//! The Prometheus metrics: the families the data path, discovery and omni mode update,
+//! one [`RouteMetrics`] per route that is the single source of that route's counters
+//! (for `/metrics` and for the admin view alike), and the values computed at scrape
+//! time ([`ScrapeTime`]).
 //!
-//! One registry per process (the sources and connection tasks have no other shared
-//! context to carry it). The hot path never looks a family up per connection: each route
-//! keeps its series (proxy/mod.rs), so a family is touched only on a backend's first
-//! connection or a new close reason. Byte counters are added to as each read moves
-//! (one atomic add), so long transfers show while they run.
+//! There is no process-wide registry: the composition root (`lib.rs`) makes one, hands
+//! [`Metrics`] to the server and discovery, and the registry to the admin endpoint. The
+//! hot path never looks a family up per connection: a route keeps its series, so a
+//! family is touched only on a backend's first connection or a new close reason. Byte
+//! counters are added to as each read moves (one atomic add), so long transfers show
+//! while they run.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Mutex, OnceLock};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
-    pub route: String,
+struct RouteLabels {
+    route: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BackendLabels {
-    pub route: String,
-    pub backend: String,
+struct BackendLabels {
+    route: String,
+    backend: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CloseLabels {
-    pub route: String,
-    pub backend: String,
-    pub reason: String,
+struct CloseLabels {
+    route: String,
+    backend: String,
+    reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SourceLabels {
-    pub source: String,
+struct SourceLabels {
+    source: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabels {
-    pub result: String,
+struct ResultLabels {
+    result: String,
 }
 
 /// What a source last did, for `/routes` and the age gauge.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct SourceHealth {
     /// When the source last read successfully (changed or not).
     pub last_good: Option<Instant>,
@@ -56,133 +61,141 @@ pub struct SourceHealth {
     pub errors: u64,
 }
 
+/// Every family, and what discovery reports about its sources.
+#[derive(Default)]
 pub struct Metrics {
-    pub accepted: Family<RouteLabels, Counter>,
-    pub active: Family<BackendLabels, Gauge>,
-    pub finished: Family<CloseLabels, Counter>,
-    pub bytes_sent: Family<BackendLabels, Counter>,
-    pub bytes_received: Family<BackendLabels, Counter>,
-    pub connect_failures: Family<CloseLabels, Counter>,
-    pub discovery_updates: Family<SourceLabels, Counter>,
-    pub discovery_errors: Family<SourceLabels, Counter>,
-    pub discovery_endpoints: Family<SourceLabels, Gauge>,
-    discovery_age: Family<SourceLabels, Gauge<f64, AtomicU64>>,
-    pub omni_index_size: Gauge,
-    pub omni_lookups: Family<ResultLabels, Counter>,
+    accepted: Family<RouteLabels, Counter>,
+    active: Family<BackendLabels, Gauge>,
+    finished: Family<CloseLabels, Counter>,
+    bytes_sent: Family<BackendLabels, Counter>,
+    bytes_received: Family<BackendLabels, Counter>,
+    connect_failures: Family<CloseLabels, Counter>,
+    discovery_updates: Family<SourceLabels, Counter>,
+    discovery_errors: Family<SourceLabels, Counter>,
+    discovery_endpoints: Family<SourceLabels, Gauge>,
+    omni_lookups: Family<ResultLabels, Counter>,
     sources: Mutex<HashMap<String, SourceHealth>>,
     /// Running drivers per source name: a source's series go when its last driver stops
     /// (a route switched to another spec), so stale counts do not linger.
     running: Mutex<HashMap<String, usize>>,
-    registry: Registry,
 }
 
-/// Counts a running source driver for [`Metrics`]; dropping it uncounts it.
-pub struct SourceGuard(String);
+/// Counts a running source driver; dropping it uncounts it.
+pub struct SourceGuard {
+    metrics: Arc<Metrics>,
+    source: String,
+}
 
 impl Drop for SourceGuard {
     fn drop(&mut self) {
-        global().source_stopped(&self.0);
+        self.metrics.source_stopped(&self.source);
     }
 }
 
-/// The process's metrics.
-pub fn global() -> &'static Metrics {
-    static METRICS: OnceLock<Metrics> = OnceLock::new();
-    METRICS.get_or_init(Metrics::new)
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Metrics {
-    fn new() -> Metrics {
-        let m = Metrics {
-            accepted: Family::default(),
-            active: Family::default(),
-            finished: Family::default(),
-            bytes_sent: Family::default(),
-            bytes_received: Family::default(),
-            connect_failures: Family::default(),
-            discovery_updates: Family::default(),
-            discovery_errors: Family::default(),
-            discovery_endpoints: Family::default(),
-            discovery_age: Family::default(),
-            omni_index_size: Gauge::default(),
-            omni_lookups: Family::default(),
-            sources: Mutex::new(HashMap::new()),
-            running: Mutex::new(HashMap::new()),
-            registry: Registry::with_prefix("ambassadord"),
-        };
-        let mut r = Registry::with_prefix("ambassadord");
-        r.register(
+    /// The families, registered in `registry` under their public names.
+    pub fn new(registry: &mut Registry) -> Arc<Metrics> {
+        let m = Metrics::default();
+        registry.register(
             "connections_accepted",
             "Connections accepted, by route (listen address)",
             m.accepted.clone(),
         );
-        r.register(
+        registry.register(
             "connections_active",
             "Connections open to a backend now, by route and backend",
             m.active.clone(),
         );
-        r.register(
+        registry.register(
             "connections_finished",
             "Connections ended, by route, backend and close reason",
             m.finished.clone(),
         );
-        r.register(
+        registry.register(
             "sent_bytes",
             "Bytes from clients to backends, counted as they move",
             m.bytes_sent.clone(),
         );
-        r.register(
+        registry.register(
             "received_bytes",
             "Bytes from backends to clients, counted as they move",
             m.bytes_received.clone(),
         );
-        r.register(
+        registry.register(
             "connect_failures",
             "Failed backend connects by reason (refused, timeout, error, no_backend); backend is empty for no_backend",
             m.connect_failures.clone(),
         );
-        r.register(
+        registry.register(
             "discovery_updates",
             "New endpoint sets published, by source (backend spec)",
             m.discovery_updates.clone(),
         );
-        r.register(
+        registry.register(
             "discovery_errors",
             "Failed discovery reads, by source",
             m.discovery_errors.clone(),
         );
-        r.register(
+        registry.register(
             "discovery_endpoints",
             "Endpoints in the current set, by source",
             m.discovery_endpoints.clone(),
         );
-        r.register(
-            "discovery_seconds_since_good_update",
-            "Seconds since the source last read successfully",
-            m.discovery_age.clone(),
-        );
-        r.register(
-            "omni_index_containers",
-            "Containers in the omni-mode index",
-            m.omni_index_size.clone(),
-        );
-        r.register(
+        registry.register(
             "omni_lookups",
             "Omni-mode routing lookups: hit (in the index), miss (needed a refresh), refused (no container or no declaration)",
             m.omni_lookups.clone(),
         );
-        Metrics { registry: r, ..m }
+        Arc::new(m)
+    }
+
+    /// A registry of its own, for a part used alone (a test, a tool).
+    pub fn unregistered() -> Arc<Metrics> {
+        Metrics::new(&mut Registry::default())
+    }
+
+    /// The series of the route labelled `route` (its listen address).
+    pub fn route(self: &Arc<Self>, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            accepted: self
+                .accepted
+                .get_or_create(&RouteLabels {
+                    route: route.to_string(),
+                })
+                .clone(),
+            label: route.to_string(),
+            open: Gauge::default(),
+            refused: Counter::default(),
+            backends: RwLock::default(),
+            failures: RwLock::default(),
+            metrics: self.clone(),
+        }
+    }
+
+    /// Counts one omni-mode lookup: `hit`, `miss` or `refused`.
+    pub fn omni_lookup(&self, result: &'static str) {
+        self.omni_lookups
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
     }
 
     /// A source driver for `source` starts; its series live until the guard drops.
-    pub fn source_started(&'static self, source: &str) -> SourceGuard {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        *running.entry(source.to_string()).or_insert(0) += 1;
-        SourceGuard(source.to_string())
+    pub fn source_started(self: &Arc<Self>, source: &str) -> SourceGuard {
+        *lock(&self.running).entry(source.to_string()).or_insert(0) += 1;
+        SourceGuard {
+            metrics: self.clone(),
+            source: source.to_string(),
+        }
     }
 
     fn source_stopped(&self, source: &str) {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut running = lock(&self.running);
         let Some(n) = running.get_mut(source) else {
             return;
         };
@@ -197,11 +210,7 @@ impl Metrics {
         self.discovery_updates.remove(&labels);
         self.discovery_errors.remove(&labels);
         self.discovery_endpoints.remove(&labels);
-        self.discovery_age.remove(&labels);
-        self.sources
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(source);
+        lock(&self.sources).remove(source);
     }
 
     /// A source read successfully; `endpoints` is the set's size when the read is an
@@ -222,12 +231,8 @@ impl Metrics {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .ok();
-        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        let health = sources.entry(labels.source).or_insert(SourceHealth {
-            last_good: None,
-            last_good_unix: None,
-            errors: 0,
-        });
+        let mut sources = lock(&self.sources);
+        let health = sources.entry(labels.source).or_default();
         health.last_good = Some(Instant::now());
         health.last_good_unix = unix;
     }
@@ -237,39 +242,300 @@ impl Metrics {
             source: source.to_string(),
         };
         self.discovery_errors.get_or_create(&labels).inc();
-        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        sources
-            .entry(labels.source)
-            .or_insert(SourceHealth {
-                last_good: None,
-                last_good_unix: None,
-                errors: 0,
-            })
-            .errors += 1;
+        lock(&self.sources).entry(labels.source).or_default().errors += 1;
     }
 
     pub fn source(&self, source: &str) -> Option<SourceHealth> {
-        let sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        sources.get(source).copied()
+        lock(&self.sources).get(source).copied()
+    }
+}
+
+/// One route's series, looked up once instead of per connection: a connection then
+/// builds no label strings and takes no family lock when it opens and closes. The admin
+/// view's totals are read from these same counters ([`RouteMetrics::totals`]).
+pub struct RouteMetrics {
+    metrics: Arc<Metrics>,
+    label: String,
+    accepted: Counter,
+    /// Connections accepted and not yet ended, connecting ones included (the family's
+    /// `connections_active` counts only those connected to a backend).
+    open: Gauge,
+    /// Connections refused (no backend, or none answered). Not a family of its own yet.
+    refused: Counter,
+    /// By backend address; as the families themselves, never shrinks while the route
+    /// lives.
+    backends: RwLock<HashMap<SocketAddr, Arc<BackendMetrics>>>,
+    /// `connect_failures` by (backend, reason); the backend is empty for `no_backend`.
+    failures: RwLock<Vec<(String, &'static str, Counter)>>,
+}
+
+/// The series one backend of a route updates.
+pub struct BackendMetrics {
+    pub active: Gauge,
+    pub sent: Counter,
+    pub received: Counter,
+    labels: BackendLabels,
+    family: Family<CloseLabels, Counter>,
+    /// `connections_finished` by close reason, each created when first used.
+    finished: RwLock<Vec<(&'static str, Counter)>>,
+}
+
+/// A route's totals, as the admin view shows them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteTotals {
+    pub open: u64,
+    pub accepted: u64,
+    pub refused: u64,
+    pub connect_failures: u64,
+    pub sent: u64,
+    pub received: u64,
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl RouteMetrics {
+    /// A connection was accepted; the guard counts it open until it drops.
+    pub fn accepted(&self) -> OpenGuard<'_> {
+        self.accepted.inc();
+        self.open.inc();
+        OpenGuard(&self.open)
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn encode(&self) -> String {
+    pub fn refused(&self) {
+        self.refused.inc();
+    }
+
+    pub fn open(&self) -> u64 {
+        self.open.get().max(0) as u64
+    }
+
+    /// Counts a failed connect to `backend` (`None` when there was none to try).
+    pub fn connect_failed(&self, backend: Option<SocketAddr>, reason: &'static str) {
+        let backend = backend.map(|b| b.to_string()).unwrap_or_default();
+        if let Some((_, _, c)) = read(&self.failures)
+            .iter()
+            .find(|(b, r, _)| *r == reason && *b == backend)
         {
-            let sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-            for (name, health) in sources.iter() {
-                if let Some(at) = health.last_good {
-                    self.discovery_age
-                        .get_or_create(&SourceLabels {
-                            source: name.clone(),
-                        })
-                        .set(at.elapsed().as_secs_f64());
-                }
-            }
+            c.inc();
+            return;
         }
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        let counter = self
+            .metrics
+            .connect_failures
+            .get_or_create(&CloseLabels {
+                route: self.label.clone(),
+                backend: backend.clone(),
+                reason: reason.to_string(),
+            })
+            .clone();
+        counter.inc();
+        let mut failures = write(&self.failures);
+        if !failures
+            .iter()
+            .any(|(b, r, _)| *r == reason && *b == backend)
+        {
+            failures.push((backend, reason, counter));
+        }
+    }
+
+    /// The series of connections to `backend`.
+    pub fn backend(&self, backend: SocketAddr) -> Arc<BackendMetrics> {
+        if let Some(s) = read(&self.backends).get(&backend) {
+            return s.clone();
+        }
+        write(&self.backends)
+            .entry(backend)
+            .or_insert_with(|| {
+                let m = &self.metrics;
+                let labels = BackendLabels {
+                    route: self.label.clone(),
+                    backend: backend.to_string(),
+                };
+                Arc::new(BackendMetrics {
+                    active: m.active.get_or_create(&labels).clone(),
+                    sent: m.bytes_sent.get_or_create(&labels).clone(),
+                    received: m.bytes_received.get_or_create(&labels).clone(),
+                    family: m.finished.clone(),
+                    finished: RwLock::default(),
+                    labels,
+                })
+            })
+            .clone()
+    }
+
+    /// The route's totals, summed from its series.
+    pub fn totals(&self) -> RouteTotals {
+        let backends = read(&self.backends);
+        RouteTotals {
+            open: self.open(),
+            accepted: self.accepted.get(),
+            refused: self.refused.get(),
+            connect_failures: read(&self.failures).iter().map(|(_, _, c)| c.get()).sum(),
+            sent: backends.values().map(|b| b.sent.get()).sum(),
+            received: backends.values().map(|b| b.received.get()).sum(),
+        }
+    }
+}
+
+impl BackendMetrics {
+    /// Counts a connection to this backend that ended with `reason`.
+    pub fn finished(&self, reason: &'static str) {
+        if let Some((_, c)) = read(&self.finished).iter().find(|(r, _)| *r == reason) {
+            c.inc();
+            return;
+        }
+        let counter = self
+            .family
+            .get_or_create(&CloseLabels {
+                route: self.labels.route.clone(),
+                backend: self.labels.backend.clone(),
+                reason: reason.to_string(),
+            })
+            .clone();
+        counter.inc();
+        let mut known = write(&self.finished);
+        if !known.iter().any(|(r, _)| *r == reason) {
+            known.push((reason, counter));
+        }
+    }
+}
+
+/// Counts a connection open while it lives, however its task ends.
+pub struct OpenGuard<'a>(&'a Gauge);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The values computed when `/metrics` is read, not written by anyone beforehand: how
+/// long ago each source last read successfully, and the containers in the omni index.
+pub struct ScrapeTime<F> {
+    pub metrics: Arc<Metrics>,
+    /// Containers in every omni route's index, in all.
+    pub omni_index_containers: F,
+}
+
+impl<F> std::fmt::Debug for ScrapeTime<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScrapeTime")
+    }
+}
+
+impl<F: Fn() -> usize + Send + Sync + 'static> Collector for ScrapeTime<F> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let ages: Vec<(String, f64)> = lock(&self.metrics.sources)
+            .iter()
+            .filter_map(|(name, h)| Some((name.clone(), h.last_good?.elapsed().as_secs_f64())))
+            .collect();
+        let mut family = encoder.encode_descriptor(
+            "discovery_seconds_since_good_update",
+            "Seconds since the source last read successfully",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (source, age) in ages {
+            let labels = SourceLabels { source };
+            ConstGauge::<f64>::new(age).encode(family.encode_family(&labels)?)?;
+        }
+        let containers = ConstGauge::new((self.omni_index_containers)() as i64);
+        let gauge = encoder.encode_descriptor(
+            "omni_index_containers",
+            "Containers in the omni-mode index",
+            None,
+            containers.metric_type(),
+        )?;
+        containers.encode(gauge)?;
+        Ok(())
+    }
+}
+
+/// The text exposition of every metric in `registry`.
+pub fn encode(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, registry);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU64;
+
+    /// The totals the admin view shows are the families' own series, summed.
+    #[test]
+    fn route_totals_are_summed_from_the_series() {
+        let mut registry = Registry::with_prefix("ambassadord");
+        let metrics = Metrics::new(&mut registry);
+        let route = metrics.route("127.0.0.1:7000");
+        let a = route.backend("10.0.0.1:1".parse().unwrap());
+        let b = route.backend("10.0.0.2:1".parse().unwrap());
+        {
+            let _open = route.accepted();
+            a.sent.inc_by(10);
+            b.sent.inc_by(5);
+            b.received.inc_by(7);
+            assert_eq!(route.totals().open, 1);
+        }
+        route.connect_failed(Some("10.0.0.3:1".parse().unwrap()), "refused");
+        route.connect_failed(None, "no_backend");
+        route.refused();
+        a.finished("client_closed");
+        let totals = route.totals();
+        assert_eq!(
+            totals,
+            RouteTotals {
+                open: 0,
+                accepted: 1,
+                refused: 1,
+                connect_failures: 2,
+                sent: 15,
+                received: 7
+            }
+        );
+        let text = encode(&registry);
+        for line in [
+            "ambassadord_sent_bytes_total{route=\"127.0.0.1:7000\",backend=\"10.0.0.1:1\"} 10",
+            "ambassadord_connect_failures_total{route=\"127.0.0.1:7000\",backend=\"\",reason=\"no_backend\"} 1",
+            "ambassadord_connections_finished_total{route=\"127.0.0.1:7000\",backend=\"10.0.0.1:1\",reason=\"client_closed\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+    }
+
+    /// Scrape-time values are computed by the collector when the registry is encoded.
+    #[test]
+    fn scrape_time_values_are_computed_when_read() {
+        let mut registry = Registry::with_prefix("ambassadord");
+        let metrics = Metrics::new(&mut registry);
+        let containers = Arc::new(AtomicU64::new(3));
+        let count = containers.clone();
+        registry.register_collector(Box::new(ScrapeTime {
+            metrics: metrics.clone(),
+            omni_index_containers: move || {
+                count.load(std::sync::atomic::Ordering::Relaxed) as usize
+            },
+        }));
+        let _guard = metrics.source_started("a:1");
+        metrics.source_ok("a:1", Some(1), true);
+        let text = encode(&registry);
+        assert!(
+            text.contains("ambassadord_omni_index_containers 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ambassadord_discovery_seconds_since_good_update{source=\"a:1\"} "),
+            "{text}"
+        );
+        containers.store(5, std::sync::atomic::Ordering::Relaxed);
+        assert!(encode(&registry).contains("ambassadord_omni_index_containers 5"));
     }
 }

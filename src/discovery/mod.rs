@@ -16,6 +16,7 @@ pub mod srv;
 use std::fmt::Display;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::endpoint::EndpointSet;
+use crate::metrics::Metrics;
 use crate::spec::{Host, Spec};
 
 /// What the data path reads from one spec's discovery.
@@ -68,7 +70,6 @@ pub trait Source: Send + 'static {
 }
 
 /// Shared context for building sources: the resolver is created once, on first need.
-#[derive(Default)]
 pub struct Discovery {
     /// `--dns`: the nameserver for every lookup instead of /etc/resolv.conf.
     nameserver: Option<SocketAddr>,
@@ -76,14 +77,17 @@ pub struct Discovery {
     /// The runtime sources run on: the one that built this (the control runtime), also
     /// for a source started from a connection's task on a data thread (omni mode).
     runtime: Option<tokio::runtime::Handle>,
+    /// Where each source's reads and errors are counted.
+    metrics: Arc<Metrics>,
 }
 
 impl Discovery {
-    pub fn new(nameserver: Option<SocketAddr>) -> Self {
+    pub fn new(nameserver: Option<SocketAddr>, metrics: Arc<Metrics>) -> Self {
         Discovery {
             nameserver,
             resolver: std::sync::OnceLock::new(),
             runtime: tokio::runtime::Handle::try_current().ok(),
+            metrics,
         }
     }
 
@@ -107,6 +111,7 @@ impl Discovery {
             failing: failing_tx,
             cancel,
             runtime: self.runtime.clone(),
+            metrics: self.metrics.clone(),
         };
         let sets = match spec {
             Spec::Static(list) => {
@@ -140,16 +145,19 @@ impl Discovery {
     }
 }
 
-/// Runs `source` in its own task and publishes what it finds.
+/// Runs `source` in its own task and publishes what it finds, counting its reads in
+/// `metrics`.
 pub fn spawn_source<S: Source>(
     name: String,
     source: S,
     cancel: CancellationToken,
+    metrics: Arc<Metrics>,
 ) -> watch::Receiver<Option<S::Item>> {
     let drive = Drive {
         failing: watch::channel(false).0,
         cancel,
         runtime: None,
+        metrics,
     };
     drive.spawn(name, source)
 }
@@ -160,13 +168,21 @@ struct Drive {
     cancel: CancellationToken,
     /// Where the driver tasks run; the caller's runtime if `None`.
     runtime: Option<tokio::runtime::Handle>,
+    metrics: Arc<Metrics>,
 }
 
 impl Drive {
     fn spawn<S: Source>(&self, name: String, source: S) -> watch::Receiver<Option<S::Item>> {
         let (tx, rx) = watch::channel(None);
         let failing = self.failing.clone();
-        let task = drive(name, source, tx, failing, self.cancel.clone());
+        let task = drive(
+            name,
+            source,
+            tx,
+            failing,
+            self.cancel.clone(),
+            self.metrics.clone(),
+        );
         match &self.runtime {
             Some(runtime) => drop(runtime.spawn(task)),
             None => drop(tokio::spawn(task)),
@@ -181,8 +197,9 @@ async fn drive<S: Source>(
     tx: watch::Sender<Option<S::Item>>,
     failing: watch::Sender<bool>,
     cancel: CancellationToken,
+    metrics: Arc<Metrics>,
 ) {
-    let _counted = crate::metrics::global().source_started(&name);
+    let _counted = metrics.source_started(&name);
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut in_outage = false;
     loop {
@@ -215,11 +232,11 @@ async fn drive<S: Source>(
                     *current = Some(set);
                     true
                 });
-                crate::metrics::global().source_ok(&name, size, changed);
+                metrics.source_ok(&name, size, changed);
                 continue;
             }
             Err(e) => {
-                crate::metrics::global().source_error(&name);
+                metrics.source_error(&name);
                 if tx.borrow().is_none() {
                     failing.send_if_modified(|f| !std::mem::replace(f, true));
                 }
@@ -327,7 +344,12 @@ mod tests {
             Ok(a.clone()),
             Ok(b.clone()),
         ]);
-        let mut rx = spawn_source("test".into(), Scripted(script), CancellationToken::new());
+        let mut rx = spawn_source(
+            "test".into(),
+            Scripted(script),
+            CancellationToken::new(),
+            Metrics::unregistered(),
+        );
         rx.changed().await.unwrap();
         assert_eq!(rx.borrow_and_update().as_ref(), Some(&a));
         // The errors and the repeated `a` publish nothing; the next change is `b`.
@@ -350,6 +372,7 @@ mod tests {
             failing: failing_tx,
             cancel: CancellationToken::new(),
             runtime: None,
+            metrics: Metrics::unregistered(),
         };
         let mut rx = drive.spawn("test".into(), Scripted(script));
         failing.changed().await.unwrap();
@@ -366,7 +389,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn driver_stops_when_cancelled() {
         let cancel = CancellationToken::new();
-        let mut rx = spawn_source("test".into(), Scripted(VecDeque::new()), cancel.clone());
+        let mut rx = spawn_source(
+            "test".into(),
+            Scripted(VecDeque::new()),
+            cancel.clone(),
+            Metrics::unregistered(),
+        );
         cancel.cancel();
         // The sender is dropped when the driver task ends.
         assert!(rx.changed().await.is_err());

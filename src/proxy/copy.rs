@@ -115,15 +115,12 @@ pub(super) enum Fault {
     To(io::Error),
 }
 
-/// Shared counters one direction adds its bytes to as they move, so a long transfer
-/// shows in /metrics and /routes while it runs, not only once it closes.
-#[derive(Clone, Copy, Default)]
-pub struct Live<'a> {
-    pub metric: Option<&'a Counter>,
-    pub total: Option<&'a AtomicU64>,
-}
+/// The shared counter one direction adds its bytes to as they move (the backend's
+/// series), so a long transfer shows in /metrics and /routes while it runs, not only
+/// once it closes.
+pub type Live<'a> = Option<&'a Counter>;
 
-/// One direction's byte count: the connection's own total plus its [`Live`] counters.
+/// One direction's byte count: the connection's own total plus its [`Live`] counter.
 pub(super) struct Tally<'a> {
     own: AtomicU64,
     live: Live<'a>,
@@ -139,11 +136,8 @@ impl<'a> Tally<'a> {
 
     pub(super) fn add(&self, n: u64) {
         self.own.fetch_add(n, Ordering::Relaxed);
-        if let Some(metric) = self.live.metric {
+        if let Some(metric) = self.live {
             metric.inc_by(n);
-        }
-        if let Some(total) = self.live.total {
-            total.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -160,7 +154,7 @@ pub async fn pipe(
     idle_timeout: Option<Duration>,
     stop: &CancellationToken,
 ) -> Transfer {
-    let live = (Live::default(), Live::default());
+    let live = (None, None);
     pipe_with(
         CopyMode::default(),
         client,

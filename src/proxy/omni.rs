@@ -19,7 +19,21 @@ use tracing::debug;
 use super::balance::Balancer;
 use crate::discovery::Discovery;
 use crate::docker::index::ContainerIndex;
+use crate::metrics::Metrics;
 use crate::spec::Spec;
+
+/// Why an omni connection has nowhere to go.
+#[derive(Debug, thiserror::Error)]
+pub enum OmniError {
+    #[error("no running container has address {peer} (port {port})")]
+    NoContainer { peer: IpAddr, port: u16 },
+    #[error(
+        "container '{container}' declares no backend for port {port} (set BACKEND_{port} or label ambassadord.backend.{port})"
+    )]
+    NotDeclared { container: String, port: u16 },
+    #[error("cannot read the local address: {0}")]
+    LocalAddr(std::io::Error),
+}
 
 /// Where one omni connection goes.
 pub struct OmniRoute {
@@ -36,6 +50,7 @@ struct Shared {
 pub struct Omni {
     index: Arc<ContainerIndex>,
     discovery: Arc<Discovery>,
+    metrics: Arc<Metrics>,
     sources: Mutex<HashMap<Spec, Shared>>,
     stop: CancellationToken,
 }
@@ -46,12 +61,14 @@ impl Omni {
     pub fn start(
         index: Arc<ContainerIndex>,
         discovery: Arc<Discovery>,
+        metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) -> Arc<Omni> {
         tokio::spawn(index.clone().run(stop.clone()));
         let omni = Arc::new(Omni {
             index,
             discovery,
+            metrics,
             sources: Mutex::new(HashMap::new()),
             stop,
         });
@@ -64,16 +81,9 @@ impl Omni {
     }
 
     /// Finds where `client` (connected from `peer`) should go, or says why it cannot.
-    pub async fn route(&self, client: &TcpStream, peer: IpAddr) -> Result<OmniRoute, String> {
+    pub async fn route(&self, client: &TcpStream, peer: IpAddr) -> Result<OmniRoute, OmniError> {
         let port = original_port(client, peer)?;
-        let lookups = &crate::metrics::global().omni_lookups;
-        let count = |result: &str| {
-            lookups
-                .get_or_create(&crate::metrics::ResultLabels {
-                    result: result.to_string(),
-                })
-                .inc();
-        };
+        let count = |result| self.metrics.omni_lookup(result);
         count(if self.index.get(peer).is_some() {
             "hit"
         } else {
@@ -87,15 +97,13 @@ impl Omni {
             count("refused");
         }
         let Some(container) = container else {
-            return Err(format!(
-                "no running container has address {peer} (port {port})"
-            ));
+            return Err(OmniError::NoContainer { peer, port });
         };
         let Some(spec) = container.declarations.get(&port) else {
-            return Err(format!(
-                "container '{}' declares no backend for port {port} (set BACKEND_{port} or label ambassadord.backend.{port})",
-                container.name
-            ));
+            return Err(OmniError::NotDeclared {
+                container: container.name.clone(),
+                port,
+            });
         };
         Ok(OmniRoute {
             balancer: self.source_for(spec),
@@ -158,7 +166,7 @@ impl Omni {
 /// The port the client was really connecting to before the nat REDIRECT. A socket that
 /// was not redirected has no original destination (ENOENT), and its own local port is
 /// then the answer. `peer` is the client's canonical address.
-pub fn original_port(stream: &TcpStream, peer: IpAddr) -> Result<u16, String> {
+pub fn original_port(stream: &TcpStream, peer: IpAddr) -> Result<u16, OmniError> {
     // On a dual-stack listener an IPv4 client arrives v4-mapped and answers the IPv4
     // option; an IPv6 client answers only the IPv6 one. The local address is read only
     // when neither answers: one system call fewer on the usual, redirected path.
@@ -173,5 +181,5 @@ pub fn original_port(stream: &TcpStream, peer: IpAddr) -> Result<u16, String> {
     stream
         .local_addr()
         .map(|local| local.port())
-        .map_err(|e| format!("cannot read the local address: {e}"))
+        .map_err(OmniError::LocalAddr)
 }

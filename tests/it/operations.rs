@@ -508,6 +508,38 @@ async fn bad_reload_is_rejected_and_nothing_changes() {
     assert!(stderr.contains("bakend"), "{stderr}");
 }
 
+/// SIGTERM while a reload waits for a changed route's new source (a store that never
+/// answers, so the wait would last its full 5 s) is obeyed at once: the reload is
+/// abandoned (it changed nothing yet), and the process drains and exits 0 without
+/// finishing the reload first.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_reloads_switch_wait_exits_without_finishing_it() {
+    let a = tagged_echo("a").await;
+    let p1 = free_port();
+    let file = temp_file("switch.toml");
+    write(&file, &routes_file(&[(p1, a.addr.to_string())]));
+    let mut amb = Ambassador::start(&[
+        "--admin",
+        "off",
+        "--shutdown-grace",
+        "1s",
+        "--config",
+        file.to_str().unwrap(),
+    ]);
+    let unreachable = format!("etcd://127.0.0.1:{}/nodes", free_port());
+    write(&file, &routes_file(&[(p1, unreachable.clone())]));
+    amb.signal("HUP");
+    // The new source has started and failed its first read: the reload is waiting.
+    let failed = amb.wait_for_log("discovery failed");
+    assert!(failed.contains(&unreachable), "{failed}");
+    amb.signal("TERM");
+    let status = amb.wait_exit();
+    assert!(status.success(), "{status}: {:#?}", amb.log());
+    amb.wait_for_log("stopped");
+    assert_eq!(amb.count_log("switching anyway"), 0, "{:#?}", amb.log());
+    assert_eq!(amb.count_log("configuration reloaded"), 0, "{:#?}", amb.log());
+}
+
 /// With `--setup-iptables`' redirect installed in the ambassador's network namespace,
 /// the admin endpoint on its default loopback address still answers from inside that
 /// namespace: the redirect hooks prerouting, which connections made inside the

@@ -1,0 +1,240 @@
+//! The forwarder: accept, then in each connection's own task pick a backend, connect
+//! with failover, copy both ways, and log the outcome once.
+//!
+//! The accept loop only accepts and spawns; everything else (balancing, connecting,
+//! logging) happens in the connection's task, so a slow backend or a discovery outage
+//! never delays the next accept. Each loop runs on one data thread, accepting on that
+//! thread's socket of the route; the connection's task runs on the same thread.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep, timeout};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use super::balance::{Balancer, NoBackend};
+use super::copy;
+use super::route::{Route, Target};
+use crate::config::Settings;
+use crate::endpoint::Endpoint;
+use crate::metrics::RouteMetrics;
+
+/// How long accepts must go without failing before the accept backoff starts again from
+/// its first step.
+const ACCEPT_CALM: Duration = Duration::from_secs(1);
+
+/// What a connection task needs besides its sockets.
+#[derive(Clone)]
+pub struct Shared {
+    /// The settings current when a connection is accepted are the ones it keeps.
+    pub settings: watch::Receiver<Arc<Settings>>,
+    /// Fired when the server stops accepting (shutdown).
+    pub stop: CancellationToken,
+    /// Fired when the shutdown grace period ends: open connections are closed.
+    pub force_close: CancellationToken,
+    pub connections: TaskTracker,
+}
+
+/// Accepts on one of a route's sockets, on the data thread it runs on; each connection's
+/// task is spawned on the same thread.
+pub async fn accept_loop(listener: std::net::TcpListener, route: Arc<Route>, shared: Shared) {
+    // Registered here, with this thread's runtime, not the one that bound it.
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(listen = %route.listen, error = %e, "cannot accept on a listening socket");
+            return;
+        }
+    };
+    let mut backoff = Duration::ZERO;
+    let mut last_failure: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = route.stop_accepting.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                // Out of descriptors, one accept can still succeed between failures
+                // (a refused connection freed one): only a quiet second ends the backoff,
+                // so a lasting shortage is retried (and logged) ever more slowly.
+                if last_failure.is_some_and(|at| at.elapsed() >= ACCEPT_CALM) {
+                    backoff = Duration::ZERO;
+                    last_failure = None;
+                }
+                let settings = shared.settings.borrow().clone();
+                shared.connections.spawn(serve(
+                    client,
+                    peer,
+                    route.clone(),
+                    settings,
+                    shared.force_close.clone(),
+                ));
+            }
+            // The client gave up before we accepted it: nothing to do.
+            Err(e) if is_per_connection(&e) => debug!(error = %e, "accept: connection aborted"),
+            // Out of file descriptors or memory: wait for connections to close, never exit.
+            Err(e) => {
+                last_failure = Some(Instant::now());
+                backoff = (backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                error!(listen = %route.listen, error = %e, retry_in = ?backoff, "accept failed");
+                tokio::select! {
+                    _ = shared.stop.cancelled() => return,
+                    _ = route.stop_accepting.cancelled() => return,
+                    _ = sleep(backoff) => {}
+                }
+            }
+        }
+    }
+}
+
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
+}
+
+/// Why a connection got no backend.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("{0}")]
+    NoBackend(NoBackend),
+    /// Every endpoint in the plan was tried once and failed; one reason each.
+    #[error("every backend failed: {}", .0.join("; "))]
+    AllFailed(Vec<String>),
+}
+
+/// Serves one client connection from start to finish, and logs it once: the access log
+/// line has the same fields whether the connection was forwarded or refused.
+async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    route: Arc<Route>,
+    settings: Arc<Settings>,
+    force_close: CancellationToken,
+) {
+    let start = Instant::now();
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let _ = client.set_nodelay(true);
+    let metrics = &route.metrics;
+    let _open = metrics.accepted();
+    // Taken once: a reload that changes the route affects only later connections.
+    let active = route.active();
+
+    let refused = |reason: &dyn std::fmt::Display, label: &str| {
+        metrics.refused();
+        error!(listen = %route.listen, client = %peer, route = label, backend = %"-",
+            sent = 0u64, received = 0u64, duration_ms = start.elapsed().as_millis() as u64,
+            close = %"refused", error = %reason, "connection refused");
+    };
+    let (balancer, label) = match &active.target {
+        Target::Fixed(balancer) => (balancer.clone(), None),
+        Target::Omni(omni) => {
+            // Boxed: the lookup may call the Engine API, and that future is large; inline,
+            // it would enlarge every connection's task, idle ones included.
+            let routed = tokio::select! {
+                r = Box::pin(omni.route(&client, peer.ip())) => r,
+                _ = force_close.cancelled() => return,
+            };
+            match routed {
+                Ok(r) => (r.balancer, Some(r.label)),
+                Err(reason) => {
+                    metrics.connect_failed(None, "no_backend");
+                    return refused(&reason, "omni");
+                }
+            }
+        }
+    };
+    let label = label.as_deref().unwrap_or(balancer.name());
+
+    let (backend, endpoint) = tokio::select! {
+        r = connect(&balancer, &settings, metrics) => match r {
+            Ok(pair) => pair,
+            Err(reason) => return refused(&reason, label),
+        },
+        _ = force_close.cancelled() => return,
+    };
+    drop(active);
+
+    // Hold the shared series (one pointer) across the transfer, not labels of its own:
+    // what an open connection keeps alive is what idle connections cost in memory.
+    let series = metrics.backend(endpoint.addr);
+    series.active.inc();
+    let t = copy::pipe_with(
+        settings.copy,
+        &client,
+        &backend,
+        settings.idle_timeout,
+        &force_close,
+        (Some(&series.sent), Some(&series.received)),
+    )
+    .await;
+    series.active.dec();
+    series.finished(t.close.as_str());
+    let duration_ms = start.elapsed().as_millis() as u64;
+    match t.close.error() {
+        None => info!(listen = %route.listen, client = %peer, route = label, backend = %endpoint,
+            sent = t.sent, received = t.received, duration_ms, close = %t.close, "connection closed"),
+        Some(error) => {
+            warn!(listen = %route.listen, client = %peer, route = label, backend = %endpoint,
+            sent = t.sent, received = t.received, duration_ms, close = %t.close, error = %error,
+            "connection closed")
+        }
+    }
+}
+
+/// Connects to the first endpoint in the balancer's order that accepts, trying each
+/// once. The error says why none could be used; each failure is counted by its reason.
+async fn connect(
+    balancer: &Balancer,
+    settings: &Settings,
+    metrics: &RouteMetrics,
+) -> Result<(TcpStream, Endpoint), ConnectError> {
+    let plan = balancer
+        .plan_when_discovered(settings.connect_timeout)
+        .await
+        .map_err(|reason| {
+            metrics.connect_failed(None, "no_backend");
+            ConnectError::NoBackend(reason)
+        })?;
+    let mut failures = Vec::with_capacity(plan.len());
+    for endpoint in plan.iter() {
+        match timeout(settings.connect_timeout, TcpStream::connect(endpoint.addr)).await {
+            Ok(Ok(stream)) => {
+                balancer.connect_succeeded(endpoint.addr);
+                let _ = stream.set_nodelay(true);
+                return Ok((stream, endpoint.clone()));
+            }
+            Ok(Err(e)) => {
+                debug!(backend = %endpoint, error = %e, "connect failed; trying the next backend");
+                let reason = if e.kind() == io::ErrorKind::ConnectionRefused {
+                    "refused"
+                } else {
+                    "error"
+                };
+                metrics.connect_failed(Some(endpoint.addr), reason);
+                failures.push(format!("{endpoint}: {e}"));
+            }
+            Err(_) => {
+                debug!(backend = %endpoint, timeout = ?settings.connect_timeout, "connect timed out; trying the next backend");
+                metrics.connect_failed(Some(endpoint.addr), "timeout");
+                failures.push(format!(
+                    "{endpoint}: connect timed out after {:?}",
+                    settings.connect_timeout
+                ));
+            }
+        }
+        balancer.connect_failed(endpoint.addr);
+    }
+    Err(ConnectError::AllFailed(failures))
+}

@@ -1,0 +1,222 @@
+//! The route model: a listening address and where its connections go, the target a
+//! reload can swap, and the read-only view of both for the admin endpoint.
+//!
+//! A connection takes the route's target current when it is accepted ([`Route::active`])
+//! and keeps it: a reload that changes the route affects only later connections. The
+//! target owns what serves it (a balancer fed by discovery, or the omni router); it
+//! stops when the last reference goes, which is when no connection is still connecting
+//! with it.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use tokio_util::sync::CancellationToken;
+
+use super::balance::Balancer;
+use super::omni::Omni;
+use crate::config::RouteTarget;
+use crate::discovery::Discovery;
+use crate::docker::index::ContainerIndex;
+use crate::metrics::{Metrics, RouteMetrics};
+use crate::status::{ContainerStatus, EndpointState, EndpointStatus, RouteStatus, TargetStatus};
+
+/// A route's target could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// Omni mode's Docker client could not be set up.
+    #[error("{0}")]
+    Docker(String),
+}
+
+/// One listening address and where its connections go.
+pub struct Route {
+    pub listen: SocketAddr,
+    /// The configured listen address that identifies the route across reloads (the
+    /// bound address for port 0, which no reload can name again).
+    pub key: String,
+    active: RwLock<Arc<Active>>,
+    /// Fired when a reload removes the route: stop accepting, let connections drain.
+    pub stop_accepting: CancellationToken,
+    /// Its counters: the one source for `/metrics` and the admin view.
+    pub metrics: RouteMetrics,
+}
+
+/// A route's current target and the discovery serving it. Dropping the last reference
+/// (the route moved on and no connection is still connecting with it) stops discovery.
+pub struct Active {
+    pub target: Target,
+    pub config: RouteTarget,
+    pub kind: &'static str,
+    stop: CancellationToken,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+pub enum Target {
+    /// Standard mode: every connection goes to one spec's backends.
+    Fixed(Arc<Balancer>),
+    /// Omni mode: each connection goes where its container declares.
+    Omni(Arc<Omni>),
+}
+
+/// What starting a target needs.
+pub struct Targets {
+    pub discovery: Arc<Discovery>,
+    /// `--docker-host`, for omni targets.
+    pub docker_host: String,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Targets {
+    /// Starts what serves `target`: its discovery, or omni mode's container index.
+    pub fn start(&self, target: &RouteTarget) -> Result<Arc<Active>, TargetError> {
+        let stop = CancellationToken::new();
+        let (t, kind) = match target {
+            RouteTarget::Spec(spec) => {
+                let endpoints = self.discovery.spawn(spec, stop.child_token());
+                let balancer = Balancer::new(spec.to_string(), endpoints);
+                (Target::Fixed(Arc::new(balancer)), spec.kind())
+            }
+            RouteTarget::Omni => {
+                let index =
+                    ContainerIndex::new(Some(&self.docker_host)).map_err(TargetError::Docker)?;
+                let omni = Omni::start(
+                    index,
+                    self.discovery.clone(),
+                    self.metrics.clone(),
+                    stop.child_token(),
+                );
+                (Target::Omni(omni), "omni")
+            }
+        };
+        Ok(Arc::new(Active {
+            target: t,
+            config: target.clone(),
+            kind,
+            stop,
+        }))
+    }
+}
+
+impl Route {
+    /// A route listening on `listen` (what was bound), known across reloads by `key`,
+    /// starting with `active`.
+    pub fn new(
+        listen: SocketAddr,
+        key: String,
+        active: Arc<Active>,
+        metrics: &Arc<Metrics>,
+    ) -> Route {
+        Route {
+            listen,
+            key,
+            metrics: metrics.route(&listen.to_string()),
+            active: RwLock::new(active),
+            stop_accepting: CancellationToken::new(),
+        }
+    }
+
+    /// The target new connections use.
+    pub fn active(&self) -> Arc<Active> {
+        self.active
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Points new connections at `active`; open ones keep the target they took.
+    pub fn switch(&self, active: Arc<Active>) {
+        *self.active.write().unwrap_or_else(|p| p.into_inner()) = active;
+    }
+
+    /// Whether its source has produced a first result.
+    pub fn ready(&self) -> bool {
+        match &self.active().target {
+            Target::Fixed(b) => b.current().is_some(),
+            Target::Omni(o) => o.index().loaded(),
+        }
+    }
+
+    /// The route as the admin endpoint shows it.
+    pub fn status(&self, metrics: &Metrics) -> RouteStatus {
+        let active = self.active();
+        let spec = active.config.to_string();
+        let health = metrics.source(&spec);
+        let totals = self.metrics.totals();
+        let (discovered, target) = match &active.target {
+            Target::Fixed(balancer) => {
+                let set = balancer.current();
+                let endpoints = set.as_ref().map_or_else(Vec::new, |set| {
+                    set.as_slice()
+                        .iter()
+                        .map(|e| EndpointStatus {
+                            addr: e.addr.to_string(),
+                            origin: e.origin.as_deref().map(String::from),
+                            priority: e.priority,
+                            weight: e.weight,
+                            state: if balancer.is_cooling(e.addr) {
+                                EndpointState::CoolingDown
+                            } else {
+                                EndpointState::Up
+                            },
+                        })
+                        .collect()
+                });
+                (set.is_some(), TargetStatus::Fixed { endpoints })
+            }
+            Target::Omni(omni) => {
+                let mut containers: Vec<ContainerStatus> = omni
+                    .index()
+                    .containers()
+                    .iter()
+                    .map(|c| ContainerStatus {
+                        name: c.name.clone(),
+                        id: c.id.clone(),
+                        ips: c.ips.iter().map(|ip| ip.to_string()).collect(),
+                        declarations: c
+                            .declarations
+                            .iter()
+                            .map(|(port, spec)| (port.to_string(), spec.to_string()))
+                            .collect(),
+                    })
+                    .collect();
+                containers.sort_by(|a, b| a.name.cmp(&b.name));
+                let sources = omni.source_count();
+                (
+                    omni.index().loaded(),
+                    TargetStatus::Omni {
+                        containers,
+                        sources,
+                    },
+                )
+            }
+        };
+        RouteStatus {
+            listen: self.listen.to_string(),
+            spec,
+            kind: active.kind,
+            open_connections: totals.open,
+            accepted: totals.accepted,
+            refused: totals.refused,
+            connect_failures: totals.connect_failures,
+            sent_bytes: totals.sent,
+            received_bytes: totals.received,
+            last_update: health.and_then(|h| h.last_good_unix),
+            discovery_errors: health.map_or(0, |h| h.errors),
+            discovered,
+            target,
+        }
+    }
+
+    /// Containers in its omni index (0 for a standard route).
+    pub fn omni_containers(&self) -> usize {
+        match &self.active().target {
+            Target::Omni(o) => o.index().len(),
+            Target::Fixed(_) => 0,
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! The server's lifecycle: bind every listener, run the accept loops on the data threads,
+//! apply reloads, and shut down with a grace period.
+//!
+//! Binding comes first and is all or nothing: a route that cannot listen stops the start
+//! (or rejects the reload) before anything else changed. A reload starts every new
+//! listener and source, waits (bounded, and never past a shutdown signal) for changed
+//! routes' new sources to have a first result, and only then switches.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use super::forward::{Shared, accept_loop};
+use super::listen;
+use super::route::{Route, Target, TargetError, Targets};
+use super::workers::Workers;
+use crate::config::{Config, RouteConfig, Settings};
+use crate::discovery::Discovery;
+use crate::metrics::Metrics;
+use crate::status::{Status, View};
+
+/// How long a reload waits for a changed route's new source before switching anyway.
+const SWITCH_WAIT: Duration = Duration::from_secs(5);
+
+/// A failure that stops the ambassador from starting (or a reload from applying).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("cannot start the data threads: {0}")]
+    Threads(#[source] io::Error),
+}
+
+/// The live routes and settings, shared with the accept loops and the admin view.
+pub struct State {
+    routes: RwLock<BTreeMap<String, Arc<Route>>>,
+    settings: watch::Sender<Arc<Settings>>,
+    /// Latched: once every route has its first result, the process stays ready.
+    ready: AtomicBool,
+    started: std::time::Instant,
+    metrics: Arc<Metrics>,
+}
+
+impl State {
+    fn routes(&self) -> Vec<Arc<Route>> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes.values().cloned().collect()
+    }
+
+    fn ready(&self) -> bool {
+        if self.ready.load(Ordering::Relaxed) {
+            return true;
+        }
+        let now = self.routes().iter().all(|r| r.ready());
+        if now {
+            self.ready.store(true, Ordering::Relaxed);
+        }
+        now
+    }
+
+    /// Containers in every omni route's index, in all (read at scrape time).
+    pub fn omni_containers(&self) -> usize {
+        self.routes().iter().map(|r| r.omni_containers()).sum()
+    }
+}
+
+impl View for State {
+    fn status(&self) -> Status {
+        Status {
+            ready: self.ready(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            routes: self
+                .routes()
+                .iter()
+                .map(|r| r.status(&self.metrics))
+                .collect(),
+        }
+    }
+
+    /// Listeners are bound (they are before the state exists) and every route's source
+    /// has its first result. Once ready, stays ready.
+    fn readiness(&self) -> Result<(), Vec<String>> {
+        if self.ready() {
+            return Ok(());
+        }
+        Err(self
+            .routes()
+            .iter()
+            .filter(|r| !r.ready())
+            .map(|r| r.listen.to_string())
+            .collect())
+    }
+}
+
+/// A route's listening sockets (one per data thread) and the route, before its accept
+/// loops run.
+type Bound = (Vec<std::net::TcpListener>, Arc<Route>);
+
+/// Bound listeners with their routes, ready to serve.
+pub struct Server {
+    state: Arc<State>,
+    pending: Vec<Bound>,
+    workers: Option<Workers>,
+    targets: Targets,
+    /// What a reload cannot change (only a restart does), to warn when it tries.
+    dns: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+}
+
+impl Server {
+    /// Binds every route's listener and starts discovery. Fails if any listener cannot
+    /// be bound or a target cannot be started.
+    pub async fn bind(config: Config, metrics: Arc<Metrics>) -> Result<Server, StartError> {
+        let targets = Targets {
+            discovery: Arc::new(Discovery::new(config.dns, metrics.clone())),
+            docker_host: config.docker_host.clone(),
+            metrics: metrics.clone(),
+        };
+        let threads = config.threads.unwrap_or_else(Workers::default_count);
+        let mut pending = Vec::with_capacity(config.routes.len());
+        for rc in &config.routes {
+            let bound = bind_route(rc, threads, &targets)?;
+            let route = &bound.1;
+            info!(listen = %route.listen, backend = %route.active().config, kind = route.active().kind, "listening");
+            pending.push(bound);
+        }
+        let workers = Workers::start(threads).map_err(StartError::Threads)?;
+        let routes = pending
+            .iter()
+            .map(|(_, r)| (r.key.clone(), r.clone()))
+            .collect();
+        Ok(Server {
+            state: Arc::new(State {
+                routes: RwLock::new(routes),
+                settings: watch::Sender::new(Arc::new(config.settings)),
+                ready: AtomicBool::new(false),
+                started: std::time::Instant::now(),
+                metrics,
+            }),
+            pending,
+            workers: Some(workers),
+            targets,
+            dns: config.dns,
+            admin: config.admin.map(|a| a.addr),
+        })
+    }
+
+    /// The addresses actually bound (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.pending.iter().map(|(_, r)| r.listen).collect()
+    }
+
+    /// The live state, for the admin view and scrape-time metrics.
+    pub fn state(&self) -> Arc<State> {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets open connections
+    /// drain for the grace period, and ends the ones still open.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (_keep, reloads) = mpsc::channel(1);
+        self.run_with_reloads(shutdown, reloads).await
+    }
+
+    /// As [`Server::run`], and applies every configuration sent on `reloads`: new routes
+    /// listen, removed ones stop accepting and drain, changed ones switch source for new
+    /// connections only. A reload that cannot be applied changes nothing; a shutdown
+    /// signal during a reload abandons the reload.
+    pub async fn run_with_reloads(
+        mut self,
+        shutdown: impl Future<Output = ()>,
+        mut reloads: mpsc::Receiver<Config>,
+    ) {
+        let shared = Shared {
+            settings: self.state.settings.subscribe(),
+            stop: CancellationToken::new(),
+            force_close: CancellationToken::new(),
+            connections: TaskTracker::new(),
+        };
+        let accept_loops = TaskTracker::new();
+        let Some(workers) = self.workers.take() else {
+            return;
+        };
+        // Each data thread accepts on its own socket of the route.
+        let spawn_loops = |(listeners, route): Bound| {
+            for (listener, thread) in listeners.into_iter().zip(workers.handles()) {
+                let accept = accept_loop(listener, route.clone(), shared.clone());
+                accept_loops.spawn_on(accept, thread);
+            }
+        };
+        for bound in std::mem::take(&mut self.pending) {
+            spawn_loops(bound);
+        }
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let config = tokio::select! {
+                _ = &mut shutdown => break,
+                Some(config) = reloads.recv() => config,
+            };
+            // The reload may wait for new sources: a shutdown meanwhile wins.
+            let applied = tokio::select! {
+                _ = &mut shutdown => break,
+                r = self.reload(config, workers.len()) => r,
+            };
+            match applied {
+                Ok(added) => added.into_iter().for_each(&spawn_loops),
+                Err(e) => error!("reload rejected, keeping the running configuration: {e}"),
+            }
+        }
+
+        // Dropping the listeners makes new connection attempts fail at once.
+        shared.stop.cancel();
+        accept_loops.close();
+        accept_loops.wait().await;
+        let connections = &shared.connections;
+        connections.close();
+        let grace = self.state.settings.borrow().shutdown_grace;
+        info!(open = connections.len(), grace = ?grace, "stopped accepting; draining open connections");
+        if timeout(grace, connections.wait()).await.is_err() {
+            warn!(
+                open = connections.len(),
+                "grace period over; closing the connections still open"
+            );
+            shared.force_close.cancel();
+            connections.wait().await;
+        }
+        workers.stop().await;
+        // Ends every source still running.
+        self.state
+            .routes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        info!("stopped");
+    }
+
+    /// Applies a new configuration; returns the listeners of new routes to start. Every
+    /// new listener is bound before anything changes, so a failure changes nothing.
+    async fn reload(&self, config: Config, threads: usize) -> Result<Vec<Bound>, StartError> {
+        if config.dns != self.dns
+            || config.docker_host != self.targets.docker_host
+            || config.admin.map(|a| a.addr) != self.admin
+        {
+            warn!("reload: dns, docker_host and admin changes take effect only after a restart");
+        }
+        let current: BTreeMap<String, Arc<Route>> = self
+            .state
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut added = Vec::new();
+        for rc in config
+            .routes
+            .iter()
+            .filter(|rc| !current.contains_key(&rc.listen.to_string()))
+        {
+            added.push(bind_route(rc, threads, &self.targets)?);
+        }
+        // A changed route switches once its new source has a first result (bounded), so
+        // connections arriving during the switch are not refused for want of backends.
+        let mut changed = Vec::new();
+        for rc in &config.routes {
+            if let Some(route) = current.get(&rc.listen.to_string())
+                && route.active().config != rc.target
+            {
+                changed.push((route.clone(), self.targets.start(&rc.target)?));
+            }
+        }
+        let first_results = futures_util::future::join_all(changed.iter().map(|(_, a)| async {
+            if let Target::Fixed(b) = &a.target {
+                b.discovered().await;
+            }
+        }));
+        if timeout(SWITCH_WAIT, first_results).await.is_err() {
+            warn!(wait = ?SWITCH_WAIT, "reload: a changed route's new source has no result yet; switching anyway");
+        }
+        // Every new listener is bound and every new source started: nothing fails now.
+        for (route, active) in changed {
+            info!(listen = %route.listen, from = %route.active().config, to = %active.config, "route changed; open connections keep their backend");
+            route.switch(active);
+        }
+        let mut next = BTreeMap::new();
+        for rc in &config.routes {
+            let key = rc.listen.to_string();
+            if let Some(route) = current.get(&key) {
+                next.insert(key, route.clone());
+            }
+        }
+        for (key, route) in &current {
+            if !next.contains_key(key) {
+                info!(listen = %route.listen, backend = %route.active().config, open = route.metrics.open(), "route removed; stopped accepting, open connections drain");
+                route.stop_accepting.cancel();
+            }
+        }
+        for (_, route) in &added {
+            info!(listen = %route.listen, backend = %route.active().config, kind = route.active().kind, "listening");
+            next.insert(route.key.clone(), route.clone());
+        }
+        *self.state.routes.write().unwrap_or_else(|p| p.into_inner()) = next;
+        self.state.settings.send_replace(Arc::new(config.settings));
+        info!(routes = config.routes.len(), "configuration reloaded");
+        Ok(added)
+    }
+}
+
+/// Binds a route's sockets (one per data thread) and starts its target.
+fn bind_route(rc: &RouteConfig, threads: usize, targets: &Targets) -> Result<Bound, StartError> {
+    let bind_error = |source| StartError::Bind {
+        addr: rc.listen.to_string(),
+        source,
+    };
+    let listeners =
+        listen::bind_group(rc.listen.ip, rc.listen.port, threads).map_err(bind_error)?;
+    let listen = listeners.first().map_or_else(
+        || Err(io::Error::other("no listening socket")),
+        |l| l.local_addr(),
+    );
+    let listen = listen.map_err(bind_error)?;
+    let key = if rc.listen.port == 0 {
+        listen.to_string()
+    } else {
+        rc.listen.to_string()
+    };
+    let active = targets.start(&rc.target)?;
+    let route = Arc::new(Route::new(listen, key, active, &targets.metrics));
+    Ok((listeners, route))
+}

@@ -1,0 +1,91 @@
+//! The read-only view of the running server that the admin endpoint shows: typed,
+//! serializable as `/routes`' JSON, and rendered as the status page.
+//!
+//! The proxy builds it (`proxy::server::State` implements [`View`]); the admin endpoint
+//! only reads it, so neither knows the other and the composition root (`lib.rs`) joins
+//! them. Building a view takes locks only long enough to copy numbers and names out.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+/// What the admin endpoint can ask of the server.
+pub trait View: Send + Sync + 'static {
+    /// Every route and what it is doing now.
+    fn status(&self) -> Status;
+    /// `Ok` once listeners are bound and every route's discovery has its first result
+    /// (and from then on); else the listen addresses still waiting.
+    fn readiness(&self) -> Result<(), Vec<String>>;
+}
+
+/// `/routes`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub ready: bool,
+    pub uptime_seconds: u64,
+    pub routes: Vec<RouteStatus>,
+}
+
+/// One route.
+#[derive(Debug, Clone, Serialize)]
+pub struct RouteStatus {
+    pub listen: String,
+    /// The backend spec, or the omni description.
+    pub spec: String,
+    /// `static`, `srv`, `etcd`, `consul` or `omni`.
+    pub kind: &'static str,
+    pub open_connections: u64,
+    pub accepted: u64,
+    pub refused: u64,
+    pub connect_failures: u64,
+    pub sent_bytes: u64,
+    pub received_bytes: u64,
+    /// When its source last read successfully, as seconds since the Unix epoch.
+    pub last_update: Option<f64>,
+    pub discovery_errors: u64,
+    /// Whether discovery has produced a first result (omni: the index is loaded).
+    pub discovered: bool,
+    #[serde(flatten)]
+    pub target: TargetStatus,
+}
+
+/// What a route forwards to.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum TargetStatus {
+    /// Standard mode: the endpoints of its one spec.
+    Fixed { endpoints: Vec<EndpointStatus> },
+    /// Omni mode: the containers in the index and the distinct sources running.
+    Omni {
+        containers: Vec<ContainerStatus>,
+        sources: usize,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointStatus {
+    pub addr: String,
+    /// What the user wrote that produced this address, where it is not the address.
+    pub origin: Option<String>,
+    pub priority: u16,
+    pub weight: u16,
+    pub state: EndpointState,
+}
+
+/// What the balancer knows of an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointState {
+    Up,
+    /// Its last connect failed; tried only after the others until the cool-down ends.
+    CoolingDown,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ContainerStatus {
+    pub name: String,
+    pub id: String,
+    pub ips: Vec<String>,
+    /// Port → the spec it declares for it.
+    pub declarations: BTreeMap<String, String>,
+}
