@@ -127,7 +127,7 @@ impl Metrics {
         );
         registry.register(
             "connect_failures",
-            "Failed backend connects by reason (refused, timeout, error, no_backend); backend is empty for no_backend",
+            "Failed backend connects by reason (refused, timeout, error, no_backend, local_resources); backend is empty for no_backend and local_resources (the proxy itself was out of descriptors, memory or ports)",
             m.connect_failures.clone(),
         );
         registry.register(

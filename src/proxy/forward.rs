@@ -112,6 +112,19 @@ enum ConnectError {
     /// Every endpoint in the plan was tried once and failed; one reason each.
     #[error("every backend failed: {}", .0.join("; "))]
     AllFailed(Vec<String>),
+    /// This process could not open a socket (out of descriptors, buffers or local
+    /// ports): no backend is at fault, and none is put in cool-down.
+    #[error(
+        "cannot connect to {backend}: {error} (this process is out of descriptors, memory or local ports; the backend is not at fault)"
+    )]
+    LocalResources { backend: Endpoint, error: io::Error },
+}
+
+/// Whether a connect failed for want of this process's own resources rather than
+/// anything the backend did.
+fn is_local_resource(e: &io::Error) -> bool {
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM, EADDRNOTAVAIL
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12 | 99))
 }
 
 /// Serves one client connection from start to finish, and logs it once: the access log
@@ -214,6 +227,14 @@ async fn connect(
                 balancer.connect_succeeded(endpoint.addr);
                 let _ = stream.set_nodelay(true);
                 return Ok((stream, endpoint.clone()));
+            }
+            Ok(Err(error)) if is_local_resource(&error) => {
+                // Trying the next backend would fail the same way.
+                metrics.connect_failed(None, "local_resources");
+                return Err(ConnectError::LocalResources {
+                    backend: endpoint.clone(),
+                    error,
+                });
             }
             Ok(Err(e)) => {
                 debug!(backend = %endpoint, error = %e, "connect failed; trying the next backend");

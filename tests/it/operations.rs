@@ -537,7 +537,12 @@ async fn sigterm_during_a_reloads_switch_wait_exits_without_finishing_it() {
     assert!(status.success(), "{status}: {:#?}", amb.log());
     amb.wait_for_log("stopped");
     assert_eq!(amb.count_log("switching anyway"), 0, "{:#?}", amb.log());
-    assert_eq!(amb.count_log("configuration reloaded"), 0, "{:#?}", amb.log());
+    assert_eq!(
+        amb.count_log("configuration reloaded"),
+        0,
+        "{:#?}",
+        amb.log()
+    );
 }
 
 /// With `--setup-iptables`' redirect installed in the ambassador's network namespace,
