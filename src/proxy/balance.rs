@@ -6,11 +6,15 @@
 //! random selection. Lower tiers are tried first. An endpoint whose connect failed
 //! recently is moved to the end of the order for a cool-down, so one dead backend costs
 //! one failed attempt, not one per connection; it is still tried as a last resort.
+//! When its cool-down ends, one connection at a time gets it in its usual place (a
+//! trial); every other connection keeps it at the end until the trial succeeds (the
+//! endpoint is healthy again) or fails (another cool-down). So a backend that is still
+//! dead costs one attempt per cool-down, not one per concurrent connection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -46,7 +50,7 @@ pub struct Balancer {
     name: String,
     endpoints: Endpoints,
     next: AtomicUsize,
-    health: Health,
+    health: Arc<Health>,
     /// Set while there is nothing to connect to, so that is logged once.
     unavailable: AtomicBool,
 }
@@ -55,6 +59,18 @@ pub struct Balancer {
 pub struct Plan {
     set: EndpointSet,
     order: Vec<usize>,
+    /// The trials this plan holds (endpoints whose cool-down ended), released when it
+    /// is dropped unless a connect result settled them first.
+    trials: Vec<(SocketAddr, u64)>,
+    health: Arc<Health>,
+}
+
+impl Drop for Plan {
+    fn drop(&mut self) {
+        if !self.trials.is_empty() {
+            self.health.release(&self.trials);
+        }
+    }
 }
 
 impl Plan {
@@ -77,7 +93,7 @@ impl Balancer {
             name,
             endpoints,
             next: AtomicUsize::new(0),
-            health: Health::default(),
+            health: Arc::default(),
             unavailable: AtomicBool::new(false),
         }
     }
@@ -152,8 +168,13 @@ impl Balancer {
             order_tier(tier, turn, base, &mut order);
             base += tier.len();
         }
-        self.health.demote_cooling(&set, &mut order);
-        Ok(Plan { set, order })
+        let trials = self.health.demote_cooling(&set, &mut order);
+        Ok(Plan {
+            set,
+            order,
+            trials,
+            health: self.health.clone(),
+        })
     }
 
     /// Resolves once discovery has produced a first result (or has stopped).
@@ -162,7 +183,8 @@ impl Balancer {
         let _ = rx.wait_for(|set| set.is_some()).await;
     }
 
-    /// Whether `addr` failed to connect recently and is tried only after the others.
+    /// Whether `addr` failed to connect recently and is tried only after the others (its
+    /// cool-down runs, or a trial of it is under way).
     pub fn is_cooling(&self, addr: SocketAddr) -> bool {
         if !self.health.any.load(Ordering::Acquire) {
             return false;
@@ -170,11 +192,11 @@ impl Balancer {
         let failed = self.health.failed.lock().unwrap_or_else(|p| p.into_inner());
         failed
             .get(&addr)
-            .is_some_and(|until| *until > Instant::now())
+            .is_some_and(|f| f.until > Instant::now() || f.trial.is_some())
     }
 
     pub fn connect_failed(&self, addr: SocketAddr) {
-        self.health.failed(addr);
+        self.health.failed(addr, || self.current());
     }
 
     pub fn connect_succeeded(&self, addr: SocketAddr) {
@@ -213,13 +235,45 @@ fn order_tier(tier: &[Endpoint], turn: usize, base: usize, order: &mut Vec<usize
 #[derive(Default)]
 struct Health {
     any: AtomicBool,
-    failed: Mutex<HashMap<SocketAddr, Instant>>,
+    failed: Mutex<HashMap<SocketAddr, Failed>>,
+    /// Tells one plan's trial from another's.
+    next_trial: AtomicU64,
 }
 
+/// An endpoint whose last connect failed.
+struct Failed {
+    /// Until then it is tried only after the others.
+    until: Instant,
+    /// The plan that holds its one trial, once the cool-down is over.
+    trial: Option<u64>,
+}
+
+/// Failures remembered before the entries of addresses no longer in the set are dropped.
+const PRUNE_ABOVE: usize = 64;
+
 impl Health {
-    fn failed(&self, addr: SocketAddr) {
-        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-        failed.insert(addr, Instant::now() + COOL_DOWN);
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Failed>> {
+        self.failed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn failed(&self, addr: SocketAddr, current: impl FnOnce() -> Option<EndpointSet>) {
+        let mut failed = self.lock();
+        failed.insert(
+            addr,
+            Failed {
+                until: Instant::now() + COOL_DOWN,
+                trial: None,
+            },
+        );
+        // Failed endpoints are kept until they succeed; forget those discovery dropped,
+        // so churning addresses cannot grow the map without bound.
+        if failed.len() > PRUNE_ABOVE
+            && let Some(set) = current()
+        {
+            let live: std::collections::HashSet<SocketAddr> =
+                set.as_slice().iter().map(|e| e.addr).collect();
+            failed.retain(|a, _| live.contains(a));
+        }
         self.any.store(true, Ordering::Release);
     }
 
@@ -227,26 +281,58 @@ impl Health {
         if !self.any.load(Ordering::Acquire) {
             return;
         }
-        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut failed = self.lock();
         failed.remove(&addr);
         self.any.store(!failed.is_empty(), Ordering::Release);
     }
 
-    /// Moves endpoints still cooling down to the end, keeping the relative order of both.
-    fn demote_cooling(&self, set: &EndpointSet, order: &mut [usize]) {
+    /// Moves endpoints that are cooling down (or being tried by another connection) to
+    /// the end, keeping the relative order of both groups; an endpoint whose cool-down
+    /// is over and that nobody is trying stays in place as this plan's trial. Returns
+    /// the trials claimed.
+    fn demote_cooling(&self, set: &EndpointSet, order: &mut [usize]) -> Vec<(SocketAddr, u64)> {
         if !self.any.load(Ordering::Acquire) {
-            return;
+            return Vec::new();
         }
-        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        failed.retain(|_, until| *until > now);
-        self.any.store(!failed.is_empty(), Ordering::Release);
+        let mut failed = self.lock();
         if failed.is_empty() {
-            return;
+            return Vec::new();
         }
-        let cooling = |i: &usize| failed.contains_key(&set.as_slice()[*i].addr);
-        // A stable sort on a bool key: healthy (false) first.
-        order.sort_by_key(cooling);
+        let now = Instant::now();
+        let mut trials = Vec::new();
+        let mut usable = |i: &usize| {
+            let addr = set.as_slice()[*i].addr;
+            let Some(f) = failed.get_mut(&addr) else {
+                return true;
+            };
+            if f.until > now || f.trial.is_some() {
+                return false;
+            }
+            let token = self.next_trial.fetch_add(1, Ordering::Relaxed);
+            f.trial = Some(token);
+            trials.push((addr, token));
+            true
+        };
+        let keep: Vec<bool> = order.iter().map(&mut usable).collect();
+        let mut keyed: Vec<(bool, usize)> = keep.into_iter().zip(order.iter().copied()).collect();
+        // A stable sort on a bool key: usable (true) first.
+        keyed.sort_by_key(|(usable, _)| !usable);
+        for (slot, (_, i)) in order.iter_mut().zip(keyed) {
+            *slot = i;
+        }
+        trials
+    }
+
+    /// Gives back trials a plan held but did not settle (it connected elsewhere first).
+    fn release(&self, trials: &[(SocketAddr, u64)]) {
+        let mut failed = self.lock();
+        for (addr, token) in trials {
+            if let Some(f) = failed.get_mut(addr)
+                && f.trial == Some(*token)
+            {
+                f.trial = None;
+            }
+        }
     }
 }
 
@@ -329,6 +415,39 @@ mod tests {
         tokio::time::advance(COOL_DOWN + Duration::from_millis(1)).await;
         let firsts: Vec<String> = (0..2).map(|_| order(&b)[0].clone()).collect();
         assert!(firsts.contains(&"10.0.0.1:1".to_string()), "{firsts:?}");
+    }
+
+    /// Once the cool-down is over, one plan at a time gets the failed endpoint in its
+    /// place (the trial); concurrent plans keep it at the end. A trial given back
+    /// unsettled passes to the next plan; a failed trial starts another cool-down.
+    #[tokio::test(start_paused = true)]
+    async fn a_cooled_down_backend_is_tried_by_one_connection_not_a_herd() {
+        let (b, _tx) = balancer(vec![ep("10.0.0.1:1", 0, 1), ep("10.0.0.2:1", 0, 1)]);
+        let dead: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        b.connect_failed(dead);
+        tokio::time::advance(COOL_DOWN + Duration::from_millis(1)).await;
+        let first = |p: &Plan| p.iter().next().unwrap().addr;
+        // Turn 0 starts at the dead one: this plan holds the trial.
+        let trial = b.plan().unwrap();
+        assert_eq!(first(&trial), dead);
+        // Every plan while the trial runs, whatever its turn, has it last.
+        for _ in 0..4 {
+            let p = b.plan().unwrap();
+            assert_eq!(p.iter().last().unwrap().addr, dead);
+        }
+        assert!(b.is_cooling(dead));
+        // Given back unsettled (the connection went elsewhere): a later plan holds the
+        // trial (here one whose turn starts at it).
+        drop(trial);
+        drop(b.plan());
+        let again = b.plan().unwrap();
+        assert_eq!(first(&again), dead);
+        // The trial fails: a new cool-down, so it is last for everyone again.
+        b.connect_failed(dead);
+        drop(again);
+        for _ in 0..4 {
+            assert_eq!(b.plan().unwrap().iter().last().unwrap().addr, dead);
+        }
     }
 
     #[test]

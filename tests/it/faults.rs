@@ -57,3 +57,90 @@ async fn descriptor_exhaustion_is_not_blamed_on_the_backend() {
     assert_eq!(amb.count_log("every backend failed"), 0, "{:#?}", amb.log());
     assert_eq!(served_by(amb.addr).await.as_deref(), Some("b"));
 }
+
+/// A listener that never accepts, its accept queue full: a connect to it gets no answer
+/// (the kernel drops the SYN), as with a black-holed host, on loopback.
+fn black_hole() -> (
+    std::net::SocketAddr,
+    Vec<std::net::TcpStream>,
+    socket2::Socket,
+) {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    // Fill the queue; a connect that does not complete at once means it is full.
+    let mut fillers = Vec::new();
+    while let Ok(s) =
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(200))
+    {
+        fillers.push(s);
+        assert!(
+            fillers.len() < 64,
+            "the accept queue of {addr} never filled"
+        );
+    }
+    (addr, fillers, socket)
+}
+
+/// When a dead backend's cool-down ends, one connection tries it, not every
+/// concurrent one: with 20 clients connecting continuously over a whole cool-down, a
+/// black-holed backend (each try costs the full connect timeout) is tried once when its
+/// cool-down ends; before, every connection arriving then paid the timeout. Every
+/// client is served by the healthy backend throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cooled_down_backend_is_retried_by_one_connection_not_a_herd() {
+    let (dead, _fillers, _socket) = black_hole();
+    let healthy = named_backend("127.0.0.1:0", "healthy").await;
+    let spec = format!("{dead},{}", healthy.addr);
+    let mut amb = Ambassador::on_loopback(&[
+        "--connect-timeout",
+        "300ms",
+        "--admin",
+        "127.0.0.1:0",
+        &spec,
+    ]);
+    let admin_addr = amb.admin_addr();
+    let timeouts = move || {
+        let series = format!(
+            "ambassadord_connect_failures_total{{route=\"{}\",backend=\"{dead}\",reason=\"timeout\"}}",
+            amb.addr
+        );
+        admin::sample(&admin::get_ok(admin_addr, "/metrics"), &series).unwrap_or(0.0)
+    };
+    // The first connections find it dead (several at once: nothing was known yet).
+    let proxy = amb.addr;
+    eventually("the black hole to time out once", || async {
+        served_by(proxy).await;
+        (timeouts() >= 1.0).then_some(())
+    })
+    .await;
+    let before = timeouts();
+    // 20 clients for longer than one cool-down (5 s), so it ends while they run.
+    let end = tokio::time::Instant::now() + std::time::Duration::from_millis(6500);
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        clients.spawn(async move {
+            let mut served = 0;
+            while tokio::time::Instant::now() < end {
+                let who = served_by(proxy).await;
+                assert_eq!(who.as_deref(), Some("healthy"), "a client was not served");
+                served += 1;
+            }
+            served
+        });
+    }
+    let mut total = 0;
+    while let Some(r) = clients.join_next().await {
+        total += r.expect("a client failed");
+    }
+    let during = timeouts() - before;
+    assert!(total > 100, "only {total} connections in 6.5 s");
+    assert!(
+        during <= 2.0,
+        "{during} connections paid the connect timeout after the cool-down ended; one trial expected"
+    );
+}
