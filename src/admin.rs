@@ -3,21 +3,29 @@
 //!
 //! It knows the server only through the read-only [`View`] and the metrics registry:
 //! nothing it does writes state, and nothing it reads can slow an accept or a copy.
+//!
+//! It can never take what the data path needs: at most [`MAX_CONNECTIONS`] admin
+//! connections are open at once (more are closed as soon as they are accepted), a
+//! client has [`HEADER_DEADLINE`] to send a request's headers, and a connection lives at
+//! most [`CONNECTION_LIFETIME`] (then it is closed once its current request is
+//! answered), so slow or idle clients cannot pile up descriptors.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::metrics;
 use crate::status::{EndpointState, Status, TargetStatus, View};
@@ -28,8 +36,18 @@ pub struct Admin {
     pub view: Arc<dyn View>,
 }
 
+/// Admin connections open at once; a scraper, a health check and a browser need a few.
+pub const MAX_CONNECTIONS: usize = 16;
+/// How long a client may take to send a request's headers (also while a kept-alive
+/// connection waits for its next request).
+pub const HEADER_DEADLINE: Duration = Duration::from_secs(5);
+/// How long one admin connection may stay open in all.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Serves admin requests until `stop` fires.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut full_logged = false;
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -42,16 +60,38 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, stop: CancellationT
                 }
             },
         };
+        // Over the cap, the connection is closed at once (dropped): its descriptor is
+        // back before the next accept.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if !std::mem::replace(&mut full_logged, true) {
+                warn!(
+                    max = MAX_CONNECTIONS,
+                    "admin endpoint: too many connections open; closing new ones until some end"
+                );
+            }
+            continue;
+        };
+        full_logged = false;
         let admin = admin.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(handle(&req, &admin)) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_DEADLINE)
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 debug!(error = %e, "admin connection ended with an error");
             }
         });
