@@ -25,6 +25,10 @@ use crate::config::Settings;
 use crate::endpoint::Endpoint;
 use crate::metrics::RouteMetrics;
 
+/// The access log's own target, so `--log-level info,ambassadord::access=off` silences
+/// the per-connection lines and nothing else.
+pub const ACCESS: &str = "ambassadord::access";
+
 /// How long accepts must go without failing before the accept backoff starts again from
 /// its first step.
 const ACCEPT_CALM: Duration = Duration::from_secs(1);
@@ -146,7 +150,7 @@ async fn serve(
 
     let refused = |reason: &dyn std::fmt::Display, label: &str| {
         metrics.refused();
-        error!(listen = %route.listen, client = %peer, route = label, backend = %"-",
+        error!(target: ACCESS, listen = %route.listen, client = %peer, route = label, backend = %"-",
             sent = 0u64, received = 0u64, duration_ms = start.elapsed().as_millis() as u64,
             close = %"refused", error = %reason, "connection refused");
     };
@@ -196,10 +200,12 @@ async fn serve(
     series.finished(t.close.as_str());
     let duration_ms = start.elapsed().as_millis() as u64;
     match t.close.error() {
-        None => info!(listen = %route.listen, client = %peer, route = label, backend = %endpoint,
-            sent = t.sent, received = t.received, duration_ms, close = %t.close, "connection closed"),
+        None => {
+            info!(target: ACCESS, listen = %route.listen, client = %peer, route = label, backend = %endpoint,
+            sent = t.sent, received = t.received, duration_ms, close = %t.close, "connection closed")
+        }
         Some(error) => {
-            warn!(listen = %route.listen, client = %peer, route = label, backend = %endpoint,
+            warn!(target: ACCESS, listen = %route.listen, client = %peer, route = label, backend = %endpoint,
             sent = t.sent, received = t.received, duration_ms, close = %t.close, error = %error,
             "connection closed")
         }

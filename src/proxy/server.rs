@@ -118,14 +118,14 @@ pub struct Server {
     workers: Option<Workers>,
     targets: Targets,
     /// What a reload cannot change (only a restart does), to warn when it tries.
-    dns: Option<SocketAddr>,
-    admin: Option<SocketAddr>,
+    started_with: Config,
 }
 
 impl Server {
     /// Binds every route's listener and starts discovery. Fails if any listener cannot
     /// be bound or a target cannot be started.
     pub async fn bind(config: Config, metrics: Arc<Metrics>) -> Result<Server, StartError> {
+        let started_with = config.clone();
         let targets = Targets {
             discovery: Arc::new(Discovery::new(config.dns, metrics.clone())),
             docker_host: config.docker_host.clone(),
@@ -155,8 +155,7 @@ impl Server {
             pending,
             workers: Some(workers),
             targets,
-            dns: config.dns,
-            admin: config.admin.map(|a| a.addr),
+            started_with,
         })
     }
 
@@ -252,11 +251,12 @@ impl Server {
     /// Applies a new configuration; returns the listeners of new routes to start. Every
     /// new listener is bound before anything changes, so a failure changes nothing.
     async fn reload(&self, config: Config, threads: usize) -> Result<Vec<Bound>, StartError> {
-        if config.dns != self.dns
-            || config.docker_host != self.targets.docker_host
-            || config.admin.map(|a| a.addr) != self.admin
-        {
-            warn!("reload: dns, docker_host and admin changes take effect only after a restart");
+        let unchangeable = restart_only_changes(&self.started_with, &config);
+        if !unchangeable.is_empty() {
+            warn!(
+                changed = %unchangeable.join(", "),
+                "reload: these settings take effect only after a restart; keeping the running ones"
+            );
         }
         let current: BTreeMap<String, Arc<Route>> = self
             .state
@@ -317,6 +317,26 @@ impl Server {
         info!(routes = config.routes.len(), "configuration reloaded");
         Ok(added)
     }
+}
+
+/// The settings a reload changed that only a restart applies.
+fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    let mut check = |name, differs: bool| {
+        if differs {
+            changed.push(name);
+        }
+    };
+    check("dns", running.dns != new.dns);
+    check("docker_host", running.docker_host != new.docker_host);
+    check(
+        "admin",
+        running.admin.map(|a| a.addr) != new.admin.map(|a| a.addr),
+    );
+    check("threads", running.threads != new.threads);
+    check("log_level", running.log.filter != new.log.filter);
+    check("log_format", running.log.format != new.log.format);
+    changed
 }
 
 /// Binds a route's sockets (one per data thread) and starts its target.

@@ -508,6 +508,29 @@ async fn bad_reload_is_rejected_and_nothing_changes() {
     assert!(stderr.contains("bakend"), "{stderr}");
 }
 
+/// A reload that changes settings only a restart can apply says which, in one warning,
+/// and applies the rest.
+#[tokio::test(flavor = "multi_thread")]
+async fn reload_names_the_settings_that_need_a_restart() {
+    let a = tagged_echo("a").await;
+    let p1 = free_port();
+    let file = temp_file("restart-only.toml");
+    write(&file, &routes_file(&[(p1, a.addr.to_string())]));
+    let mut amb = Ambassador::start(&["--admin", "off", "--config", file.to_str().unwrap()]);
+    let mut changed = String::from("threads = 3\nlog_level = \"debug\"\n");
+    changed.push_str(&routes_file(&[(p1, a.addr.to_string())]));
+    write(&file, &changed);
+    amb.signal("HUP");
+    let line = amb.wait_for_log("take effect only after a restart");
+    assert!(line.contains("WARN"), "{line}");
+    assert!(
+        line.contains("threads") && line.contains("log_level"),
+        "{line}"
+    );
+    assert!(!line.contains("dns") && !line.contains("admin"), "{line}");
+    amb.wait_for_log("configuration reloaded");
+}
+
 /// SIGTERM while a reload waits for a changed route's new source (a store that never
 /// answers, so the wait would last its full 5 s) is obeyed at once: the reload is
 /// abandoned (it changed nothing yet), and the process drains and exits 0 without

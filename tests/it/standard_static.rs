@@ -227,3 +227,21 @@ async fn idle_timeout_closes_a_silent_connection() {
         "{line}"
     );
 }
+
+/// The access log has its own target: `ambassadord::access=off` silences the
+/// per-connection lines and nothing else (start-up and shutdown are still logged).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_access_log_can_be_silenced_alone() {
+    let backend = named_backend("127.0.0.1:0", "b").await;
+    let mut amb = Ambassador::on_loopback(&[
+        "--log-level",
+        "info,ambassadord::access=off",
+        &backend.addr.to_string(),
+    ]);
+    assert_eq!(served_by(amb.addr).await.as_deref(), Some("b"));
+    amb.signal("TERM");
+    assert!(amb.wait_exit().success());
+    amb.wait_for_log("stopped");
+    assert_eq!(amb.count_log("connection closed"), 0, "{:#?}", amb.log());
+    assert!(amb.count_log("listening") >= 1, "{:#?}", amb.log());
+}
