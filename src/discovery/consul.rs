@@ -24,8 +24,8 @@ use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout};
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info};
 
 use super::dns::Resolver;
@@ -244,10 +244,13 @@ impl ConsulSource {
                     let (sender, connection) = http1::handshake(TokioIo::new(stream))
                         .await
                         .map_err(|e| format!("HTTP handshake with {addr} failed: {e}"))?;
-                    let task = tokio::spawn(async move {
+                    let task = AbortOnDropHandle::new(tokio::spawn(async move {
                         let _ = connection.await;
+                    }));
+                    return Ok(Conn {
+                        sender,
+                        _task: task,
                     });
-                    return Ok(Conn { sender, task });
                 }
                 Ok(Err(e)) => failures.push(format!("cannot connect to {addr}: {e}")),
                 Err(_) => failures.push(format!(
@@ -362,13 +365,7 @@ impl Source for ConsulSource {
 /// One kept-alive HTTP/1.1 connection; dropping it closes the connection.
 struct Conn {
     sender: http1::SendRequest<Empty<Bytes>>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    _task: AbortOnDropHandle<()>,
 }
 
 struct Reply {

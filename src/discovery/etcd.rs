@@ -28,8 +28,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 use tokio::time::timeout;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info};
 
 use super::dns::Resolver;
@@ -165,7 +165,7 @@ impl EtcdSource {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("HTTP handshake failed: {e}"))?;
-        let conn = Connection(tokio::spawn(async move {
+        let conn = AbortOnDropHandle::new(tokio::spawn(async move {
             let _ = conn.await;
         }));
         let request = Request::post(path)
@@ -356,13 +356,7 @@ impl Source for EtcdSource {
 }
 
 /// The task driving one HTTP connection; dropping it closes the connection.
-struct Connection(JoinHandle<()>);
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
+type Connection = AbortOnDropHandle<()>;
 
 /// A watch response body: a stream of JSON values (one per line in practice; parsed as
 /// concatenated values so line breaks do not matter).
