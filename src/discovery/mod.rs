@@ -51,11 +51,29 @@ impl Endpoints {
 #[error("{0}")]
 pub struct SourceError(pub String);
 
+/// What a source publishes: compared to skip unchanged reads, shown in log lines, and
+/// sized for the metrics.
+pub trait Published: Clone + PartialEq + Display + Send + Sync + 'static {
+    /// How many endpoints this is, or `None` for an intermediate value (a KV store's
+    /// backend list) whose size the final stage reports once resolved.
+    fn endpoint_count(&self) -> Option<usize> {
+        None
+    }
+}
+
+impl Published for EndpointSet {
+    fn endpoint_count(&self) -> Option<usize> {
+        Some(self.len())
+    }
+}
+
+impl Published for kv::BackendList {}
+
 /// One discovery mechanism for one backend spec.
 pub trait Source: Send + 'static {
     /// What the source publishes: an [`EndpointSet`] for sources the data path reads, or
     /// an intermediate value (a KV store's backend list) that another stage resolves.
-    type Item: Clone + PartialEq + Display + Send + Sync + 'static;
+    type Item: Published;
 
     /// Whether a change is worth an info line (false for intermediate stages, whose
     /// change the final stage announces).
@@ -199,10 +217,7 @@ async fn drive<S: Source>(
                 }
                 backoff.reset();
                 failing.send_if_modified(|f| std::mem::replace(f, false));
-                // Only endpoint sets (not a KV store's intermediate list) have a size.
-                let size = (&set as &dyn std::any::Any)
-                    .downcast_ref::<EndpointSet>()
-                    .map(EndpointSet::len);
+                let size = set.endpoint_count();
                 let changed = tx.send_if_modified(|current| {
                     if current.as_ref() == Some(&set) {
                         return false;
