@@ -225,7 +225,7 @@ impl ConsulSource {
             Host::Ip(ip) => vec![SocketAddr::new(*ip, self.spec.server.port)],
             Host::Name(name) => {
                 let resolver = self.resolver.get_or_insert_with(Resolver::from_system);
-                let resolved = resolver.lookup_ip(name).await?;
+                let resolved = resolver.lookup_ip(name).await.map_err(|e| e.to_string())?;
                 if resolved.addrs.is_empty() {
                     return Err(format!("'{name}' resolved to no address"));
                 }

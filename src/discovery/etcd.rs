@@ -122,7 +122,13 @@ impl EtcdSource {
     async fn connect(&self) -> Result<TcpStream, String> {
         let ips = match (&self.spec.server.host, &self.resolver) {
             (Host::Ip(ip), _) => vec![*ip],
-            (Host::Name(name), Some(resolver)) => resolver.lookup_ip(name).await?.addrs,
+            (Host::Name(name), Some(resolver)) => {
+                resolver
+                    .lookup_ip(name)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .addrs
+            }
             (Host::Name(name), None) => return Err(format!("no resolver for '{name}'")),
         };
         let mut failures = Vec::new();

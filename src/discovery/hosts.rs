@@ -72,7 +72,7 @@ impl HostsSource {
                     next_refresh = earliest(next_refresh, resolved.refresh_at);
                 }
                 Err(e) => {
-                    failing.insert(hp.to_string(), e);
+                    failing.insert(hp.to_string(), e.to_string());
                 }
             }
         }
