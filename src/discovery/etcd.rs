@@ -3,10 +3,11 @@
 //!
 //! Why the gateway and not the etcd-client crate: the gateway is plain HTTP/1.1 + JSON
 //! (keys and values base64), served by every etcd since 3.3 under `/v3/` (3.4 also keeps
-//! `/v3beta/`), so the hyper client we already have is enough and the build needs no
-//! protoc or gRPC stack. The one range `[PATH, PATH + "0")` covers the key itself and
-//! every key under `PATH/` ('0' is the byte after '/'), so a single read and a single
-//! watch see both halves of the children-or-value rule.
+//! `/v3beta/`), so the discovery layer's small HTTP client is enough and the build needs
+//! no protoc or gRPC stack. Each request has a connection of its own: a watch is a
+//! response that lasts as long as the watch. The one range `[PATH, PATH + "0")` covers
+//! the key itself and every key under `PATH/` ('0' is the byte after '/'), so a single
+//! read and a single watch see both halves of the children-or-value rule.
 //!
 //! Watch semantics: the watch starts at the read's revision + 1, so a change made between
 //! the read and the watch is still delivered. Events are applied to the copy of the keys
@@ -17,7 +18,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::Engine;
@@ -25,34 +25,25 @@ use base64::engine::general_purpose::STANDARD as B64;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tokio::net::TcpStream;
 use tokio::time::timeout;
-use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info};
 
 use super::dns::Resolver;
+use super::http::{Connection, Http};
 use super::kv::{BackendList, BadEntryLog, KvEntry, backends_from_entries};
 use super::{Source, SourceError};
-use crate::spec::{Host, KvSpec};
+use crate::spec::KvSpec;
 
-/// Connecting to the store (resolving its name included) may take this long.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A whole range request, or a watch request up to its response headers.
+/// A whole range request, or a watch request up to its response headers (connecting
+/// included). An idle watch stream is left to TCP keepalive (see `http.rs`).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// A watch stream is idle between changes; TCP keepalive notices a store that vanished
-/// without closing the connection (a dead host, a partition) within about half a minute.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-const KEEPALIVE_RETRIES: u32 = 3;
 /// A watch reply larger than this without a complete JSON value is not etcd talking.
 const MAX_PENDING: usize = 64 << 20;
 
 pub struct EtcdSource {
     spec: KvSpec,
-    /// For server names; `None` only works with an IP literal.
-    resolver: Option<Resolver>,
+    http: Http,
     /// `etcd://HOST:PORT/PATH`, for log lines.
     name: String,
     range_key: String,
@@ -70,26 +61,21 @@ struct State {
 }
 
 impl EtcdSource {
-    pub fn new(spec: KvSpec) -> Self {
+    /// A source for `spec`; `resolver` finds a server given by name (the project's one
+    /// resolver, so `--dns` applies to the store too).
+    pub fn new(spec: KvSpec, resolver: Resolver) -> Self {
         let name = format!("etcd://{}{}", spec.server, spec.path);
         let range_key = B64.encode(spec.path.as_bytes());
         let range_end = B64.encode(format!("{}0", spec.path).as_bytes());
         EtcdSource {
+            http: Http::new(spec.server.clone(), resolver),
             spec,
-            resolver: None,
             name,
             range_key,
             range_end,
             state: None,
             bad: BadEntryLog::default(),
         }
-    }
-
-    /// The resolver for a server given by name (the project's one resolver, so `--dns`
-    /// applies to the store too).
-    pub fn with_resolver(mut self, resolver: Resolver) -> Self {
-        self.resolver = Some(resolver);
-        self
     }
 
     fn fail(&self, doing: &str, what: impl fmt::Display) -> SourceError {
@@ -117,69 +103,20 @@ impl EtcdSource {
         list
     }
 
-    /// Connects to the store, trying each address a server name resolves to in turn
-    /// (IPv4 first, as the resolver sorts them).
-    async fn connect(&self) -> Result<TcpStream, String> {
-        let ips = match (&self.spec.server.host, &self.resolver) {
-            (Host::Ip(ip), _) => vec![*ip],
-            (Host::Name(name), Some(resolver)) => {
-                resolver
-                    .lookup_ip(name)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .addrs
-            }
-            (Host::Name(name), None) => return Err(format!("no resolver for '{name}'")),
-        };
-        let mut failures = Vec::new();
-        let mut connected = None;
-        for ip in ips {
-            let addr = SocketAddr::new(ip, self.spec.server.port);
-            match TcpStream::connect(addr).await {
-                Ok(stream) => {
-                    connected = Some(stream);
-                    break;
-                }
-                Err(e) => failures.push(format!("cannot connect to {addr}: {e}")),
-            }
-        }
-        let Some(stream) = connected else {
-            return Err(match failures.is_empty() {
-                true => format!("'{}' resolved to no address", self.spec.server),
-                false => failures.join("; "),
-            });
-        };
-        let _ = stream.set_nodelay(true);
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(KEEPALIVE_IDLE)
-            .with_interval(KEEPALIVE_INTERVAL)
-            .with_retries(KEEPALIVE_RETRIES);
-        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-        Ok(stream)
-    }
-
     /// POSTs `body` to `path` on a connection of its own and returns the response with
-    /// the task driving that connection (dropping both closes it).
+    /// that connection (dropping it closes the connection, whether the body was read or
+    /// not).
     async fn post(
         &self,
         path: &str,
         body: String,
     ) -> Result<(Response<Incoming>, Connection), String> {
-        let stream = timeout(CONNECT_TIMEOUT, self.connect())
-            .await
-            .map_err(|_| format!("no connection within {CONNECT_TIMEOUT:?}"))??;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("HTTP handshake failed: {e}"))?;
-        let conn = AbortOnDropHandle::new(tokio::spawn(async move {
-            let _ = conn.await;
-        }));
+        let mut conn = self.http.connect().await.map_err(|e| e.to_string())?;
         let request = Request::post(path)
-            .header(hyper::header::HOST, self.spec.server.to_string())
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| format!("cannot build the request: {e}"))?;
-        let response = sender
+        let response = conn
             .send_request(request)
             .await
             .map_err(|e| format!("POST {path} failed: {e}"))?;
@@ -360,9 +297,6 @@ impl Source for EtcdSource {
         }
     }
 }
-
-/// The task driving one HTTP connection; dropping it closes the connection.
-type Connection = AbortOnDropHandle<()>;
 
 /// A watch response body: a stream of JSON values (one per line in practice; parsed as
 /// concatenated values so line breaks do not matter).
@@ -595,7 +529,7 @@ mod tests {
             server: crate::spec::HostPort::parse("127.0.0.1:2379").unwrap(),
             path: "/svc".into(),
         };
-        let source = EtcdSource::new(spec);
+        let source = EtcdSource::new(spec, Resolver::from_system());
         let start = B64.decode(&source.range_key).unwrap();
         let end = B64.decode(&source.range_end).unwrap();
         let inside = |k: &[u8]| k >= start.as_slice() && k < end.as_slice();

@@ -10,6 +10,7 @@ pub mod consul;
 pub mod dns;
 pub mod etcd;
 pub mod hosts;
+pub mod http;
 pub mod kv;
 pub mod srv;
 
@@ -140,7 +141,7 @@ impl Discovery {
                 drive.spawn(name, source)
             }
             Spec::Etcd(kv) => {
-                let store = etcd::EtcdSource::new(kv.clone()).with_resolver(self.resolver());
+                let store = etcd::EtcdSource::new(kv.clone(), self.resolver());
                 let lists = drive.spawn(name.clone(), store);
                 drive.spawn(name, kv::Resolving::new(lists, self.resolver()))
             }
@@ -148,8 +149,7 @@ impl Discovery {
                 let token = std::env::var("CONSUL_HTTP_TOKEN")
                     .ok()
                     .filter(|t| !t.is_empty());
-                let store =
-                    consul::ConsulSource::new(kv.clone(), token).with_resolver(self.resolver());
+                let store = consul::ConsulSource::new(kv.clone(), token, self.resolver());
                 let lists = drive.spawn(name.clone(), store);
                 drive.spawn(name, kv::Resolving::new(lists, self.resolver()))
             }
