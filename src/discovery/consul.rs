@@ -24,6 +24,7 @@ use serde::Deserialize;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info};
 
+use super::StoreProblem::{self, Exchange, Malformed, PermissionDenied, Rejected};
 use super::dns::Resolver;
 use super::http::{Body, ConnectError, Connection, Http};
 use super::kv::{BackendList, BadEntryLog, KvEntry, backends_from_entries};
@@ -89,11 +90,11 @@ impl ConsulSource {
         format!("consul {} key '{}'", self.spec.server, self.key)
     }
 
-    fn fail(&mut self, what: impl std::fmt::Display) -> SourceError {
+    fn fail(&mut self, problem: StoreProblem) -> SourceError {
         // The next call must read afresh: no connection, no index to block on.
         self.conn = None;
         self.index = 0;
-        SourceError(format!("{}: {what}", self.context()))
+        problem.at(self.context())
     }
 
     fn request_target(&self) -> String {
@@ -117,21 +118,21 @@ impl ConsulSource {
     /// passed it (for up to the whole wait). So a new connection starts with a plain read
     /// (index 0): one cheap extra read per reconnect. For the same reason a request on a
     /// kept-alive connection that fails is tried once more on a fresh one, as a plain read.
-    async fn get(&mut self) -> Result<Reply, String> {
+    async fn get(&mut self) -> Result<Reply, StoreProblem> {
         let reused = self.conn.as_ref().is_some_and(|c| !c.is_closed());
         if !reused {
             self.index = 0;
-            self.connect().await.map_err(|e| e.to_string())?;
+            self.connect().await?;
         }
         match self.send().await {
             Err(e) if reused && !e.timed_out => {
-                debug!(source = %self.name, error = %e.message,
+                debug!(source = %self.name, error = %e.problem,
                     "kept-alive connection failed; reading afresh on a new one");
                 self.index = 0;
-                self.connect().await.map_err(|e| e.to_string())?;
-                self.send().await.map_err(|e| e.message)
+                self.connect().await?;
+                self.send().await.map_err(|e| e.problem)
             }
-            r => r.map_err(|e| e.message),
+            r => r.map_err(|e| e.problem),
         }
     }
 
@@ -147,9 +148,8 @@ impl ConsulSource {
         if let Some(token) = &self.token {
             req = req.header("X-Consul-Token", token);
         }
-        let req = req.body(Body::default()).map_err(|e| SendError {
-            message: format!("cannot build the request for '{target}': {e}"),
-            timed_out: false,
+        let req = req.body(Body::default()).map_err(|e| {
+            SendError::failed(format!("cannot build the request for '{target}': {e}"))
         })?;
         let conn = self.conn.as_mut().expect("connected before sending");
         let exchange = async {
@@ -170,15 +170,10 @@ impl ConsulSource {
         };
         let (parts, body) = match timeout(limit, exchange).await {
             Ok(Ok(r)) => r,
-            Ok(Err(message)) => {
-                return Err(SendError {
-                    message,
-                    timed_out: false,
-                });
-            }
+            Ok(Err(why)) => return Err(SendError::failed(why)),
             Err(_) => {
                 return Err(SendError {
-                    message: format!("no reply within {limit:?}"),
+                    problem: Exchange(format!("no reply within {limit:?}")),
                     timed_out: true,
                 });
             }
@@ -193,8 +188,8 @@ impl ConsulSource {
                     .ok_or_else(|| format!("X-Consul-Index {v:?} is not a number"))
             })
             .transpose()
-            .map_err(|message| SendError {
-                message,
+            .map_err(|why| SendError {
+                problem: Malformed(why),
                 timed_out: false,
             })?;
         Ok(Reply {
@@ -214,33 +209,35 @@ impl ConsulSource {
     }
 
     /// Turns a reply into the entries it lists, or says what is wrong with it.
-    fn entries(&self, reply: &Reply) -> Result<Vec<KvEntry>, String> {
+    fn entries(&self, reply: &Reply) -> Result<Vec<KvEntry>, StoreProblem> {
         match reply.status {
             StatusCode::OK => {}
             // Consul answers 404 for a prefix with no keys: no backends (yet), still watched.
             StatusCode::NOT_FOUND if reply.index.is_some() => return Ok(Vec::new()),
             StatusCode::FORBIDDEN => {
-                return Err(format!(
+                return Err(PermissionDenied(format!(
                     "permission denied (HTTP 403; is CONSUL_HTTP_TOKEN {}?): {}",
                     match self.token {
                         Some(_) => "right",
                         None => "needed",
                     },
                     excerpt(&reply.body)
-                ));
+                )));
             }
             status => {
-                return Err(format!("HTTP {status}: {}", excerpt(&reply.body)));
+                return Err(Rejected(format!("HTTP {status}: {}", excerpt(&reply.body))));
             }
         }
         if reply.index.is_none() {
-            return Err("the reply has no X-Consul-Index header (is this a Consul server?)".into());
+            return Err(Malformed(
+                "the reply has no X-Consul-Index header (is this a Consul server?)".into(),
+            ));
         }
         let listed: Vec<ListedEntry> = serde_json::from_slice(&reply.body).map_err(|e| {
-            format!(
+            Malformed(format!(
                 "the reply is not a JSON list of keys ({e}): {}",
                 excerpt(&reply.body)
-            )
+            ))
         })?;
         listed
             .into_iter()
@@ -250,11 +247,11 @@ impl ConsulSource {
                     Some(b64) => base64::engine::general_purpose::STANDARD
                         .decode(b64)
                         .map_err(|err| {
-                            format!(
+                            Malformed(format!(
                                 "the reply's Value for key '{}' is not base64 ({err}): '{}'",
                                 e.key,
                                 excerpt(b64.as_bytes())
-                            )
+                            ))
                         })?,
                 };
                 Ok(KvEntry { key: e.key, value })
@@ -323,8 +320,20 @@ struct Reply {
 }
 
 struct SendError {
-    message: String,
+    problem: StoreProblem,
+    /// No reply within the limit: unlike a failed request, not tried again at once on
+    /// a fresh connection, which would only wait as long again.
     timed_out: bool,
+}
+
+impl SendError {
+    /// The exchange failed (not by running out of time).
+    fn failed(why: String) -> Self {
+        SendError {
+            problem: Exchange(why),
+            timed_out: false,
+        }
+    }
 }
 
 /// One element of `GET /v1/kv/<prefix>?recurse`; other fields are not needed.

@@ -29,6 +29,7 @@ use serde::Deserialize;
 use tokio::time::timeout;
 use tracing::{debug, info};
 
+use super::StoreProblem::{self, Exchange, Malformed, Rejected};
 use super::dns::Resolver;
 use super::http::{Connection, Http};
 use super::kv::{BackendList, BadEntryLog, KvEntry, backends_from_entries};
@@ -78,9 +79,10 @@ impl EtcdSource {
         }
     }
 
-    fn fail(&self, doing: &str, what: impl fmt::Display) -> SourceError {
-        SourceError(format!(
-            "etcd {}: {doing} '{}': {what}",
+    /// Places `problem`: the server, what was being done, and the key.
+    fn fail(&self, doing: &str, problem: StoreProblem) -> SourceError {
+        problem.at(format!(
+            "etcd {}: {doing} '{}'",
             self.spec.server, self.spec.path
         ))
     }
@@ -110,16 +112,16 @@ impl EtcdSource {
         &self,
         path: &str,
         body: String,
-    ) -> Result<(Response<Incoming>, Connection), String> {
-        let mut conn = self.http.connect().await.map_err(|e| e.to_string())?;
+    ) -> Result<(Response<Incoming>, Connection), StoreProblem> {
+        let mut conn = self.http.connect().await?;
         let request = Request::post(path)
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| format!("cannot build the request: {e}"))?;
+            .map_err(|e| Exchange(format!("cannot build the request: {e}")))?;
         let response = conn
             .send_request(request)
             .await
-            .map_err(|e| format!("POST {path} failed: {e}"))?;
+            .map_err(|e| Exchange(format!("POST {path} failed: {e}")))?;
         Ok((response, conn))
     }
 
@@ -134,29 +136,27 @@ impl EtcdSource {
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| format!("the reply was cut off: {e}"))?
+                .map_err(|e| Exchange(format!("the reply was cut off: {e}")))?
                 .to_bytes();
-            Ok::<_, String>((status, bytes))
+            Ok::<_, StoreProblem>((status, bytes))
         };
         let (status, bytes) = timeout(REQUEST_TIMEOUT, fetch)
             .await
-            .map_err(|_| self.fail(doing, format!("no reply within {REQUEST_TIMEOUT:?}")))?
+            .unwrap_or_else(|_| no_reply())
             .map_err(|e| self.fail(doing, e))?;
         if status != StatusCode::OK {
-            return Err(self.fail(doing, http_error(status, &bytes)));
+            return Err(self.fail(doing, Rejected(http_error(status, &bytes))));
         }
         let reply: RangeResponse = serde_json::from_slice(&bytes)
-            .map_err(|e| self.fail(doing, malformed("range reply", &e, &bytes)))?;
+            .map_err(|e| self.fail(doing, Malformed(malformed("range reply", &e, &bytes))))?;
         let revision = reply.header.map(|h| h.revision).unwrap_or(0);
         if revision <= 0 {
-            return Err(self.fail(
-                doing,
-                malformed_text("range reply", "no header revision", &bytes),
-            ));
+            let why = malformed_text("range reply", "no header revision", &bytes);
+            return Err(self.fail(doing, Malformed(why)));
         }
         let mut keys = BTreeMap::new();
         for kv in reply.kvs {
-            let (key, value) = kv.decode().map_err(|e| self.fail(doing, e))?;
+            let (key, value) = kv.decode().map_err(|e| self.fail(doing, Malformed(e)))?;
             keys.insert(key, value);
         }
         Ok(State {
@@ -176,7 +176,7 @@ impl EtcdSource {
         }});
         let (response, conn) = timeout(REQUEST_TIMEOUT, self.post("/v3/watch", body.to_string()))
             .await
-            .map_err(|_| self.fail(doing, format!("no reply within {REQUEST_TIMEOUT:?}")))?
+            .unwrap_or_else(|_| no_reply())
             .map_err(|e| self.fail(doing, e))?;
         let status = response.status();
         if status != StatusCode::OK {
@@ -186,7 +186,7 @@ impl EtcdSource {
                 .and_then(Result::ok)
                 .map(|c| c.to_bytes())
                 .unwrap_or_default();
-            return Err(self.fail(doing, http_error(status, &bytes)));
+            return Err(self.fail(doing, Rejected(http_error(status, &bytes))));
         }
         Ok(WatchStream {
             body: response.into_body(),
@@ -204,14 +204,15 @@ impl EtcdSource {
     ) -> Result<Followed, SourceError> {
         let doing = "watching";
         loop {
-            let replies = match watch.next_replies().await {
-                Ok(replies) => replies,
-                Err(e) => return Err(self.fail(doing, e)),
-            };
+            let replies = watch
+                .next_replies()
+                .await
+                .map_err(|e| self.fail(doing, e))?;
             let mut changed = false;
             for reply in replies {
                 if let Some(error) = reply.error {
-                    return Err(self.fail(doing, format!("etcd says: {}", error_text(&error))));
+                    let why = format!("etcd says: {}", error_text(&error));
+                    return Err(self.fail(doing, Rejected(why)));
                 }
                 let Some(result) = reply.result else {
                     continue;
@@ -224,7 +225,7 @@ impl EtcdSource {
                         "" => "the watch was cancelled".to_string(),
                         r => format!("the watch was cancelled: {r}"),
                     };
-                    return Err(self.fail(doing, reason));
+                    return Err(self.fail(doing, Rejected(reason)));
                 }
                 if let Some(header) = &result.header {
                     state.revision = state.revision.max(header.revision);
@@ -234,16 +235,15 @@ impl EtcdSource {
                         "" | "PUT" => false,
                         "DELETE" => true,
                         other => {
-                            return Err(self.fail(
-                                doing,
-                                format!("malformed watch reply: unknown event type '{other}'"),
-                            ));
+                            let why =
+                                format!("malformed watch reply: unknown event type '{other}'");
+                            return Err(self.fail(doing, Malformed(why)));
                         }
                     };
-                    let (key, value) = match event.kv.decode() {
-                        Ok(kv) => kv,
-                        Err(e) => return Err(self.fail(doing, e)),
-                    };
+                    let (key, value) = event
+                        .kv
+                        .decode()
+                        .map_err(|e| self.fail(doing, Malformed(e)))?;
                     state.revision = state.revision.max(event.kv.mod_revision);
                     if delete {
                         state.keys.remove(&key);
@@ -309,7 +309,7 @@ struct WatchStream {
 impl WatchStream {
     /// Reads until at least one complete reply is buffered and returns every complete
     /// reply, keeping a partial one for next time.
-    async fn next_replies(&mut self) -> Result<Vec<WatchLine>, String> {
+    async fn next_replies(&mut self) -> Result<Vec<WatchLine>, StoreProblem> {
         loop {
             let mut replies = Vec::new();
             let mut stream =
@@ -319,7 +319,7 @@ impl WatchStream {
                     Some(Ok(reply)) => replies.push(reply),
                     Some(Err(e)) if e.is_eof() => break stream.byte_offset(),
                     Some(Err(e)) => {
-                        return Err(malformed("watch reply", &e, &self.pending));
+                        return Err(Malformed(malformed("watch reply", &e, &self.pending)));
                     }
                     None => break stream.byte_offset(),
                 }
@@ -329,10 +329,10 @@ impl WatchStream {
                 return Ok(replies);
             }
             if self.pending.len() > MAX_PENDING {
-                return Err(format!(
+                return Err(Malformed(format!(
                     "malformed watch reply: {} bytes without a complete JSON value",
                     self.pending.len()
-                ));
+                )));
             }
             match self.body.frame().await {
                 Some(Ok(frame)) => {
@@ -340,8 +340,8 @@ impl WatchStream {
                         self.pending.extend_from_slice(&data);
                     }
                 }
-                Some(Err(e)) => return Err(format!("the watch stream broke: {e}")),
-                None => return Err("the store closed the watch stream".into()),
+                Some(Err(e)) => return Err(Exchange(format!("the watch stream broke: {e}"))),
+                None => return Err(Exchange("the store closed the watch stream".into())),
             }
         }
     }
@@ -440,6 +440,11 @@ fn error_text(error: &serde_json::Value) -> String {
         },
         other => other.to_string(),
     }
+}
+
+/// A request that outlived [`REQUEST_TIMEOUT`].
+fn no_reply<T>() -> Result<T, StoreProblem> {
+    Err(Exchange(format!("no reply within {REQUEST_TIMEOUT:?}")))
 }
 
 fn http_error(status: StatusCode, body: &[u8]) -> String {

@@ -175,9 +175,10 @@ impl Connection {
 /// No connection to the store could be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    /// The server's name did not resolve.
+    /// The server's name did not resolve (boxed: hickory's error is large, and every
+    /// store error carries this one).
     #[error(transparent)]
-    Lookup(#[from] LookupError),
+    Lookup(Box<LookupError>),
     /// The server's name resolved, but to no address.
     #[error("'{server}' resolved to no address")]
     NoAddress { server: String },
@@ -196,6 +197,12 @@ pub enum ConnectError {
         addr: SocketAddr,
         error: hyper::Error,
     },
+}
+
+impl From<LookupError> for ConnectError {
+    fn from(e: LookupError) -> Self {
+        ConnectError::Lookup(Box::new(e))
+    }
 }
 
 /// One address that did not accept the connection.
