@@ -11,27 +11,25 @@
 //! requests are rate limited, and the client's timeout stays above the wait plus the
 //! server's wait/16 jitter. A query blocks only on the connection whose reply gave its
 //! index: a new connection (the server may have restarted with a lower index) starts
-//! with a plain read.
+//! with a plain read. The connection (from the discovery layer's HTTP client) is kept
+//! across requests and replaced when it fails.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::Engine;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Bytes;
-use hyper::client::conn::http1;
 use hyper::{Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout};
 use tracing::{debug, info};
 
+use super::StoreProblem::{self, Exchange, Malformed, PermissionDenied, Rejected};
 use super::dns::Resolver;
+use super::http::{Body, ConnectError, Connection, Http};
 use super::kv::{BackendList, BadEntryLog, KvEntry, backends_from_entries};
 use super::{Source, SourceError};
-use crate::spec::{Host, KvSpec};
+use crate::spec::KvSpec;
 
 /// How long one blocking query may wait on the server. Short enough that a server that
 /// vanished without closing the connection is noticed within about a minute, long
@@ -39,7 +37,6 @@ use crate::spec::{Host, KvSpec};
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(60);
 /// Added to the wait (after Consul's own wait/16 jitter) before the client gives up.
 const TIMEOUT_MARGIN: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Consul asks clients to rate limit their blocking loop; successive requests start at
 /// least this far apart, which only ever delays a watch on a prefix that changes more
 /// often than ten times a second.
@@ -52,26 +49,27 @@ pub struct ConsulSource {
     /// The Consul key: the spec's path without its leading '/'.
     key: String,
     token: Option<String>,
-    resolver: Option<Resolver>,
+    http: Http,
     wait: Duration,
     /// The X-Consul-Index of the last reply used; 0 means "read at once, do not block".
     index: u64,
-    conn: Option<Conn>,
+    conn: Option<Connection>,
     last_request: Option<Instant>,
     bad: BadEntryLog,
     name: String,
 }
 
 impl ConsulSource {
-    /// A source for `spec`; `token` (CONSUL_HTTP_TOKEN) is sent as `X-Consul-Token`.
-    pub fn new(spec: KvSpec, token: Option<String>) -> Self {
+    /// A source for `spec`; `token` (CONSUL_HTTP_TOKEN) is sent as `X-Consul-Token`, and
+    /// `resolver` finds a server given by name (the project's one resolver, `--dns`).
+    pub fn new(spec: KvSpec, token: Option<String>, resolver: Resolver) -> Self {
         let key = spec.path.trim_start_matches('/').to_string();
         let name = format!("consul://{}{}", spec.server, spec.path);
         ConsulSource {
+            http: Http::new(spec.server.clone(), resolver),
             spec,
             key,
             token,
-            resolver: None,
             wait: DEFAULT_WAIT,
             index: 0,
             conn: None,
@@ -79,12 +77,6 @@ impl ConsulSource {
             bad: BadEntryLog::default(),
             name,
         }
-    }
-
-    /// The resolver for a server given by name (`--dns`); without one, the system's.
-    pub fn with_resolver(mut self, resolver: Resolver) -> Self {
-        self.resolver = Some(resolver);
-        self
     }
 
     /// How long each blocking query waits on the server (Consul caps it at 10 minutes).
@@ -98,11 +90,11 @@ impl ConsulSource {
         format!("consul {} key '{}'", self.spec.server, self.key)
     }
 
-    fn fail(&mut self, what: impl std::fmt::Display) -> SourceError {
+    fn fail(&mut self, problem: StoreProblem) -> SourceError {
         // The next call must read afresh: no connection, no index to block on.
         self.conn = None;
         self.index = 0;
-        SourceError(format!("{}: {what}", self.context()))
+        problem.at(self.context())
     }
 
     fn request_target(&self) -> String {
@@ -126,21 +118,21 @@ impl ConsulSource {
     /// passed it (for up to the whole wait). So a new connection starts with a plain read
     /// (index 0): one cheap extra read per reconnect. For the same reason a request on a
     /// kept-alive connection that fails is tried once more on a fresh one, as a plain read.
-    async fn get(&mut self) -> Result<Reply, String> {
-        let reused = self.conn.as_ref().is_some_and(|c| !c.sender.is_closed());
+    async fn get(&mut self) -> Result<Reply, StoreProblem> {
+        let reused = self.conn.as_ref().is_some_and(|c| !c.is_closed());
         if !reused {
             self.index = 0;
-            self.conn = Some(self.connect().await?);
+            self.connect().await?;
         }
         match self.send().await {
             Err(e) if reused && !e.timed_out => {
-                debug!(source = %self.name, error = %e.message,
+                debug!(source = %self.name, error = %e.problem,
                     "kept-alive connection failed; reading afresh on a new one");
                 self.index = 0;
-                self.conn = Some(self.connect().await?);
-                self.send().await.map_err(|e| e.message)
+                self.connect().await?;
+                self.send().await.map_err(|e| e.problem)
             }
-            r => r.map_err(|e| e.message),
+            r => r.map_err(|e| e.problem),
         }
     }
 
@@ -152,24 +144,19 @@ impl ConsulSource {
             _ => self.wait + self.wait / 16 + TIMEOUT_MARGIN,
         };
         tracing::trace!(source = %self.name, %target, "Consul request");
-        let mut req = Request::get(&target)
-            .header(hyper::header::HOST, self.spec.server.to_string())
-            .header(hyper::header::ACCEPT, "application/json");
+        let mut req = Request::get(&target).header(hyper::header::ACCEPT, "application/json");
         if let Some(token) = &self.token {
             req = req.header("X-Consul-Token", token);
         }
-        let req = req.body(Empty::<Bytes>::new()).map_err(|e| SendError {
-            message: format!("cannot build the request for '{target}': {e}"),
-            timed_out: false,
+        let req = req.body(Body::default()).map_err(|e| {
+            SendError::failed(format!("cannot build the request for '{target}': {e}"))
         })?;
         let conn = self.conn.as_mut().expect("connected before sending");
         let exchange = async {
-            conn.sender
-                .ready()
+            conn.ready()
                 .await
                 .map_err(|e| format!("connection lost: {e}"))?;
             let resp = conn
-                .sender
                 .send_request(req)
                 .await
                 .map_err(|e| format!("request failed: {e}"))?;
@@ -183,15 +170,10 @@ impl ConsulSource {
         };
         let (parts, body) = match timeout(limit, exchange).await {
             Ok(Ok(r)) => r,
-            Ok(Err(message)) => {
-                return Err(SendError {
-                    message,
-                    timed_out: false,
-                });
-            }
+            Ok(Err(why)) => return Err(SendError::failed(why)),
             Err(_) => {
                 return Err(SendError {
-                    message: format!("no reply within {limit:?}"),
+                    problem: Exchange(format!("no reply within {limit:?}")),
                     timed_out: true,
                 });
             }
@@ -206,8 +188,8 @@ impl ConsulSource {
                     .ok_or_else(|| format!("X-Consul-Index {v:?} is not a number"))
             })
             .transpose()
-            .map_err(|message| SendError {
-                message,
+            .map_err(|why| SendError {
+                problem: Malformed(why),
                 timed_out: false,
             })?;
         Ok(Reply {
@@ -218,74 +200,44 @@ impl ConsulSource {
         })
     }
 
-    /// Opens a new HTTP/1.1 connection to the server, resolving its name if it has one.
-    async fn connect(&mut self) -> Result<Conn, String> {
+    /// Replaces the connection with a new one; the old one is closed first, so a
+    /// failed attempt leaves none.
+    async fn connect(&mut self) -> Result<(), ConnectError> {
         self.conn = None;
-        let addrs: Vec<SocketAddr> = match &self.spec.server.host {
-            Host::Ip(ip) => vec![SocketAddr::new(*ip, self.spec.server.port)],
-            Host::Name(name) => {
-                let resolver = self.resolver.get_or_insert_with(Resolver::from_system);
-                let resolved = resolver.lookup_ip(name).await?;
-                if resolved.addrs.is_empty() {
-                    return Err(format!("'{name}' resolved to no address"));
-                }
-                resolved
-                    .addrs
-                    .iter()
-                    .map(|ip| SocketAddr::new(*ip, self.spec.server.port))
-                    .collect()
-            }
-        };
-        let mut failures = Vec::new();
-        for addr in addrs {
-            match timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => {
-                    let _ = stream.set_nodelay(true);
-                    let (sender, connection) = http1::handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(|e| format!("HTTP handshake with {addr} failed: {e}"))?;
-                    let task = tokio::spawn(async move {
-                        let _ = connection.await;
-                    });
-                    return Ok(Conn { sender, task });
-                }
-                Ok(Err(e)) => failures.push(format!("cannot connect to {addr}: {e}")),
-                Err(_) => failures.push(format!(
-                    "cannot connect to {addr}: no answer within {CONNECT_TIMEOUT:?}"
-                )),
-            }
-        }
-        Err(failures.join("; "))
+        self.conn = Some(self.http.connect().await?);
+        Ok(())
     }
 
     /// Turns a reply into the entries it lists, or says what is wrong with it.
-    fn entries(&self, reply: &Reply) -> Result<Vec<KvEntry>, String> {
+    fn entries(&self, reply: &Reply) -> Result<Vec<KvEntry>, StoreProblem> {
         match reply.status {
             StatusCode::OK => {}
             // Consul answers 404 for a prefix with no keys: no backends (yet), still watched.
             StatusCode::NOT_FOUND if reply.index.is_some() => return Ok(Vec::new()),
             StatusCode::FORBIDDEN => {
-                return Err(format!(
+                return Err(PermissionDenied(format!(
                     "permission denied (HTTP 403; is CONSUL_HTTP_TOKEN {}?): {}",
                     match self.token {
                         Some(_) => "right",
                         None => "needed",
                     },
                     excerpt(&reply.body)
-                ));
+                )));
             }
             status => {
-                return Err(format!("HTTP {status}: {}", excerpt(&reply.body)));
+                return Err(Rejected(format!("HTTP {status}: {}", excerpt(&reply.body))));
             }
         }
         if reply.index.is_none() {
-            return Err("the reply has no X-Consul-Index header (is this a Consul server?)".into());
+            return Err(Malformed(
+                "the reply has no X-Consul-Index header (is this a Consul server?)".into(),
+            ));
         }
         let listed: Vec<ListedEntry> = serde_json::from_slice(&reply.body).map_err(|e| {
-            format!(
+            Malformed(format!(
                 "the reply is not a JSON list of keys ({e}): {}",
                 excerpt(&reply.body)
-            )
+            ))
         })?;
         listed
             .into_iter()
@@ -295,11 +247,11 @@ impl ConsulSource {
                     Some(b64) => base64::engine::general_purpose::STANDARD
                         .decode(b64)
                         .map_err(|err| {
-                            format!(
+                            Malformed(format!(
                                 "the reply's Value for key '{}' is not base64 ({err}): '{}'",
                                 e.key,
                                 excerpt(b64.as_bytes())
-                            )
+                            ))
                         })?,
                 };
                 Ok(KvEntry { key: e.key, value })
@@ -359,18 +311,6 @@ impl Source for ConsulSource {
     }
 }
 
-/// One kept-alive HTTP/1.1 connection; dropping it closes the connection.
-struct Conn {
-    sender: http1::SendRequest<Empty<Bytes>>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 struct Reply {
     /// The index the request blocked on; 0 for a plain read.
     sent_index: u64,
@@ -380,8 +320,20 @@ struct Reply {
 }
 
 struct SendError {
-    message: String,
+    problem: StoreProblem,
+    /// No reply within the limit: unlike a failed request, not tried again at once on
+    /// a fresh connection, which would only wait as long again.
     timed_out: bool,
+}
+
+impl SendError {
+    /// The exchange failed (not by running out of time).
+    fn failed(why: String) -> Self {
+        SendError {
+            problem: Exchange(why),
+            timed_out: false,
+        }
+    }
 }
 
 /// One element of `GET /v1/kv/<prefix>?recurse`; other fields are not needed.
@@ -447,7 +399,8 @@ mod tests {
         let crate::spec::Spec::Consul(kv) = spec else {
             panic!("not a consul spec")
         };
-        let mut s = ConsulSource::new(kv, None).with_wait(Duration::from_secs(2));
+        let mut s =
+            ConsulSource::new(kv, None, Resolver::from_system()).with_wait(Duration::from_secs(2));
         assert_eq!(s.request_target(), "/v1/kv/svc/web?recurse");
         s.index = 42;
         assert_eq!(

@@ -2,12 +2,14 @@
 //! never libc's getaddrinfo, so the static binary works in a FROM-scratch image and no
 //! lookup ever blocks a runtime thread.
 
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig};
+use hickory_resolver::net::NetError;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use tokio::time::Instant;
 use tracing::warn;
@@ -30,6 +32,29 @@ pub struct Resolved {
     pub addrs: Vec<IpAddr>,
     pub refresh_at: Instant,
 }
+
+/// A name that did not resolve: "cannot resolve 'NAME': WHY", and, when the system
+/// configuration was unusable, why that was too.
+#[derive(Debug, Clone)]
+pub struct LookupError {
+    pub name: String,
+    /// hickory's reason. Its text is part of ours, so it is not also our `source()`:
+    /// a chain printed in full would say it twice.
+    pub error: NetError,
+    degraded: Option<Arc<str>>,
+}
+
+impl fmt::Display for LookupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cannot resolve '{}': {}", self.name, self.error)?;
+        match &self.degraded {
+            Some(why) => write!(f, " ({why})"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for LookupError {}
 
 impl Resolver {
     /// The system resolver. If /etc/resolv.conf cannot be read, names in /etc/hosts still
@@ -87,7 +112,7 @@ impl Resolver {
     }
 
     /// A and AAAA for `name`, sorted so an unchanged answer compares equal.
-    pub async fn lookup_ip(&self, name: &str) -> Result<Resolved, String> {
+    pub async fn lookup_ip(&self, name: &str) -> Result<Resolved, LookupError> {
         match self.inner.lookup_ip(name).await {
             Ok(lookup) => {
                 let mut addrs: Vec<IpAddr> = lookup.iter().collect();
@@ -98,9 +123,10 @@ impl Resolver {
                     refresh_at: refresh_at(lookup.valid_until()),
                 })
             }
-            Err(e) => Err(match &self.degraded {
-                Some(why) => format!("cannot resolve '{name}': {e} ({why})"),
-                None => format!("cannot resolve '{name}': {e}"),
+            Err(error) => Err(LookupError {
+                name: name.to_string(),
+                error,
+                degraded: self.degraded.clone(),
             }),
         }
     }
@@ -110,4 +136,31 @@ impl Resolver {
 pub fn refresh_at(valid_until: std::time::Instant) -> Instant {
     let ttl = valid_until.saturating_duration_since(std::time::Instant::now());
     Instant::now() + ttl.clamp(MIN_REFRESH, MAX_REFRESH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The typed error renders what the string it replaced said, word for word.
+    #[test]
+    fn lookup_errors_name_the_name_and_a_degraded_configuration() {
+        let plain = LookupError {
+            name: "redis".into(),
+            error: NetError::NoConnections,
+            degraded: None,
+        };
+        assert_eq!(
+            plain.to_string(),
+            "cannot resolve 'redis': no connections available"
+        );
+        let degraded = LookupError {
+            degraded: Some("cannot use /etc/resolv.conf: gone".into()),
+            ..plain
+        };
+        assert_eq!(
+            degraded.to_string(),
+            "cannot resolve 'redis': no connections available (cannot use /etc/resolv.conf: gone)"
+        );
+    }
 }

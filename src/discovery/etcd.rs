@@ -3,10 +3,11 @@
 //!
 //! Why the gateway and not the etcd-client crate: the gateway is plain HTTP/1.1 + JSON
 //! (keys and values base64), served by every etcd since 3.3 under `/v3/` (3.4 also keeps
-//! `/v3beta/`), so the hyper client we already have is enough and the build needs no
-//! protoc or gRPC stack. The one range `[PATH, PATH + "0")` covers the key itself and
-//! every key under `PATH/` ('0' is the byte after '/'), so a single read and a single
-//! watch see both halves of the children-or-value rule.
+//! `/v3beta/`), so the discovery layer's small HTTP client is enough and the build needs
+//! no protoc or gRPC stack. Each request has a connection of its own: a watch is a
+//! response that lasts as long as the watch. The one range `[PATH, PATH + "0")` covers
+//! the key itself and every key under `PATH/` ('0' is the byte after '/'), so a single
+//! read and a single watch see both halves of the children-or-value rule.
 //!
 //! Watch semantics: the watch starts at the read's revision + 1, so a change made between
 //! the read and the watch is still delivered. Events are applied to the copy of the keys
@@ -17,7 +18,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use base64::Engine;
@@ -25,34 +25,26 @@ use base64::engine::general_purpose::STANDARD as B64;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tracing::{debug, info};
 
+use super::StoreProblem::{self, Exchange, Malformed, Rejected};
 use super::dns::Resolver;
+use super::http::{Connection, Http};
 use super::kv::{BackendList, BadEntryLog, KvEntry, backends_from_entries};
 use super::{Source, SourceError};
-use crate::spec::{Host, KvSpec};
+use crate::spec::KvSpec;
 
-/// Connecting to the store (resolving its name included) may take this long.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// A whole range request, or a watch request up to its response headers.
+/// A whole range request, or a watch request up to its response headers (connecting
+/// included). An idle watch stream is left to TCP keepalive (see `http.rs`).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// A watch stream is idle between changes; TCP keepalive notices a store that vanished
-/// without closing the connection (a dead host, a partition) within about half a minute.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-const KEEPALIVE_RETRIES: u32 = 3;
 /// A watch reply larger than this without a complete JSON value is not etcd talking.
 const MAX_PENDING: usize = 64 << 20;
 
 pub struct EtcdSource {
     spec: KvSpec,
-    /// For server names; `None` only works with an IP literal.
-    resolver: Option<Resolver>,
+    http: Http,
     /// `etcd://HOST:PORT/PATH`, for log lines.
     name: String,
     range_key: String,
@@ -70,13 +62,15 @@ struct State {
 }
 
 impl EtcdSource {
-    pub fn new(spec: KvSpec) -> Self {
+    /// A source for `spec`; `resolver` finds a server given by name (the project's one
+    /// resolver, so `--dns` applies to the store too).
+    pub fn new(spec: KvSpec, resolver: Resolver) -> Self {
         let name = format!("etcd://{}{}", spec.server, spec.path);
         let range_key = B64.encode(spec.path.as_bytes());
         let range_end = B64.encode(format!("{}0", spec.path).as_bytes());
         EtcdSource {
+            http: Http::new(spec.server.clone(), resolver),
             spec,
-            resolver: None,
             name,
             range_key,
             range_end,
@@ -85,16 +79,10 @@ impl EtcdSource {
         }
     }
 
-    /// The resolver for a server given by name (the project's one resolver, so `--dns`
-    /// applies to the store too).
-    pub fn with_resolver(mut self, resolver: Resolver) -> Self {
-        self.resolver = Some(resolver);
-        self
-    }
-
-    fn fail(&self, doing: &str, what: impl fmt::Display) -> SourceError {
-        SourceError(format!(
-            "etcd {}: {doing} '{}': {what}",
+    /// Places `problem`: the server, what was being done, and the key.
+    fn fail(&self, doing: &str, problem: StoreProblem) -> SourceError {
+        problem.at(format!(
+            "etcd {}: {doing} '{}'",
             self.spec.server, self.spec.path
         ))
     }
@@ -117,66 +105,23 @@ impl EtcdSource {
         list
     }
 
-    /// Connects to the store, trying each address a server name resolves to in turn
-    /// (IPv4 first, as the resolver sorts them).
-    async fn connect(&self) -> Result<TcpStream, String> {
-        let ips = match (&self.spec.server.host, &self.resolver) {
-            (Host::Ip(ip), _) => vec![*ip],
-            (Host::Name(name), Some(resolver)) => resolver.lookup_ip(name).await?.addrs,
-            (Host::Name(name), None) => return Err(format!("no resolver for '{name}'")),
-        };
-        let mut failures = Vec::new();
-        let mut connected = None;
-        for ip in ips {
-            let addr = SocketAddr::new(ip, self.spec.server.port);
-            match TcpStream::connect(addr).await {
-                Ok(stream) => {
-                    connected = Some(stream);
-                    break;
-                }
-                Err(e) => failures.push(format!("cannot connect to {addr}: {e}")),
-            }
-        }
-        let Some(stream) = connected else {
-            return Err(match failures.is_empty() {
-                true => format!("'{}' resolved to no address", self.spec.server),
-                false => failures.join("; "),
-            });
-        };
-        let _ = stream.set_nodelay(true);
-        let keepalive = socket2::TcpKeepalive::new()
-            .with_time(KEEPALIVE_IDLE)
-            .with_interval(KEEPALIVE_INTERVAL)
-            .with_retries(KEEPALIVE_RETRIES);
-        let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
-        Ok(stream)
-    }
-
     /// POSTs `body` to `path` on a connection of its own and returns the response with
-    /// the task driving that connection (dropping both closes it).
+    /// that connection (dropping it closes the connection, whether the body was read or
+    /// not).
     async fn post(
         &self,
         path: &str,
         body: String,
-    ) -> Result<(Response<Incoming>, Connection), String> {
-        let stream = timeout(CONNECT_TIMEOUT, self.connect())
-            .await
-            .map_err(|_| format!("no connection within {CONNECT_TIMEOUT:?}"))??;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("HTTP handshake failed: {e}"))?;
-        let conn = Connection(tokio::spawn(async move {
-            let _ = conn.await;
-        }));
+    ) -> Result<(Response<Incoming>, Connection), StoreProblem> {
+        let mut conn = self.http.connect().await?;
         let request = Request::post(path)
-            .header(hyper::header::HOST, self.spec.server.to_string())
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| format!("cannot build the request: {e}"))?;
-        let response = sender
+            .map_err(|e| Exchange(format!("cannot build the request: {e}")))?;
+        let response = conn
             .send_request(request)
             .await
-            .map_err(|e| format!("POST {path} failed: {e}"))?;
+            .map_err(|e| Exchange(format!("POST {path} failed: {e}")))?;
         Ok((response, conn))
     }
 
@@ -191,29 +136,27 @@ impl EtcdSource {
                 .into_body()
                 .collect()
                 .await
-                .map_err(|e| format!("the reply was cut off: {e}"))?
+                .map_err(|e| Exchange(format!("the reply was cut off: {e}")))?
                 .to_bytes();
-            Ok::<_, String>((status, bytes))
+            Ok::<_, StoreProblem>((status, bytes))
         };
         let (status, bytes) = timeout(REQUEST_TIMEOUT, fetch)
             .await
-            .map_err(|_| self.fail(doing, format!("no reply within {REQUEST_TIMEOUT:?}")))?
+            .unwrap_or_else(|_| no_reply())
             .map_err(|e| self.fail(doing, e))?;
         if status != StatusCode::OK {
-            return Err(self.fail(doing, http_error(status, &bytes)));
+            return Err(self.fail(doing, Rejected(http_error(status, &bytes))));
         }
         let reply: RangeResponse = serde_json::from_slice(&bytes)
-            .map_err(|e| self.fail(doing, malformed("range reply", &e, &bytes)))?;
+            .map_err(|e| self.fail(doing, Malformed(malformed("range reply", &e, &bytes))))?;
         let revision = reply.header.map(|h| h.revision).unwrap_or(0);
         if revision <= 0 {
-            return Err(self.fail(
-                doing,
-                malformed_text("range reply", "no header revision", &bytes),
-            ));
+            let why = malformed_text("range reply", "no header revision", &bytes);
+            return Err(self.fail(doing, Malformed(why)));
         }
         let mut keys = BTreeMap::new();
         for kv in reply.kvs {
-            let (key, value) = kv.decode().map_err(|e| self.fail(doing, e))?;
+            let (key, value) = kv.decode().map_err(|e| self.fail(doing, Malformed(e)))?;
             keys.insert(key, value);
         }
         Ok(State {
@@ -233,7 +176,7 @@ impl EtcdSource {
         }});
         let (response, conn) = timeout(REQUEST_TIMEOUT, self.post("/v3/watch", body.to_string()))
             .await
-            .map_err(|_| self.fail(doing, format!("no reply within {REQUEST_TIMEOUT:?}")))?
+            .unwrap_or_else(|_| no_reply())
             .map_err(|e| self.fail(doing, e))?;
         let status = response.status();
         if status != StatusCode::OK {
@@ -243,7 +186,7 @@ impl EtcdSource {
                 .and_then(Result::ok)
                 .map(|c| c.to_bytes())
                 .unwrap_or_default();
-            return Err(self.fail(doing, http_error(status, &bytes)));
+            return Err(self.fail(doing, Rejected(http_error(status, &bytes))));
         }
         Ok(WatchStream {
             body: response.into_body(),
@@ -261,14 +204,15 @@ impl EtcdSource {
     ) -> Result<Followed, SourceError> {
         let doing = "watching";
         loop {
-            let replies = match watch.next_replies().await {
-                Ok(replies) => replies,
-                Err(e) => return Err(self.fail(doing, e)),
-            };
+            let replies = watch
+                .next_replies()
+                .await
+                .map_err(|e| self.fail(doing, e))?;
             let mut changed = false;
             for reply in replies {
                 if let Some(error) = reply.error {
-                    return Err(self.fail(doing, format!("etcd says: {}", error_text(&error))));
+                    let why = format!("etcd says: {}", error_text(&error));
+                    return Err(self.fail(doing, Rejected(why)));
                 }
                 let Some(result) = reply.result else {
                     continue;
@@ -281,7 +225,7 @@ impl EtcdSource {
                         "" => "the watch was cancelled".to_string(),
                         r => format!("the watch was cancelled: {r}"),
                     };
-                    return Err(self.fail(doing, reason));
+                    return Err(self.fail(doing, Rejected(reason)));
                 }
                 if let Some(header) = &result.header {
                     state.revision = state.revision.max(header.revision);
@@ -291,16 +235,15 @@ impl EtcdSource {
                         "" | "PUT" => false,
                         "DELETE" => true,
                         other => {
-                            return Err(self.fail(
-                                doing,
-                                format!("malformed watch reply: unknown event type '{other}'"),
-                            ));
+                            let why =
+                                format!("malformed watch reply: unknown event type '{other}'");
+                            return Err(self.fail(doing, Malformed(why)));
                         }
                     };
-                    let (key, value) = match event.kv.decode() {
-                        Ok(kv) => kv,
-                        Err(e) => return Err(self.fail(doing, e)),
-                    };
+                    let (key, value) = event
+                        .kv
+                        .decode()
+                        .map_err(|e| self.fail(doing, Malformed(e)))?;
                     state.revision = state.revision.max(event.kv.mod_revision);
                     if delete {
                         state.keys.remove(&key);
@@ -355,15 +298,6 @@ impl Source for EtcdSource {
     }
 }
 
-/// The task driving one HTTP connection; dropping it closes the connection.
-struct Connection(JoinHandle<()>);
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// A watch response body: a stream of JSON values (one per line in practice; parsed as
 /// concatenated values so line breaks do not matter).
 struct WatchStream {
@@ -375,7 +309,7 @@ struct WatchStream {
 impl WatchStream {
     /// Reads until at least one complete reply is buffered and returns every complete
     /// reply, keeping a partial one for next time.
-    async fn next_replies(&mut self) -> Result<Vec<WatchLine>, String> {
+    async fn next_replies(&mut self) -> Result<Vec<WatchLine>, StoreProblem> {
         loop {
             let mut replies = Vec::new();
             let mut stream =
@@ -385,7 +319,7 @@ impl WatchStream {
                     Some(Ok(reply)) => replies.push(reply),
                     Some(Err(e)) if e.is_eof() => break stream.byte_offset(),
                     Some(Err(e)) => {
-                        return Err(malformed("watch reply", &e, &self.pending));
+                        return Err(Malformed(malformed("watch reply", &e, &self.pending)));
                     }
                     None => break stream.byte_offset(),
                 }
@@ -395,10 +329,10 @@ impl WatchStream {
                 return Ok(replies);
             }
             if self.pending.len() > MAX_PENDING {
-                return Err(format!(
+                return Err(Malformed(format!(
                     "malformed watch reply: {} bytes without a complete JSON value",
                     self.pending.len()
-                ));
+                )));
             }
             match self.body.frame().await {
                 Some(Ok(frame)) => {
@@ -406,8 +340,8 @@ impl WatchStream {
                         self.pending.extend_from_slice(&data);
                     }
                 }
-                Some(Err(e)) => return Err(format!("the watch stream broke: {e}")),
-                None => return Err("the store closed the watch stream".into()),
+                Some(Err(e)) => return Err(Exchange(format!("the watch stream broke: {e}"))),
+                None => return Err(Exchange("the store closed the watch stream".into())),
             }
         }
     }
@@ -508,6 +442,11 @@ fn error_text(error: &serde_json::Value) -> String {
     }
 }
 
+/// A request that outlived [`REQUEST_TIMEOUT`].
+fn no_reply<T>() -> Result<T, StoreProblem> {
+    Err(Exchange(format!("no reply within {REQUEST_TIMEOUT:?}")))
+}
+
 fn http_error(status: StatusCode, body: &[u8]) -> String {
     let detail = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
@@ -595,7 +534,7 @@ mod tests {
             server: crate::spec::HostPort::parse("127.0.0.1:2379").unwrap(),
             path: "/svc".into(),
         };
-        let source = EtcdSource::new(spec);
+        let source = EtcdSource::new(spec, Resolver::from_system());
         let start = B64.decode(&source.range_key).unwrap();
         let end = B64.decode(&source.range_end).unwrap();
         let inside = |k: &[u8]| k >= start.as_slice() && k < end.as_slice();

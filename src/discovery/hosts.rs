@@ -51,7 +51,7 @@ impl HostsSource {
                     lookups.spawn(async move { (i, resolver.lookup_ip(&name).await) });
                 }
                 (Host::Name(name), None) => {
-                    return Err(SourceError(format!("no resolver for '{name}'")));
+                    return Err(SourceError::NoResolver(name.clone()));
                 }
             }
         }
@@ -72,7 +72,7 @@ impl HostsSource {
                     next_refresh = earliest(next_refresh, resolved.refresh_at);
                 }
                 Err(e) => {
-                    failing.insert(hp.to_string(), e);
+                    failing.insert(hp.to_string(), e.to_string());
                 }
             }
         }
@@ -81,7 +81,7 @@ impl HostsSource {
             let why = failing.values().cloned().collect::<Vec<_>>().join("; ");
             self.failing = failing;
             self.refresh_at = None;
-            return Err(SourceError(why));
+            return Err(SourceError::Dns(why));
         }
         // Some names failed but others answered: serve those, retry the rest soon, and
         // say so once per name rather than on every retry.

@@ -10,6 +10,7 @@ pub mod consul;
 pub mod dns;
 pub mod etcd;
 pub mod hosts;
+pub mod http;
 pub mod kv;
 pub mod srv;
 
@@ -48,16 +49,96 @@ impl Endpoints {
     }
 }
 
-/// A source failed to read its backends. The message names what was asked and of whom.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct SourceError(pub String);
+/// A source failed to read its backends. Every message names what was asked and of
+/// whom: a store's errors start with where (`etcd HOST:PORT: reading 'PATH'`, `consul
+/// HOST:PORT key 'KEY'`), then say what went wrong.
+///
+/// Causes are part of each message, so none is also a `source()`: a chain printed in
+/// full would say them twice.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The store could not be reached: its name did not resolve, or no address took a
+    /// connection in time.
+    #[error("{at}: {error}")]
+    Unreachable {
+        at: String,
+        error: http::ConnectError,
+    },
+    /// The HTTP exchange with the store failed: lost, cut short or timed out.
+    #[error("{at}: {why}")]
+    Exchange { at: String, why: String },
+    /// The store answered with an error: an HTTP error status, an error or a cancel in
+    /// a watch stream.
+    #[error("{at}: {why}")]
+    Rejected { at: String, why: String },
+    /// The store refused the request's credentials (Consul's 403 for CONSUL_HTTP_TOKEN).
+    #[error("{at}: {why}")]
+    PermissionDenied { at: String, why: String },
+    /// The reply is not what the store's API answers (not JSON, bad base64, a missing
+    /// header): a wrong server, or a proxy in the way.
+    #[error("{at}: {why}")]
+    Malformed { at: String, why: String },
+    /// A DNS lookup failed: an SRV name or its targets, or every name of a host list;
+    /// the message names each name and why.
+    #[error("{0}")]
+    Dns(String),
+    /// A host name in a list built without a resolver.
+    #[error("no resolver for '{0}'")]
+    NoResolver(String),
+}
+
+/// What went wrong talking to a store, before the source says where: the store
+/// variants of [`SourceError`], built deep in a request and placed by
+/// [`StoreProblem::at`].
+#[derive(Debug, thiserror::Error)]
+enum StoreProblem {
+    #[error(transparent)]
+    Unreachable(#[from] http::ConnectError),
+    #[error("{0}")]
+    Exchange(String),
+    #[error("{0}")]
+    Rejected(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    Malformed(String),
+}
+
+impl StoreProblem {
+    fn at(self, at: String) -> SourceError {
+        match self {
+            StoreProblem::Unreachable(error) => SourceError::Unreachable { at, error },
+            StoreProblem::Exchange(why) => SourceError::Exchange { at, why },
+            StoreProblem::Rejected(why) => SourceError::Rejected { at, why },
+            StoreProblem::PermissionDenied(why) => SourceError::PermissionDenied { at, why },
+            StoreProblem::Malformed(why) => SourceError::Malformed { at, why },
+        }
+    }
+}
+
+/// What a source publishes: compared to skip unchanged reads, shown in log lines, and
+/// sized for the metrics.
+pub trait Published: Clone + PartialEq + Display + Send + Sync + 'static {
+    /// How many endpoints this is, or `None` for an intermediate value (a KV store's
+    /// backend list) whose size the final stage reports once resolved.
+    fn endpoint_count(&self) -> Option<usize> {
+        None
+    }
+}
+
+impl Published for EndpointSet {
+    fn endpoint_count(&self) -> Option<usize> {
+        Some(self.len())
+    }
+}
+
+impl Published for kv::BackendList {}
 
 /// One discovery mechanism for one backend spec.
 pub trait Source: Send + 'static {
     /// What the source publishes: an [`EndpointSet`] for sources the data path reads, or
     /// an intermediate value (a KV store's backend list) that another stage resolves.
-    type Item: Clone + PartialEq + Display + Send + Sync + 'static;
+    type Item: Published;
 
     /// Whether a change is worth an info line (false for intermediate stages, whose
     /// change the final stage announces).
@@ -127,7 +208,7 @@ impl Discovery {
                 drive.spawn(name, source)
             }
             Spec::Etcd(kv) => {
-                let store = etcd::EtcdSource::new(kv.clone()).with_resolver(self.resolver());
+                let store = etcd::EtcdSource::new(kv.clone(), self.resolver());
                 let lists = drive.spawn(name.clone(), store);
                 drive.spawn(name, kv::Resolving::new(lists, self.resolver()))
             }
@@ -135,8 +216,7 @@ impl Discovery {
                 let token = std::env::var("CONSUL_HTTP_TOKEN")
                     .ok()
                     .filter(|t| !t.is_empty());
-                let store =
-                    consul::ConsulSource::new(kv.clone(), token).with_resolver(self.resolver());
+                let store = consul::ConsulSource::new(kv.clone(), token, self.resolver());
                 let lists = drive.spawn(name.clone(), store);
                 drive.spawn(name, kv::Resolving::new(lists, self.resolver()))
             }
@@ -216,10 +296,7 @@ async fn drive<S: Source>(
                 }
                 backoff.reset();
                 failing.send_if_modified(|f| std::mem::replace(f, false));
-                // Only endpoint sets (not a KV store's intermediate list) have a size.
-                let size = (&set as &dyn std::any::Any)
-                    .downcast_ref::<EndpointSet>()
-                    .map(EndpointSet::len);
+                let size = set.endpoint_count();
                 let changed = tx.send_if_modified(|current| {
                     if current.as_ref() == Some(&set) {
                         return false;
@@ -324,6 +401,13 @@ mod tests {
         }
     }
 
+    fn down() -> SourceError {
+        SourceError::Exchange {
+            at: "test store".into(),
+            why: "store down".into(),
+        }
+    }
+
     fn set(addrs: &[&str]) -> EndpointSet {
         EndpointSet::new(
             addrs
@@ -333,14 +417,40 @@ mod tests {
         )
     }
 
+    /// A store's problem is placed as the variant of the same name, and renders as the
+    /// strings it replaced did: where, a colon, what.
+    #[test]
+    fn store_problems_keep_their_kind_and_text() {
+        let at = || "consul 127.0.0.1:8500 key 'svc'".to_string();
+        let denied = StoreProblem::PermissionDenied("permission denied (HTTP 403)".into());
+        let e = denied.at(at());
+        assert!(matches!(e, SourceError::PermissionDenied { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "consul 127.0.0.1:8500 key 'svc': permission denied (HTTP 403)"
+        );
+        let e = StoreProblem::Malformed("the reply is not JSON".into()).at(at());
+        assert!(matches!(e, SourceError::Malformed { .. }), "{e:?}");
+        let timed_out = http::ConnectError::TimedOut {
+            failed: Vec::new(),
+            limit: Duration::from_secs(5),
+        };
+        let e = StoreProblem::from(timed_out).at(at());
+        assert!(matches!(e, SourceError::Unreachable { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "consul 127.0.0.1:8500 key 'svc': no connection within 5s"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn driver_keeps_last_good_set_through_errors_and_skips_unchanged() {
         let a = set(&["10.0.0.1:1"]);
         let b = set(&["10.0.0.2:1"]);
         let script = VecDeque::from([
             Ok(a.clone()),
-            Err(SourceError("store down".into())),
-            Err(SourceError("store down".into())),
+            Err(down()),
+            Err(down()),
             Ok(a.clone()),
             Ok(b.clone()),
         ]);
@@ -362,11 +472,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn driver_flags_failing_only_before_anything_was_found() {
         let a = set(&["10.0.0.1:1"]);
-        let script = VecDeque::from([
-            Err(SourceError("store down".into())),
-            Ok(a.clone()),
-            Err(SourceError("store down".into())),
-        ]);
+        let script = VecDeque::from([Err(down()), Ok(a.clone()), Err(down())]);
         let (failing_tx, mut failing) = watch::channel(false);
         let drive = Drive {
             failing: failing_tx,

@@ -226,7 +226,7 @@ impl SrvSource {
             Err(e) => {
                 return match definitive_empty(&e, "SRV") {
                     Some(why) => Ok(self.empty(format!("'{}' {why}", self.name))),
-                    None => Err(SourceError(format!(
+                    None => Err(SourceError::Dns(format!(
                         "SRV lookup for '{}' failed: {e}",
                         self.name
                     ))),
@@ -310,7 +310,7 @@ impl SrvSource {
         if endpoints.is_empty() {
             self.report(problems, &[]);
             if !transient.is_empty() {
-                return Err(SourceError(transient.join("; ")));
+                return Err(SourceError::Dns(transient.join("; ")));
             }
             return Ok(self.empty(format!("no SRV record of '{}' is usable", self.name)));
         }

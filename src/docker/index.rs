@@ -22,6 +22,7 @@ use futures_util::StreamExt;
 use tokio::sync::{Mutex, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use super::declare::{Declarations, declarations};
@@ -370,7 +371,7 @@ impl ContainerIndex {
                 }
             }
         });
-        let _abort_pump = AbortOnDrop(pump);
+        let _abort_pump = AbortOnDropHandle::new(pump);
 
         self.relist().await?;
         if *failing {
@@ -454,14 +455,6 @@ impl ContainerIndex {
             }
             _ => {}
         }
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

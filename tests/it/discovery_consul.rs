@@ -8,6 +8,7 @@ use crate::support::consul::{ConsulEmulator, http};
 use crate::support::*;
 use ambassadord::discovery::Source;
 use ambassadord::discovery::consul::ConsulSource;
+use ambassadord::discovery::dns::Resolver;
 use ambassadord::spec::{KvSpec, Spec};
 
 fn kv_spec(consul: &ConsulEmulator, path: &str) -> KvSpec {
@@ -200,8 +201,8 @@ async fn source_wait_running_out_is_not_a_change() {
     let consul = ConsulEmulator::start().await;
     consul.set_max_jitter(true);
     consul.put("svc/a", "127.0.0.1:1001");
-    let mut source =
-        ConsulSource::new(kv_spec(&consul, "/svc"), None).with_wait(Duration::from_millis(300));
+    let mut source = ConsulSource::new(kv_spec(&consul, "/svc"), None, Resolver::from_system())
+        .with_wait(Duration::from_millis(300));
     assert_eq!(source.next().await.unwrap().to_string(), "127.0.0.1:1001");
 
     let next = tokio::spawn(async move { source.next().await });
@@ -225,7 +226,7 @@ async fn source_index_going_backwards_resets_the_watch() {
     for i in 1..=20 {
         consul.put("svc/a", &format!("127.0.0.1:{}", 1000 + i));
     }
-    let mut source = ConsulSource::new(kv_spec(&consul, "/svc"), None);
+    let mut source = ConsulSource::new(kv_spec(&consul, "/svc"), None, Resolver::from_system());
     assert_eq!(source.next().await.unwrap().to_string(), "127.0.0.1:1020");
 
     let next = tokio::spawn(async move {
@@ -265,7 +266,7 @@ async fn source_reads_afresh_after_reconnecting_to_a_restarted_store() {
     for i in 1..=20 {
         consul.put("svc/a", &format!("127.0.0.1:{}", 1000 + i));
     }
-    let mut source = ConsulSource::new(kv_spec(&consul, "/svc"), None);
+    let mut source = ConsulSource::new(kv_spec(&consul, "/svc"), None, Resolver::from_system());
     assert_eq!(source.next().await.unwrap().to_string(), "127.0.0.1:1020");
     consul.restart_with_index(2).await;
     consul.put("svc/a", "127.0.0.1:2000"); // index 3
@@ -287,7 +288,7 @@ async fn source_reads_afresh_after_reconnecting_to_a_restarted_store() {
 async fn source_missing_prefix_is_no_backends_and_still_watched() {
     let consul = ConsulEmulator::start().await;
     consul.put("unrelated", "x");
-    let mut source = ConsulSource::new(kv_spec(&consul, "/svc"), None);
+    let mut source = ConsulSource::new(kv_spec(&consul, "/svc"), None, Resolver::from_system());
     assert!(source.next().await.unwrap().0.is_empty());
     let next = tokio::spawn(async move { source.next().await });
     let c = &consul;
@@ -307,7 +308,8 @@ async fn source_errors_name_the_server_key_and_problem() {
     consul.put("svc/a", "127.0.0.1:1001");
     let spec = kv_spec(&consul, "/svc");
     let at = format!("consul {} key 'svc'", consul.addr);
-    let mut source = ConsulSource::new(spec.clone(), Some("s3cret".into()));
+    let mut source =
+        ConsulSource::new(spec.clone(), Some("s3cret".into()), Resolver::from_system());
 
     consul.set_fault(Some((500, "rpc error making call: No cluster leader")));
     let e = source.next().await.unwrap_err().to_string();
@@ -332,7 +334,7 @@ async fn source_errors_name_the_server_key_and_problem() {
     consul.set_fault(None);
     assert_eq!(source.next().await.unwrap().to_string(), "127.0.0.1:1001");
 
-    let mut wrong = ConsulSource::new(spec.clone(), Some("nope".into()));
+    let mut wrong = ConsulSource::new(spec.clone(), Some("nope".into()), Resolver::from_system());
     let e = wrong.next().await.unwrap_err().to_string();
     assert!(
         e.starts_with(&at) && e.contains("403") && e.contains("ACL not found"),
