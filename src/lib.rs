@@ -57,7 +57,10 @@ pub async fn run_with_reloads(
     let mut registry = Registry::with_prefix("ambassadord");
     let metrics = Metrics::new(&mut registry);
     let admin_config = config.admin;
+    // Before anything opens a descriptor; said once the start has succeeded.
+    let limit = limits::raise_descriptor_limit();
     let server = Server::bind(config, metrics.clone()).await?;
+    limit.log();
     let state = server.state();
     let admin_listener = match admin_config {
         None => None,

@@ -6,26 +6,51 @@
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use tracing::{info, warn};
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit and logs the limit in force.
-pub fn raise_descriptor_limit() {
+/// What raising the limit did, to be logged once the server has started (a start that
+/// fails should say only why).
+#[derive(Debug)]
+pub enum DescriptorLimit {
+    /// The soft limit already was the hard limit.
+    Kept(u64),
+    Raised {
+        from: u64,
+        to: u64,
+    },
+    Failed(String),
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit.
+pub fn raise_descriptor_limit() -> DescriptorLimit {
     let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok(limits) => limits,
-        Err(e) => {
-            warn!(error = %e, "cannot read the descriptor limit");
-            return;
-        }
+        Err(e) => return DescriptorLimit::Failed(format!("cannot read it: {e}")),
     };
-    if soft < hard {
-        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            warn!(soft, hard, error = %e, "cannot raise the descriptor limit; keeping the soft limit");
-            return;
+    if soft >= hard {
+        return DescriptorLimit::Kept(soft);
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => DescriptorLimit::Raised {
+            from: soft,
+            to: hard,
+        },
+        Err(e) => DescriptorLimit::Failed(format!(
+            "cannot raise it from {soft} to {hard}: {e}; keeping {soft}"
+        )),
+    }
+}
+
+impl DescriptorLimit {
+    pub fn log(&self) {
+        match self {
+            DescriptorLimit::Kept(limit) => info!(limit, "descriptor limit"),
+            DescriptorLimit::Raised { from, to } => {
+                info!(
+                    limit = to,
+                    raised_from = from,
+                    "descriptor limit raised to the hard limit"
+                )
+            }
+            DescriptorLimit::Failed(why) => warn!("descriptor limit: {why}"),
         }
-        info!(
-            limit = hard,
-            raised_from = soft,
-            "descriptor limit raised to the hard limit"
-        );
-    } else {
-        info!(limit = soft, "descriptor limit");
     }
 }

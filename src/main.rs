@@ -47,8 +47,6 @@ fn main() -> ExitCode {
         };
     }
 
-    ambassadord::limits::raise_descriptor_limit();
-
     // The control runtime: signals, reloads, discovery, Docker and the admin endpoint.
     // Connections run on the data threads the server starts (src/proxy/workers.rs), so
     // one thread is plenty here.
