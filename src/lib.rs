@@ -20,6 +20,7 @@ pub mod discovery;
 pub mod docker;
 pub mod endpoint;
 pub mod limits;
+pub mod logsafe;
 pub mod metrics;
 pub mod netfilter;
 pub mod proxy;

@@ -17,6 +17,8 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::logsafe::outside;
+
 /// The port standard mode listens on for discovered (SRV, etcd, Consul) backends.
 pub const DISCOVERY_LISTEN_PORT: u16 = 10000;
 pub const ETCD_DEFAULT_PORT: u16 = 2379;
@@ -59,8 +61,10 @@ pub enum Host {
     Name(String),
 }
 
+/// Shown with the spec and the reason escaped and cut (a spec may come from a KV value
+/// or a container's declaration: outside text).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("backend '{spec}': {reason}")]
+#[error("backend '{}': {}", outside(spec), outside(reason))]
 pub struct SpecError {
     /// The whole spec as given.
     pub spec: String,

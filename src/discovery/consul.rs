@@ -366,6 +366,8 @@ fn excerpt(body: &[u8]) -> String {
     if one_line.is_empty() {
         return "(empty body)".into();
     }
+    // split_whitespace leaves other control characters: escape them too.
+    let one_line = crate::logsafe::bounded(&one_line, usize::MAX);
     match one_line.char_indices().nth(MAX) {
         Some((cut, _)) => format!("{}…", &one_line[..cut]),
         None => one_line,

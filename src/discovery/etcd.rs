@@ -38,6 +38,10 @@ use crate::spec::KvSpec;
 
 /// A whole range request, or a watch request up to its response headers (connecting
 /// included). An idle watch stream is left to TCP keepalive (see `http.rs`).
+/// How long a change waits for the next one before the list is published, and the most
+/// a burst of changes is held back in all.
+const COALESCE_QUIET: Duration = Duration::from_millis(5);
+const COALESCE_MAX: Duration = Duration::from_millis(250);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// A watch reply larger than this without a complete JSON value is not etcd talking.
 const MAX_PENDING: usize = 64 << 20;
@@ -285,7 +289,31 @@ impl Source for EtcdSource {
             };
             match self.follow(&mut state, &mut watch).await? {
                 Followed::Changed => {
-                    state.watch = Some(watch);
+                    // Keys put back to back arrive one watch reply each: take in every
+                    // change that follows within COALESCE_QUIET (up to COALESCE_MAX), so
+                    // a burst costs one list, not one per key.
+                    let until = tokio::time::Instant::now() + COALESCE_MAX;
+                    let mut keep_watching = true;
+                    while tokio::time::Instant::now() < until {
+                        // Cancel-safe: an unfinished reply stays buffered in `watch`.
+                        let more = tokio::time::timeout(
+                            COALESCE_QUIET,
+                            self.follow(&mut state, &mut watch),
+                        );
+                        match more.await {
+                            Ok(Ok(Followed::Changed)) => continue,
+                            Err(_quiet) => break,
+                            // Publish what was applied; the next call watches or reads
+                            // anew (and reports the problem if it persists).
+                            Ok(Ok(Followed::Compacted(_)) | Err(_)) => {
+                                keep_watching = false;
+                                break;
+                            }
+                        }
+                    }
+                    if keep_watching {
+                        state.watch = Some(watch);
+                    }
                     self.state = Some(state);
                     return Ok(self.list());
                 }
@@ -472,7 +500,8 @@ fn malformed_text(what: &str, why: impl fmt::Display, body: &[u8]) -> String {
 fn snippet(body: &[u8]) -> String {
     const MAX: usize = 200;
     let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]);
-    let text = text.trim();
+    // Escaped: a server's reply must not put a line break into our log.
+    let text = crate::logsafe::bounded(text.trim(), MAX);
     if body.len() > MAX {
         format!("'{text}...'")
     } else {

@@ -16,6 +16,7 @@ use super::dns::Resolver;
 use super::hosts::HostsSource;
 use super::{Source, SourceError};
 use crate::endpoint::EndpointSet;
+use crate::logsafe::outside;
 use crate::spec::HostPort;
 
 /// The backends a store lists, in key order, before host names are resolved.
@@ -57,7 +58,9 @@ impl fmt::Display for BadEntry {
         write!(
             f,
             "key '{}': value '{}' is not a backend: {}",
-            self.key, self.value, self.reason
+            outside(&self.key),
+            outside(&self.value),
+            outside(&self.reason)
         )
     }
 }

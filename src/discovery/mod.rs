@@ -124,15 +124,98 @@ pub trait Published: Clone + PartialEq + Display + Send + Sync + 'static {
     fn endpoint_count(&self) -> Option<usize> {
         None
     }
+
+    /// Its members as log lines name them, to say what a change added and removed.
+    fn members(&self) -> Vec<String>;
 }
 
 impl Published for EndpointSet {
     fn endpoint_count(&self) -> Option<usize> {
         Some(self.len())
     }
+
+    fn members(&self) -> Vec<String> {
+        self.as_slice().iter().map(|e| e.addr.to_string()).collect()
+    }
 }
 
-impl Published for kv::BackendList {}
+impl Published for kv::BackendList {
+    fn members(&self) -> Vec<String> {
+        self.0.iter().map(|hp| hp.to_string()).collect()
+    }
+}
+
+/// Members a change line names at most, each way; the rest are counted.
+const NAMED_IN_A_CHANGE: usize = 8;
+
+/// What changed between two published values, for one bounded log line: how many
+/// members now, and the added and removed ones (at most [`NAMED_IN_A_CHANGE`] named
+/// each way). Costs one pass over each, so a large set's change stays cheap to log.
+struct Change {
+    count: usize,
+    added: Named,
+    removed: Named,
+}
+
+/// A bounded, comma-separated list of names and how many more there were.
+struct Named {
+    names: Vec<String>,
+    more: usize,
+}
+
+impl Named {
+    fn push(&mut self, name: &str) {
+        if self.names.len() < NAMED_IN_A_CHANGE {
+            self.names.push(crate::logsafe::bounded(name, 100));
+        } else {
+            self.more += 1;
+        }
+    }
+}
+
+impl Display for Named {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.names.is_empty() {
+            return f.write_str("-");
+        }
+        f.write_str(&self.names.join(","))?;
+        if self.more > 0 {
+            write!(f, ",…+{}", self.more)?;
+        }
+        Ok(())
+    }
+}
+
+impl Change {
+    fn between<T: Published>(before: Option<&T>, after: &T) -> Change {
+        let now = after.members();
+        let old = before.map(Published::members).unwrap_or_default();
+        let old_set: std::collections::HashSet<&str> = old.iter().map(String::as_str).collect();
+        let now_set: std::collections::HashSet<&str> = now.iter().map(String::as_str).collect();
+        let mut change = Change {
+            count: now.len(),
+            added: Named {
+                names: Vec::new(),
+                more: 0,
+            },
+            removed: Named {
+                names: Vec::new(),
+                more: 0,
+            },
+        };
+        for m in &now {
+            if !old_set.contains(m.as_str()) {
+                change.added.push(m);
+            }
+        }
+        for m in &old {
+            if !now_set.contains(m.as_str()) {
+                change.removed.push(m);
+            }
+        }
+        change
+    }
+}
 
 /// One discovery mechanism for one backend spec.
 pub trait Source: Send + 'static {
@@ -301,10 +384,13 @@ async fn drive<S: Source>(
                     if current.as_ref() == Some(&set) {
                         return false;
                     }
+                    let change = Change::between(current.as_ref(), &set);
                     if S::ANNOUNCE {
-                        info!(source = %name, endpoints = %set, "backends changed");
+                        info!(source = %name, endpoints = change.count, added = %change.added,
+                            removed = %change.removed, "backends changed");
                     } else {
-                        debug!(source = %name, read = %set, "source read changed");
+                        debug!(source = %name, entries = change.count, added = %change.added,
+                            removed = %change.removed, "source read changed");
                     }
                     *current = Some(set);
                     true
@@ -320,7 +406,10 @@ async fn drive<S: Source>(
                 let delay = backoff.next_delay();
                 if !in_outage {
                     let keeping = match &*tx.borrow() {
-                        Some(set) => format!("keeping the last good set ({set})"),
+                        Some(set) => format!(
+                            "keeping the last good set ({} entries)",
+                            set.members().len()
+                        ),
                         None => "no backends yet, connections are refused".to_string(),
                     };
                     warn!(source = %name, error = %e, "discovery failed; {keeping}; retrying with backoff");

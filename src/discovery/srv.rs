@@ -33,6 +33,7 @@ use tracing::warn;
 use super::dns::{self, Resolver};
 use super::{Source, SourceError};
 use crate::endpoint::{Endpoint, EndpointSet};
+use crate::logsafe::outside;
 
 /// How often a name with no usable records is asked again. Short, so a service that
 /// registers after the ambassador started is used within seconds; long enough that an
@@ -126,7 +127,10 @@ pub fn srv_records(answers: &[Record]) -> Records {
             Some(why) => bad.push(BadRecord {
                 record: format!(
                     "{} {} {} {}",
-                    srv.priority, srv.weight, srv.port, srv.target
+                    srv.priority,
+                    srv.weight,
+                    srv.port,
+                    outside(&srv.target.to_string())
                 ),
                 why,
             }),
@@ -328,7 +332,7 @@ impl SrvSource {
         format!(
             "'{}': SRV target '{}' {why}; its records are skipped",
             self.name,
-            host_text(host)
+            outside(&host_text(host))
         )
     }
 

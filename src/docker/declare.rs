@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::logsafe::outside;
 use crate::spec::Spec;
 
 pub const ENV_PREFIX: &str = "BACKEND_";
@@ -72,7 +73,10 @@ fn add(
         Ok(p) if p > 0 => p,
         _ => {
             problems.push(format!(
-                "container '{container}': {what} {key}: '{port}' is not a port number (1-65535); skipped"
+                "container '{}': {what} {}: '{}' is not a port number (1-65535); skipped",
+                outside(container),
+                outside(key),
+                outside(port)
             ));
             return;
         }
@@ -82,7 +86,9 @@ fn add(
             found.insert(port, spec);
         }
         Err(e) => problems.push(format!(
-            "container '{container}': {what} {key}: {e}; skipped"
+            "container '{}': {what} {}: {e}; skipped",
+            outside(container),
+            outside(key)
         )),
     }
 }

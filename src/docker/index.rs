@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 
 use super::declare::{Declarations, declarations};
 use crate::discovery::Backoff;
+use crate::logsafe::outside;
 
 /// How long a connection from an unknown address may wait for the targeted refresh.
 pub const MISS_DEADLINE: Duration = Duration::from_secs(2);
@@ -93,7 +94,10 @@ impl Container {
                 match addr.parse::<IpAddr>() {
                     Ok(ip) => ips.push(ip),
                     Err(_) => warn!(
-                        "container '{name}': network '{network}' reports address '{addr}', which is not an IP; ignored"
+                        "container '{}': network '{}' reports address '{}', which is not an IP; ignored",
+                        outside(&name),
+                        outside(network),
+                        outside(addr)
                     ),
                 }
             }

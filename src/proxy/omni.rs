@@ -28,7 +28,8 @@ pub enum OmniError {
     #[error("no running container has address {peer} (port {port})")]
     NoContainer { peer: IpAddr, port: u16 },
     #[error(
-        "container '{container}' declares no backend for port {port} (set BACKEND_{port} or label ambassadord.backend.{port})"
+        "container '{}' declares no backend for port {port} (set BACKEND_{port} or label ambassadord.backend.{port})",
+        crate::logsafe::outside(container)
     )]
     NotDeclared { container: String, port: u16 },
     #[error("cannot read the local address: {0}")]
@@ -107,7 +108,7 @@ impl Omni {
         };
         Ok(OmniRoute {
             balancer: self.source_for(spec),
-            label: format!("{}:{port}", container.name),
+            label: format!("{}:{port}", crate::logsafe::outside(&container.name)),
         })
     }
 

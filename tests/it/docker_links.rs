@@ -244,8 +244,8 @@ fn links_inside_a_container_forward_each_linked_port() {
         ],
     );
     // Ready when both routes have their backend (a connection before that is refused).
-    amb.wait_for_log(&format!("endpoints={redis_ip}:6379"));
-    amb.wait_for_log(&format!("endpoints={web_ip}:8080"));
+    amb.wait_for_log(&format!("added={redis_ip}:6379"));
+    amb.wait_for_log(&format!("added={web_ip}:8080"));
     let logs = amb.logs();
     let listening: Vec<&str> = logs
         .lines()

@@ -234,3 +234,114 @@ async fn descriptor_limit_is_raised_to_the_hard_limit() {
         "{line}"
     );
 }
+
+/// The bytes of every log line so far.
+fn log_bytes(amb: &Ambassador) -> usize {
+    amb.log().iter().map(|l| l.len() + 1).sum()
+}
+
+/// A change costs in proportion to the change: 10,000 etcd children put back to back
+/// (16 writers) are all routed, the log stays under 1 MB (a line per change once named
+/// the whole set: 850 MB for this run), and bursts of puts are published together, not
+/// one set per key. Prints how long routing took after the last put and the proxy's CPU.
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_etcd_children_converge_with_a_bounded_log() {
+    const CHILDREN: usize = 10_000;
+    let etcd = crate::support::etcd::Etcd::start().await;
+    let mut amb = Ambassador::on_loopback(&["--admin", "127.0.0.1:0", &etcd.url("/big")]);
+    let admin_addr = amb.admin_addr();
+    let etcd = std::sync::Arc::new(etcd);
+    let mut writers = tokio::task::JoinSet::new();
+    let started = std::time::Instant::now();
+    for w in 0..16 {
+        let etcd = etcd.clone();
+        writers.spawn(async move {
+            for i in (w..CHILDREN).step_by(16) {
+                let backend = format!("127.0.0.{}:{}", 1 + i / 60_000, 1024 + i % 60_000);
+                etcd.put(&format!("/big/n{i:05}"), &backend).await;
+            }
+        });
+    }
+    while let Some(r) = writers.join_next().await {
+        r.expect("a writer failed");
+    }
+    let last_put = std::time::Instant::now();
+    let series = format!(
+        "ambassadord_discovery_endpoints{{source=\"{}\"}}",
+        etcd.url("/big")
+    );
+    eventually_within(
+        Duration::from_secs(60),
+        "all 10,000 children routed",
+        || async {
+            let metrics = admin::get(admin_addr, "/metrics")?.1;
+            (admin::sample(&metrics, &series) == Some(CHILDREN as f64)).then_some(())
+        },
+    )
+    .await;
+    let converged = last_put.elapsed();
+    let changes = amb.count_log("backends changed");
+    let bytes = log_bytes(&amb);
+    let cpu = cpu_seconds(amb.pid());
+    println!(
+        "{CHILDREN} etcd children: puts took {:.1} s; routed {:.0} ms after the last put; \
+         {changes} published sets; {bytes} bytes of log; proxy CPU {cpu:.2} s",
+        (last_put - started).as_secs_f64(),
+        converged.as_secs_f64() * 1000.0
+    );
+    assert!(bytes < 1_000_000, "{bytes} bytes of log");
+    assert!(
+        changes < CHILDREN / 10,
+        "{changes} sets published for {CHILDREN} puts"
+    );
+    let line = amb.wait_for_log("backends changed");
+    assert!(line.len() < 2_000, "{line}");
+    amb.signal("TERM");
+    assert!(amb.wait_exit().success());
+}
+
+/// The CPU time (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name in parentheses: utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// A value from outside cannot forge a log line or make a huge one: an etcd value with
+/// a newline and a fake ERROR line after it is logged escaped on the warning's one line,
+/// and a 1 MB value is cut, in the text format and in JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kv_value_cannot_forge_a_log_line_or_make_a_huge_one() {
+    let etcd = crate::support::etcd::Etcd::scope();
+    let good = named_backend("127.0.0.1:0", "good").await;
+    etcd.put("/svc/n/good", &good.addr.to_string()).await;
+    let forged = "2000-01-01T00:00:00.000000Z ERROR ambassadord: forged line";
+    etcd.put("/svc/n/bad", &format!("x:1\n{forged}")).await;
+    etcd.put("/svc/n/huge", &"h".repeat(1 << 20)).await;
+    for format in ["text", "json"] {
+        let mut amb = Ambassador::on_loopback(&["--log-format", format, &etcd.url("/svc/n")]);
+        wait_serving(amb.addr, &["good"]).await;
+        let bad_key = etcd.key("/svc/n/bad");
+        let line = amb.wait_for_log(&bad_key);
+        assert!(line.contains("forged line"), "{format}: {line}");
+        assert!(
+            line.contains("x:1\\\\n2000") || line.contains("x:1\\n2000"),
+            "{format}: {line}"
+        );
+        amb.wait_for_log(&etcd.key("/svc/n/huge"));
+        let log = amb.log();
+        assert!(
+            !log.iter().any(|l| l.starts_with("2000-01-01")),
+            "{format}: a forged line: {log:#?}"
+        );
+        let longest = log.iter().map(|l| l.len()).max().unwrap_or(0);
+        assert!(longest < 2_000, "{format}: a {longest}-byte line");
+    }
+}

@@ -87,7 +87,11 @@ impl Ambassador {
             lines,
             addr: "0.0.0.0:0".parse().unwrap(),
         };
-        let line = amb.wait_for_log("listening listen=");
+        // The first route's line, in the text or the JSON log format.
+        let line = amb.wait_for_log_where("a listening line", |l| {
+            (l.contains(" listening listen=") || l.contains(r#""message":"listening""#))
+                && field(l, "listen").is_some()
+        });
         amb.addr = field(&line, "listen")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no listen address in {line:?}"));
@@ -125,21 +129,27 @@ impl Ambassador {
 
     /// Waits until a log line contains `needle` and returns it.
     pub fn wait_for_log(&mut self, needle: &str) -> String {
+        self.wait_for_log_where(&format!("{needle:?}"), |l| l.contains(needle))
+    }
+
+    /// Waits until a log line satisfies `wanted` (described by `what`) and returns it.
+    pub fn wait_for_log_where(&mut self, what: &str, wanted: impl Fn(&str) -> bool) -> String {
+        let needle = what;
         let lines = self.lines.clone();
         wait_until(
             DEADLINE,
             || {
-                if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
+                if let Some(line) = self.log().into_iter().find(|l| wanted(l)) {
                     return Some(line);
                 }
                 if let Ok(Some(status)) = self.child.try_wait() {
                     // Give the reader thread a moment to collect the last lines.
                     std::thread::sleep(Duration::from_millis(100));
-                    if let Some(line) = self.log().into_iter().find(|l| l.contains(needle)) {
+                    if let Some(line) = self.log().into_iter().find(|l| wanted(l)) {
                         return Some(line);
                     }
                     panic!(
-                        "ambassadord exited ({status}) before logging {needle:?}: {:#?}",
+                        "ambassadord exited ({status}) before logging {needle}: {:#?}",
                         self.log()
                     );
                 }
@@ -181,8 +191,16 @@ impl Drop for Ambassador {
     }
 }
 
-/// The value of `key=value` in a text log line.
+/// The value of `key=value` in a text log line, or of `key` in a JSON one.
 pub fn field(line: &str, key: &str) -> Option<String> {
+    if line.starts_with('{') {
+        let json: serde_json::Value = serde_json::from_str(line).ok()?;
+        return match &json[key] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Null => None,
+            other => Some(other.to_string()),
+        };
+    }
     let start = line.find(&format!(" {key}="))? + key.len() + 2;
     let rest = &line[start..];
     let rest = rest.strip_prefix('"').unwrap_or(rest);
@@ -424,10 +442,12 @@ pub async fn integrity_exchange(proxy: SocketAddr, seed: u64, len: usize) {
 }
 
 /// The backend that answered one connection through `proxy` (a [`named_backend`]'s
-/// name), or `None` if the proxy closed it unserved.
+/// name), or `None` if the proxy closed it unserved or no answer ended within 2 s.
 pub async fn served_by(proxy: SocketAddr) -> Option<String> {
-    match read_reply(proxy).await {
-        Ok(reply) if !reply.is_empty() => Some(reply.trim().to_string()),
+    // A backend that does not end its answer (an echo server) is not a name: counted
+    // as unserved after a while rather than waited for forever.
+    match tokio::time::timeout(Duration::from_secs(2), read_reply(proxy)).await {
+        Ok(Ok(reply)) if !reply.is_empty() => Some(reply.trim().to_string()),
         _ => None,
     }
 }
