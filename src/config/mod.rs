@@ -11,182 +11,23 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::{ArgMatches, CommandFactory, ValueEnum};
 
 use crate::proxy::copy::CopyMode;
 use crate::spec::Spec;
 
+mod cli;
+mod file;
+
+use cli::Cli;
+use file::{FileConfig, FileRoute};
+
 /// Exit code for bad usage (EX_USAGE from sysexits.h).
 pub const EXIT_USAGE: u8 = 64;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "ambassadord",
-    version,
-    about = "A Docker ambassador: forwards every TCP connection to a backend it discovers.",
-    after_help = "Examples:\n  \
-        ambassadord 192.168.1.100:8080                  listens on 8080, forwards to 192.168.1.100:8080\n  \
-        ambassadord redis-1:6379,redis-2:6379           balanced over both; a dead one is skipped\n  \
-        ambassadord --bind 127.0.0.1 --port 7000 10.0.0.5:6379\n  \
-        ambassadord --links                             one listener per Docker link port (docker run --link)"
-)]
-struct Cli {
-    /// Where to forward: HOST:PORT[,HOST:PORT...], an SRV name, etcd://HOST:PORT/PATH or consul://HOST:PORT/PATH
-    #[arg(value_name = "BACKEND", env = "AMBASSADORD_BACKEND")]
-    backend: Option<String>,
-
-    /// Omni mode: route each connection by the connecting container's BACKEND_<port> env
-    /// var (or ambassadord.backend.<port> label); listens on 10000
-    #[arg(long, env = "AMBASSADORD_OMNIMODE")]
-    omnimode: bool,
-
-    /// Docker Engine API for omni mode (read-only use): unix:///path or tcp://HOST:PORT
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "DOCKER_HOST",
-        default_value = "unix:///var/run/docker.sock"
-    )]
-    docker_host: String,
-
-    /// Forward each Docker link in the environment (<ALIAS>_PORT_<n>_TCP=tcp://IP:n), listening on its port
-    #[arg(
-        long,
-        env = "AMBASSADORD_LINKS",
-        conflicts_with_all = ["backend", "port"],
-        value_parser = clap::builder::BoolishValueParser::new()
-    )]
-    links: bool,
-
-    /// Address to listen on [default: every address, IPv4 and IPv6]
-    #[arg(long, value_name = "IP", env = "AMBASSADORD_BIND")]
-    bind: Option<String>,
-
-    /// Port to listen on [default: the first backend's port]; 0 picks a free port
-    #[arg(long, value_name = "PORT", env = "AMBASSADORD_PORT")]
-    port: Option<String>,
-
-    /// Give up connecting to a backend after this long and try the next (e.g. 5s, 500ms)
-    #[arg(
-        long,
-        value_name = "DURATION",
-        env = "AMBASSADORD_CONNECT_TIMEOUT",
-        default_value = "5s"
-    )]
-    connect_timeout: String,
-
-    /// Close a connection after this long with no bytes either way; "off" never does
-    #[arg(
-        long,
-        value_name = "DURATION",
-        env = "AMBASSADORD_IDLE_TIMEOUT",
-        default_value = "off"
-    )]
-    idle_timeout: String,
-
-    /// On SIGTERM/SIGINT, how long open connections may finish before they are closed
-    #[arg(
-        long,
-        value_name = "DURATION",
-        env = "AMBASSADORD_SHUTDOWN_GRACE",
-        default_value = "8s"
-    )]
-    shutdown_grace: String,
-
-    /// How bytes are moved: auto (read/write, splice once a stream is bulk), splice (zero-copy through a pipe, Linux) or userspace (read/write)
-    #[arg(
-        long,
-        value_name = "MODE",
-        env = "AMBASSADORD_COPY",
-        value_enum,
-        default_value = "auto"
-    )]
-    copy: CopyMode,
-
-    /// Data threads: each accepts on its own socket of every listen address and serves those connections [default: one per CPU]
-    #[arg(
-        long,
-        value_name = "N",
-        env = "AMBASSADORD_THREADS",
-        value_parser = clap::value_parser!(u16).range(1..=1024)
-    )]
-    threads: Option<u16>,
-
-    /// DNS server for host names and SRV lookups, IP[:PORT] [default: /etc/resolv.conf]
-    #[arg(long, value_name = "IP[:PORT]", env = "AMBASSADORD_DNS")]
-    dns: Option<String>,
-
-    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives [default: RUST_LOG, else info]
-    #[arg(long, value_name = "FILTER", env = "AMBASSADORD_LOG_LEVEL")]
-    log_level: Option<String>,
-
-    /// Log line format
-    #[arg(
-        long,
-        value_name = "FORMAT",
-        env = "AMBASSADORD_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
-    log_format: LogFormat,
-
-    /// Redirect every incoming TCP connection in this network namespace to --port (default 10000) with an nf_tables nat rule, then exit; needs CAP_NET_ADMIN, no BACKEND
-    #[arg(
-        long,
-        env = "AMBASSADORD_SETUP_IPTABLES",
-        conflicts_with = "remove_iptables"
-    )]
-    setup_iptables: bool,
-
-    /// Remove the redirect --setup-iptables made, then exit
-    #[arg(long, env = "AMBASSADORD_REMOVE_IPTABLES")]
-    remove_iptables: bool,
-
-    /// TOML file of routes and global options (flags and env override it); SIGHUP reloads it
-    #[arg(long, value_name = "FILE", env = "AMBASSADORD_CONFIG")]
-    config: Option<PathBuf>,
-
-    /// Admin HTTP endpoint (/metrics, /healthz, /readyz, /routes, status page at /): IP:PORT, or "off"
-    #[arg(
-        long,
-        value_name = "IP:PORT|off",
-        env = "AMBASSADORD_ADMIN",
-        default_value = DEFAULT_ADMIN
-    )]
-    admin: String,
-}
 
 /// Where the admin endpoint listens unless told otherwise: loopback only, so metrics and
 /// route details are not exposed to the network by default.
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
-
-/// The `--config` file: global options and `[[route]]` tables. Unknown keys are errors.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    connect_timeout: Option<String>,
-    idle_timeout: Option<String>,
-    shutdown_grace: Option<String>,
-    dns: Option<String>,
-    docker_host: Option<String>,
-    admin: Option<String>,
-    log_level: Option<String>,
-    log_format: Option<String>,
-    copy: Option<String>,
-    threads: Option<i64>,
-    #[serde(default)]
-    route: Vec<FileRoute>,
-}
-
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileRoute {
-    /// `IP:PORT`, `[IPV6]:PORT`, `:PORT` or `PORT`; default: every address, the spec's port.
-    listen: Option<String>,
-    backend: Option<String>,
-    #[serde(default)]
-    omni: bool,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -326,21 +167,7 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        let matches = Cli::command().try_get_matches_from(args).map_err(|e| {
-            use clap::error::ErrorKind::*;
-            match e.kind() {
-                DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand => {
-                    ConfigError::Info(e.render().to_string())
-                }
-                _ => {
-                    let text = e.render().to_string();
-                    let first = text.lines().next().unwrap_or("invalid arguments");
-                    let first = first.strip_prefix("error: ").unwrap_or(first);
-                    ConfigError::Usage(format!("{first} (see --help)"))
-                }
-            }
-        })?;
-        let cli = Cli::from_arg_matches(&matches).map_err(|e| ConfigError::Usage(e.to_string()))?;
+        let (cli, matches) = cli::parse(args)?;
         validate(cli, &matches).map_err(ConfigError::Usage)
     }
 }
@@ -367,7 +194,7 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
 
     let file = match &cli.config {
         None => FileConfig::default(),
-        Some(path) => read_file(path)?,
+        Some(path) => file::read(path)?,
     };
     let file_name = cli
         .config
@@ -597,18 +424,6 @@ fn validate(cli: Cli, m: &ArgMatches) -> Result<Config, String> {
         admin,
         config_file: cli.config.clone(),
         threads,
-    })
-}
-
-/// Reads and parses the `--config` file; errors name the file and, from the TOML
-/// parser, the line and the unknown or malformed key.
-fn read_file(path: &std::path::Path) -> Result<FileConfig, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--config '{}': cannot read: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| {
-        let msg = e.to_string();
-        let msg = msg.trim_end().replace('\n', " ");
-        format!("--config '{}': {msg}", path.display())
     })
 }
 
