@@ -148,13 +148,15 @@ pub(super) struct Cli {
 }
 
 /// Runs clap over `args`: `--help` and `--version` become [`ConfigError::Info`], any
-/// other clap error its first line as [`ConfigError::Usage`].
-pub(super) fn parse<I, T>(args: I) -> Result<(Cli, ArgMatches), ConfigError>
+/// other clap error its first line as [`ConfigError::Usage`]. Also returns the matches
+/// (where each value came from) and the clap command (each argument's names).
+pub(super) fn parse<I, T>(args: I) -> Result<(Cli, ArgMatches, clap::Command), ConfigError>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let matches = Cli::command().try_get_matches_from(args).map_err(|e| {
+    let mut command = Cli::command();
+    let matches = command.try_get_matches_from_mut(args).map_err(|e| {
         use clap::error::ErrorKind::*;
         match e.kind() {
             DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand => {
@@ -169,5 +171,5 @@ where
         }
     })?;
     let cli = Cli::from_arg_matches(&matches).map_err(|e| ConfigError::Usage(e.to_string()))?;
-    Ok((cli, matches))
+    Ok((cli, matches, command))
 }

@@ -1,0 +1,296 @@
+//! The pipeline end to end: arguments (and files) in, a `Config` or one error line out.
+
+use super::*;
+
+fn parse(args: &[&str]) -> Result<Config, String> {
+    let args = std::iter::once("ambassadord").chain(args.iter().copied());
+    match Config::from_args(args) {
+        Ok(c) => Ok(c),
+        Err(ConfigError::Usage(m)) | Err(ConfigError::Info(m)) => Err(m),
+    }
+}
+
+#[test]
+fn static_backend_listens_on_its_port() {
+    let c = parse(&["192.168.1.100:8080"]).unwrap();
+    assert_eq!(
+        c.routes[0].listen,
+        Listen {
+            ip: None,
+            port: 8080
+        }
+    );
+    assert_eq!(c.settings.connect_timeout, Duration::from_secs(5));
+    assert_eq!(c.settings.idle_timeout, None);
+}
+
+#[test]
+fn bind_and_port_override() {
+    let c = parse(&["--bind", "127.0.0.1", "--port", "7000", "10.0.0.5:6379"]).unwrap();
+    assert_eq!(
+        c.routes[0].listen,
+        Listen {
+            ip: Some("127.0.0.1".parse().unwrap()),
+            port: 7000
+        }
+    );
+    let c = parse(&["--bind", "[::1]", "10.0.0.5:6379"]).unwrap();
+    assert_eq!(c.routes[0].listen.ip, Some("::1".parse().unwrap()));
+}
+
+#[test]
+fn discovery_specs_listen_on_10000_and_dns_parses() {
+    let c = parse(&["--dns", "127.0.0.1:5353", "redis.service.consul"]).unwrap();
+    assert_eq!(c.routes[0].listen.port, 10000);
+    assert_eq!(c.dns, Some("127.0.0.1:5353".parse().unwrap()));
+    let c = parse(&["--dns", "::1", "etcd://127.0.0.1:2379/nodes"]).unwrap();
+    assert_eq!(c.dns, Some("[::1]:53".parse().unwrap()));
+    assert_eq!(c.routes[0].listen.port, 10000);
+    let c = parse(&["--port", "7000", "consul://127.0.0.1:8500/nodes"]).unwrap();
+    assert_eq!(c.routes[0].listen.port, 7000);
+}
+
+#[test]
+fn omnimode_listens_on_10000_and_takes_no_backend() {
+    let c = parse(&["--omnimode"]).unwrap();
+    assert_eq!(c.routes[0].target, RouteTarget::Omni);
+    assert_eq!(c.routes[0].listen.port, 10000);
+    let err = parse(&["--omnimode", "a:1"]).unwrap_err();
+    assert!(
+        err.contains("--omnimode takes no BACKEND (got 'a:1'"),
+        "{err}"
+    );
+}
+
+#[test]
+fn several_backends_listen_on_the_first_port() {
+    let c = parse(&["a:6379,b:6380"]).unwrap();
+    assert_eq!(c.routes[0].listen.port, 6379);
+}
+
+#[test]
+fn timeouts_parse() {
+    let c = parse(&[
+        "--connect-timeout",
+        "250ms",
+        "--idle-timeout",
+        "2m",
+        "--shutdown-grace",
+        "0",
+        "a:1",
+    ])
+    .unwrap();
+    assert_eq!(c.settings.connect_timeout, Duration::from_millis(250));
+    assert_eq!(c.settings.idle_timeout, Some(Duration::from_secs(120)));
+    assert_eq!(c.settings.shutdown_grace, Duration::ZERO);
+}
+
+#[test]
+fn errors_name_the_flag_and_value() {
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "no backend given"),
+        (&["10.0.0.5"], "backend '10.0.0.5': missing ':PORT'"),
+        (
+            &["--dns", "dns.example", "a:1"],
+            "--dns 'dns.example': not an IP address",
+        ),
+        (&["--port", "abc", "a:1"], "--port 'abc': not a port number"),
+        (
+            &["--port", "70000", "a:1"],
+            "--port '70000': not a port number",
+        ),
+        (
+            &["--bind", "nowhere", "a:1"],
+            "--bind 'nowhere': not an IP address",
+        ),
+        (
+            &["--connect-timeout", "5x", "a:1"],
+            "--connect-timeout '5x': unknown unit 'x'",
+        ),
+        (
+            &["--connect-timeout", "0s", "a:1"],
+            "--connect-timeout '0s': must be more than zero",
+        ),
+        (
+            &["--idle-timeout", "soon", "a:1"],
+            "--idle-timeout 'soon': not a duration",
+        ),
+        (
+            &["--log-level", "ambassadord=loudest", "a:1"],
+            "--log-level 'ambassadord=loudest': not a log level",
+        ),
+        (
+            &["--log-level", "loud", "a:1"],
+            "--log-level 'loud': not a log level",
+        ),
+        (
+            &["--nope", "a:1"],
+            "unexpected argument '--nope' found (see --help)",
+        ),
+        (
+            &["--links", "a:1"],
+            "the argument '--links' cannot be used with '[BACKEND]'",
+        ),
+        (
+            &["--links", "--port", "80"],
+            "the argument '--links' cannot be used with '--port <PORT>'",
+        ),
+    ];
+    for (args, want) in cases {
+        let err = parse(args).expect_err(want);
+        assert!(err.contains(want), "{args:?}: got {err:?}, want {want:?}");
+        assert!(!err.contains('\n'), "{args:?}: not one line: {err:?}");
+    }
+}
+
+/// The redirect actions need no BACKEND, default to the omni port, take --port, and
+/// reject a port that cannot be redirected to or a BACKEND given with them.
+#[test]
+fn redirect_actions() {
+    let c = parse(&["--setup-iptables"]).unwrap();
+    assert_eq!(c.action, Action::SetupRedirect { port: 10000 });
+    assert!(c.routes.is_empty());
+    let c = parse(&["--setup-iptables", "--port", "15001"]).unwrap();
+    assert_eq!(c.action, Action::SetupRedirect { port: 15001 });
+    let c = parse(&["--remove-iptables"]).unwrap();
+    assert_eq!(c.action, Action::RemoveRedirect);
+    let c = parse(&["a:1"]).unwrap();
+    assert_eq!(c.action, Action::Serve);
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--setup-iptables", "--port", "0"],
+            "--port '0': the redirect needs a real port",
+        ),
+        (
+            &["--setup-iptables", "--port", "x"],
+            "--port 'x': not a port number",
+        ),
+        (
+            &["--setup-iptables", "a:1"],
+            "--setup-iptables runs once and exits; it takes no BACKEND (got 'a:1')",
+        ),
+        (
+            &["--setup-iptables", "--remove-iptables"],
+            "cannot be used with",
+        ),
+    ];
+    for (args, want) in cases {
+        let err = parse(args).expect_err(want);
+        assert!(err.contains(want), "{args:?}: got {err:?}, want {want:?}");
+        assert!(!err.contains('\n'), "{args:?}: not one line: {err:?}");
+    }
+}
+
+fn file(text: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "ambassadord-config-{}-{}.toml",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn config_file_routes_and_options_with_flags_overriding() {
+    let path = file(
+        "connect_timeout = \"2s\"\nidle_timeout = \"1m\"\nadmin = \"127.0.0.1:9999\"\n\n\
+         [[route]]\nlisten = \"127.0.0.1:7000\"\nbackend = \"10.0.0.5:6379\"\n\n\
+         [[route]]\nbackend = \"etcd://127.0.0.1:2379/nodes\"\n\n\
+         [[route]]\nlisten = \":10001\"\nomni = true\n",
+    );
+    let p = path.to_str().unwrap();
+    let c = parse(&["--config", p, "--idle-timeout", "off"]).unwrap();
+    assert_eq!(c.routes.len(), 3);
+    assert_eq!(
+        c.routes[0].listen,
+        Listen {
+            ip: Some("127.0.0.1".parse().unwrap()),
+            port: 7000
+        }
+    );
+    assert_eq!(
+        c.routes[1].listen,
+        Listen {
+            ip: None,
+            port: 10000
+        }
+    );
+    assert_eq!(c.routes[2].target, RouteTarget::Omni);
+    assert_eq!(c.routes[2].listen.port, 10001);
+    assert_eq!(c.settings.connect_timeout, Duration::from_secs(2));
+    // The flag wins over the file.
+    assert_eq!(c.settings.idle_timeout, None);
+    assert_eq!(
+        c.admin,
+        Some(Admin {
+            addr: "127.0.0.1:9999".parse().unwrap(),
+            explicit: true
+        })
+    );
+    assert_eq!(c.config_file.as_deref(), Some(path.as_path()));
+    // copy and threads come from the file unless a flag says otherwise.
+    let path = file("copy = \"splice\"\nthreads = 3\n[[route]]\nbackend = \"a:1\"\n");
+    let p2 = path.to_str().unwrap();
+    let c = parse(&["--config", p2]).unwrap();
+    assert_eq!((c.settings.copy, c.threads), (CopyMode::Splice, Some(3)));
+    let c = parse(&["--config", p2, "--copy", "userspace", "--threads", "1"]).unwrap();
+    assert_eq!((c.settings.copy, c.threads), (CopyMode::Userspace, Some(1)));
+    // A BACKEND on the command line is one more route.
+    let c = parse(&["--config", p, "--port", "7001", "10.0.0.9:1"]).unwrap();
+    assert_eq!(c.routes.len(), 4);
+    assert_eq!(c.routes[3].listen.port, 7001);
+}
+
+#[test]
+fn config_file_errors_name_the_file_and_key() {
+    let cases: &[(&str, &str)] = &[
+        ("bogus = 1\n", "bogus"),
+        (
+            "[[route]]\nbackend = \"a:1\"\nlisten_on = \":1\"\n",
+            "listen_on",
+        ),
+        ("[[route]]\nbackend = \"a:x\"\n", "route 1: backend 'a:x'"),
+        (
+            "[[route]]\nlisten = \"x\"\nbackend = \"a:1\"\n",
+            "route 1: listen 'x'",
+        ),
+        ("[[route]]\nlisten = \":1\"\n", "route 1: needs backend"),
+        (
+            "connect_timeout = \"fast\"\n[[route]]\nbackend = \"a:1\"\n",
+            "connect_timeout 'fast'",
+        ),
+        ("", "no routes"),
+        ("threads = 0\n[[route]]\nbackend = \"a:1\"\n", "threads '0'"),
+        (
+            "copy = \"fast\"\n[[route]]\nbackend = \"a:1\"\n",
+            "copy 'fast'",
+        ),
+        (
+            "[[route]]\nlisten=\":5\"\nbackend = \"a:1\"\n[[route]]\nlisten=\":5\"\nbackend = \"b:1\"\n",
+            "two routes listen on *:5",
+        ),
+    ];
+    for (text, want) in cases {
+        let path = file(text);
+        let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+        assert!(err.contains(want), "{text:?}: {err}");
+        assert!(
+            err.contains(path.to_str().unwrap()) || want.starts_with("two"),
+            "{err}"
+        );
+    }
+    let err = parse(&["--admin", "nowhere", "a:1"]).unwrap_err();
+    assert!(err.contains("--admin 'nowhere'"), "{err}");
+    assert_eq!(parse(&["--admin", "off", "a:1"]).unwrap().admin, None);
+    let c = parse(&["a:1"]).unwrap();
+    assert_eq!(
+        c.admin,
+        Some(Admin {
+            addr: DEFAULT_ADMIN.parse().unwrap(),
+            explicit: false
+        })
+    );
+}
