@@ -42,11 +42,24 @@ pub enum LogFormat {
     Json,
 }
 
-/// Everything the ambassador needs to run, validated.
+/// What the process was asked to do. The one-shot actions carry only what they need.
+#[derive(Debug, Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "made once per start or reload and moved out at once; a Box buys nothing"
+)]
+pub enum Command {
+    /// Listen and forward until shut down.
+    Serve(Config),
+    /// `--setup-iptables`: redirect incoming TCP in this network namespace to `port`, exit.
+    SetupRedirect { port: u16, log: LogConfig },
+    /// `--remove-iptables`: remove that redirect, exit.
+    RemoveRedirect { log: LogConfig },
+}
+
+/// Everything the ambassador needs to serve, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// What the process does: serve (the default), or a one-shot netfilter change.
-    pub action: Action,
     pub routes: Vec<RouteConfig>,
     /// `--dns`: ask this nameserver instead of the ones in /etc/resolv.conf.
     pub dns: Option<std::net::SocketAddr>,
@@ -77,17 +90,6 @@ pub struct Admin {
 
 /// The port omni mode listens on, and so where --setup-iptables redirects by default.
 pub const OMNI_PORT: u16 = 10000;
-
-/// What the process does once configured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    /// Listen and forward until shut down.
-    Serve,
-    /// `--setup-iptables`: redirect incoming TCP in this network namespace to `port`, exit.
-    SetupRedirect { port: u16 },
-    /// `--remove-iptables`: remove that redirect, exit.
-    RemoveRedirect,
-}
 
 /// Behaviour shared by every route.
 #[derive(Debug, Clone)]
@@ -157,7 +159,7 @@ impl fmt::Display for Listen {
     }
 }
 
-/// Why the command line could not be turned into a [`Config`].
+/// Why the command line could not be turned into a [`Command`].
 #[derive(Debug)]
 pub enum ConfigError {
     /// `--help` or `--version`: print this and exit 0.
@@ -166,29 +168,42 @@ pub enum ConfigError {
     Usage(String),
 }
 
-impl Config {
+impl Command {
     /// Parses and validates the command line, reading AMBASSADORD_* from the environment
     /// for anything not given as a flag.
-    pub fn from_args<I, T>(args: I) -> Result<Config, ConfigError>
+    pub fn from_args<I, T>(args: I) -> Result<Command, ConfigError>
     where
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
-        let (cli, matches, command) = cli::parse(args)?;
+        let (cli, matches, clap_command) = cli::parse(args)?;
         let file_name = cli
             .config
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_default();
-        let layers = Layers::new(&matches, command, file_name);
-        validate(&cli, &layers).map_err(ConfigError::Usage)
+        let layers = Layers::new(&matches, clap_command, file_name);
+        command(&cli, &layers).map_err(ConfigError::Usage)
+    }
+
+    /// How to log, whatever the command.
+    pub fn log(&self) -> &LogConfig {
+        match self {
+            Command::Serve(config) => &config.log,
+            Command::SetupRedirect { log, .. } | Command::RemoveRedirect { log } => log,
+        }
     }
 }
 
-fn validate(cli: &Cli, layers: &Layers) -> Result<Config, String> {
+fn command(cli: &Cli, layers: &Layers) -> Result<Command, String> {
     if cli.setup_iptables || cli.remove_iptables {
-        return redirect_action(cli, layers);
+        redirect(cli, layers)
+    } else {
+        serve(cli, layers).map(Command::Serve)
     }
+}
+
+fn serve(cli: &Cli, layers: &Layers) -> Result<Config, String> {
     let file = match &cli.config {
         None => FileConfig::default(),
         Some(path) => file::read(path)?,
@@ -225,7 +240,6 @@ fn validate(cli: &Cli, layers: &Layers) -> Result<Config, String> {
         .value;
     let admin = admin(cli, &file, layers)?;
     Ok(Config {
-        action: Action::Serve,
         routes,
         dns,
         docker_host,
@@ -479,7 +493,7 @@ fn admin(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<Option<Admin>,
 /// `--setup-iptables` / `--remove-iptables`: one-shot actions that serve nothing, so a
 /// BACKEND on the command line is a mistake worth naming (one from the environment is
 /// ignored, so the same container environment can run both roles).
-fn redirect_action(cli: &Cli, layers: &Layers) -> Result<Config, String> {
+fn redirect(cli: &Cli, layers: &Layers) -> Result<Command, String> {
     let flag = if cli.setup_iptables {
         layers.origin("setup_iptables")
     } else {
@@ -490,36 +504,26 @@ fn redirect_action(cli: &Cli, layers: &Layers) -> Result<Config, String> {
             "{flag} runs once and exits; it takes no BACKEND (got '{b}')"
         ));
     }
-    let action = if cli.remove_iptables {
-        Action::RemoveRedirect
-    } else {
-        let port = match &cli.port {
-            None => OMNI_PORT,
-            Some(s) => layers
-                .cli("port", s.clone())
-                .parse(|s| match s.parse::<u16>() {
-                    Ok(0) => Err("the redirect needs a real port (1-65535)".to_string()),
-                    Ok(p) => Ok(p),
-                    Err(_) => Err("not a port number (1-65535)".to_string()),
-                })?,
-        };
-        Action::SetupRedirect { port }
+    // A one-shot action reads no --config file and does not check the log filter: a
+    // bad --log-level falls back to info, so the action still runs.
+    let log = LogConfig {
+        filter: cli.log_level.clone(),
+        format: cli.log_format,
     };
-    Ok(Config {
-        action,
-        routes: Vec::new(),
-        dns: None,
-        docker_host: cli.docker_host.clone(),
-        warnings: Vec::new(),
-        settings: Settings::default(),
-        log: LogConfig {
-            filter: cli.log_level.clone(),
-            format: cli.log_format,
-        },
-        admin: None,
-        config_file: None,
-        threads: None,
-    })
+    if cli.remove_iptables {
+        return Ok(Command::RemoveRedirect { log });
+    }
+    let port = match &cli.port {
+        None => OMNI_PORT,
+        Some(s) => layers
+            .cli("port", s.clone())
+            .parse(|s| match s.parse::<u16>() {
+                Ok(0) => Err("the redirect needs a real port (1-65535)".to_string()),
+                Ok(p) => Ok(p),
+                Err(_) => Err("not a port number (1-65535)".to_string()),
+            })?,
+    };
+    Ok(Command::SetupRedirect { port, log })
 }
 
 #[cfg(test)]

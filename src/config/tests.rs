@@ -2,11 +2,19 @@
 
 use super::*;
 
-fn parse(args: &[&str]) -> Result<Config, String> {
+/// Parses `args` after the program name; `--help` text and errors alike are `Err`.
+fn command(args: &[&str]) -> Result<Command, String> {
     let args = std::iter::once("ambassadord").chain(args.iter().copied());
-    match Config::from_args(args) {
-        Ok(c) => Ok(c),
-        Err(ConfigError::Usage(m)) | Err(ConfigError::Info(m)) => Err(m),
+    Command::from_args(args).map_err(|e| match e {
+        ConfigError::Usage(m) | ConfigError::Info(m) => m,
+    })
+}
+
+/// As [`command`], for arguments that serve.
+fn parse(args: &[&str]) -> Result<Config, String> {
+    match command(args)? {
+        Command::Serve(config) => Ok(config),
+        other => panic!("{args:?}: want Serve, got {other:?}"),
     }
 }
 
@@ -137,7 +145,7 @@ fn errors_name_the_flag_and_value() {
         ),
     ];
     for (args, want) in cases {
-        let err = parse(args).expect_err(want);
+        let err = command(args).expect_err(want);
         assert!(err.contains(want), "{args:?}: got {err:?}, want {want:?}");
         assert!(!err.contains('\n'), "{args:?}: not one line: {err:?}");
     }
@@ -147,15 +155,21 @@ fn errors_name_the_flag_and_value() {
 /// reject a port that cannot be redirected to or a BACKEND given with them.
 #[test]
 fn redirect_actions() {
-    let c = parse(&["--setup-iptables"]).unwrap();
-    assert_eq!(c.action, Action::SetupRedirect { port: 10000 });
-    assert!(c.routes.is_empty());
-    let c = parse(&["--setup-iptables", "--port", "15001"]).unwrap();
-    assert_eq!(c.action, Action::SetupRedirect { port: 15001 });
-    let c = parse(&["--remove-iptables"]).unwrap();
-    assert_eq!(c.action, Action::RemoveRedirect);
-    let c = parse(&["a:1"]).unwrap();
-    assert_eq!(c.action, Action::Serve);
+    // A one-shot action has no routes: the type says so.
+    let c = command(&["--setup-iptables"]).unwrap();
+    assert!(
+        matches!(c, Command::SetupRedirect { port: 10000, .. }),
+        "{c:?}"
+    );
+    let c = command(&["--setup-iptables", "--port", "15001"]).unwrap();
+    assert!(
+        matches!(c, Command::SetupRedirect { port: 15001, .. }),
+        "{c:?}"
+    );
+    let c = command(&["--remove-iptables"]).unwrap();
+    assert!(matches!(c, Command::RemoveRedirect { .. }), "{c:?}");
+    let c = command(&["a:1"]).unwrap();
+    assert!(matches!(c, Command::Serve(_)), "{c:?}");
     let cases: &[(&[&str], &str)] = &[
         (
             &["--setup-iptables", "--port", "0"],
@@ -175,7 +189,7 @@ fn redirect_actions() {
         ),
     ];
     for (args, want) in cases {
-        let err = parse(args).expect_err(want);
+        let err = command(args).expect_err(want);
         assert!(err.contains(want), "{args:?}: got {err:?}, want {want:?}");
         assert!(!err.contains('\n'), "{args:?}: not one line: {err:?}");
     }
