@@ -18,8 +18,8 @@ fn main() -> ExitCode {
             print!("{text}");
             return ExitCode::SUCCESS;
         }
-        Err(ConfigError::Usage(message)) => {
-            eprintln!("ambassadord: {message}");
+        Err(e @ ConfigError::Usage(_)) => {
+            eprintln!("ambassadord: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -120,8 +120,8 @@ async fn reload_on_sighup(args: Vec<std::ffi::OsString>, tx: tokio::sync::mpsc::
                     "reload rejected, keeping the running configuration: the command line no longer serves ({other:?})"
                 );
             }
-            Err(ConfigError::Usage(message) | ConfigError::Info(message)) => {
-                error!("reload rejected, keeping the running configuration: {message}");
+            Err(e) => {
+                error!("reload rejected, keeping the running configuration: {e}");
             }
         }
     }

@@ -160,11 +160,14 @@ impl fmt::Display for Listen {
 }
 
 /// Why the command line could not be turned into a [`Command`].
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// `--help` or `--version`: print this and exit 0.
+    #[error("{0}")]
     Info(String),
-    /// Bad usage: print this one-line message and exit 64.
+    /// Bad usage: print this one-line message (the value, its origin, the fix) and exit
+    /// [`EXIT_USAGE`].
+    #[error("{0}")]
     Usage(String),
 }
 

@@ -5,9 +5,7 @@ use super::*;
 /// Parses `args` after the program name; `--help` text and errors alike are `Err`.
 fn command(args: &[&str]) -> Result<Command, String> {
     let args = std::iter::once("ambassadord").chain(args.iter().copied());
-    Command::from_args(args).map_err(|e| match e {
-        ConfigError::Usage(m) | ConfigError::Info(m) => m,
-    })
+    Command::from_args(args).map_err(|e| e.to_string())
 }
 
 /// As [`command`], for arguments that serve.
