@@ -84,10 +84,10 @@ fn exit_after(outcome: Result<(), impl std::fmt::Display>) -> ExitCode {
 }
 
 fn init_logging(log: &LogConfig) {
+    // Config checked --log-level; a bad RUST_LOG falls back to info.
     let filter = match &log.filter {
-        // Validated in config, so this parse succeeds.
         Some(f) => EnvFilter::try_new(f).unwrap_or_else(|_| EnvFilter::new("info")),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::new("info"),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -77,6 +77,29 @@ pub struct Config {
     /// `--threads`: data threads (default: one per CPU). Fixed at start: a reload keeps
     /// the running count.
     pub threads: Option<usize>,
+    /// CONSUL_HTTP_TOKEN (unless empty): sent by every consul:// source as its ACL token.
+    pub consul_token: Option<Secret>,
+}
+
+/// A value that must not reach a log or an error message: `Debug` prints `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// Where the admin endpoint listens.
@@ -113,7 +136,8 @@ impl Default for Settings {
 
 #[derive(Debug, Clone)]
 pub struct LogConfig {
-    /// A tracing filter; `None` means RUST_LOG, else "info".
+    /// A tracing filter: `--log-level` (checked), else RUST_LOG (unchecked: a bad one
+    /// falls back to info); `None` means info.
     pub filter: Option<String>,
     pub format: LogFormat,
 }
@@ -179,6 +203,15 @@ impl Command {
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
+        Command::from_args_in(args, &Environment::capture())
+    }
+
+    /// As [`Command::from_args`], with `env` for the variables config reads itself.
+    fn from_args_in<I, T>(args: I, env: &Environment) -> Result<Command, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
         let (cli, matches, clap_command) = cli::parse(args)?;
         let file_name = cli
             .config
@@ -186,7 +219,7 @@ impl Command {
             .map(|p| p.display().to_string())
             .unwrap_or_default();
         let layers = Layers::new(&matches, clap_command, file_name);
-        command(&cli, &layers).map_err(ConfigError::Usage)
+        command(&cli, &layers, env).map_err(ConfigError::Usage)
     }
 
     /// How to log, whatever the command.
@@ -198,22 +231,41 @@ impl Command {
     }
 }
 
-fn command(cli: &Cli, layers: &Layers) -> Result<Command, String> {
-    if cli.setup_iptables || cli.remove_iptables {
-        redirect(cli, layers)
-    } else {
-        serve(cli, layers).map(Command::Serve)
+/// The environment variables config reads beyond those clap reads for its flags (link
+/// variables, CONSUL_HTTP_TOKEN, RUST_LOG): one snapshot per parse, so nothing outside
+/// config reads the environment, and tests can hand in their own.
+struct Environment(Vec<(OsString, OsString)>);
+
+impl Environment {
+    fn capture() -> Self {
+        Environment(std::env::vars_os().collect())
+    }
+
+    /// A variable's value; `None` when it is unset or not UTF-8.
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.to_str())
     }
 }
 
-fn serve(cli: &Cli, layers: &Layers) -> Result<Config, String> {
+fn command(cli: &Cli, layers: &Layers, env: &Environment) -> Result<Command, String> {
+    if cli.setup_iptables || cli.remove_iptables {
+        redirect(cli, layers, env)
+    } else {
+        serve(cli, layers, env).map(Command::Serve)
+    }
+}
+
+fn serve(cli: &Cli, layers: &Layers, env: &Environment) -> Result<Config, String> {
     let file = match &cli.config {
         None => FileConfig::default(),
         Some(path) => file::read(path)?,
     };
-    let (routes, warnings) = routes(cli, &file, layers)?;
+    let (routes, warnings) = routes(cli, &file, layers, env)?;
     let settings = settings(cli, &file, layers)?;
-    let log = log(cli, &file, layers)?;
+    let log = log(cli, &file, layers, env)?;
     let threads = layers
         .pick(
             "threads",
@@ -252,6 +304,10 @@ fn serve(cli: &Cli, layers: &Layers) -> Result<Config, String> {
         admin,
         config_file: cli.config.clone(),
         threads,
+        consul_token: env
+            .get("CONSUL_HTTP_TOKEN")
+            .filter(|t| !t.is_empty())
+            .map(Secret::new),
     })
 }
 
@@ -262,6 +318,7 @@ fn routes(
     cli: &Cli,
     file: &FileConfig,
     layers: &Layers,
+    env: &Environment,
 ) -> Result<(Vec<RouteConfig>, Vec<String>), String> {
     let mut routes = Vec::new();
     for (i, r) in file.route.iter().enumerate() {
@@ -277,7 +334,7 @@ fn routes(
         if cli.omnimode {
             return Err("--links and --omnimode cannot be combined: choose one mode".into());
         }
-        let (links, skipped) = link_routes(ip)?;
+        let (links, skipped) = link_routes(ip, env)?;
         routes.extend(links);
         warnings.extend(skipped);
     } else if let Some(target) = cli_target(cli, layers)? {
@@ -289,8 +346,11 @@ fn routes(
 
 /// `--links`: one route per linked port, on `ip`; clap has refused BACKEND and --port
 /// alongside. Also returns a warning per malformed link variable.
-fn link_routes(ip: Option<IpAddr>) -> Result<(Vec<RouteConfig>, Vec<String>), String> {
-    let links = crate::docker::links::from_env().map_err(|e| e.to_string())?;
+fn link_routes(
+    ip: Option<IpAddr>,
+    env: &Environment,
+) -> Result<(Vec<RouteConfig>, Vec<String>), String> {
+    let links = crate::docker::links::parse(env.0.iter().cloned()).map_err(|e| e.to_string())?;
     let skipped = links
         .skipped
         .iter()
@@ -453,7 +513,12 @@ fn settings(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<Settings, S
 }
 
 /// The log filter (validated, so a typo does not silently log nothing) and format.
-fn log(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<LogConfig, String> {
+fn log(
+    cli: &Cli,
+    file: &FileConfig,
+    layers: &Layers,
+    env: &Environment,
+) -> Result<LogConfig, String> {
     let filter = layers
         .pick(
             "log_level",
@@ -477,9 +542,15 @@ fn log(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<LogConfig, Strin
         )?
         .value;
     Ok(LogConfig {
-        filter: filter.map(|f| f.value),
+        filter: filter.map(|f| f.value).or_else(|| rust_log(env)),
         format,
     })
+}
+
+/// RUST_LOG, the filter when no --log-level is set. Not checked: tracing's convention is
+/// that a bad RUST_LOG falls back to the default (info) rather than refusing to start.
+fn rust_log(env: &Environment) -> Option<String> {
+    env.get("RUST_LOG").map(str::to_string)
 }
 
 /// The admin endpoint, unless `off`. One the user asked for must bind; the default may
@@ -496,7 +567,7 @@ fn admin(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<Option<Admin>,
 /// `--setup-iptables` / `--remove-iptables`: one-shot actions that serve nothing, so a
 /// BACKEND on the command line is a mistake worth naming (one from the environment is
 /// ignored, so the same container environment can run both roles).
-fn redirect(cli: &Cli, layers: &Layers) -> Result<Command, String> {
+fn redirect(cli: &Cli, layers: &Layers, env: &Environment) -> Result<Command, String> {
     let flag = if cli.setup_iptables {
         layers.origin("setup_iptables")
     } else {
@@ -510,7 +581,7 @@ fn redirect(cli: &Cli, layers: &Layers) -> Result<Command, String> {
     // A one-shot action reads no --config file and does not check the log filter: a
     // bad --log-level falls back to info, so the action still runs.
     let log = LogConfig {
-        filter: cli.log_level.clone(),
+        filter: cli.log_level.clone().or_else(|| rust_log(env)),
         format: cli.log_format,
     };
     if cli.remove_iptables {

@@ -16,6 +16,17 @@ fn parse(args: &[&str]) -> Result<Config, String> {
     }
 }
 
+/// As [`parse`], with `env` as the variables config reads itself (the link variables,
+/// CONSUL_HTTP_TOKEN, RUST_LOG).
+fn parse_in(args: &[&str], env: &[(&str, &str)]) -> Result<Config, String> {
+    let args = std::iter::once("ambassadord").chain(args.iter().copied());
+    let env = Environment(env.iter().map(|(k, v)| (k.into(), v.into())).collect());
+    match Command::from_args_in(args, &env).map_err(|e| e.to_string())? {
+        Command::Serve(config) => Ok(config),
+        other => panic!("want Serve, got {other:?}"),
+    }
+}
+
 #[test]
 fn static_backend_listens_on_its_port() {
     let c = parse(&["192.168.1.100:8080"]).unwrap();
@@ -305,4 +316,66 @@ fn config_file_errors_name_the_file_and_key() {
             explicit: false
         })
     );
+}
+
+/// The Consul token is read once, into the config, and never shown by its Debug (which
+/// a log line or a panic may print); an empty one is no token.
+#[test]
+fn the_consul_token_is_kept_and_masked() {
+    let c = parse_in(
+        &["consul://127.0.0.1:8500/nodes"],
+        &[("CONSUL_HTTP_TOKEN", "s3cr3t-token")],
+    )
+    .unwrap();
+    assert_eq!(
+        c.consul_token.as_ref().map(Secret::expose),
+        Some("s3cr3t-token")
+    );
+    let shown = format!("{c:?}");
+    assert!(!shown.contains("s3cr3t"), "{shown}");
+    assert!(shown.contains("consul_token: Some(***)"), "{shown}");
+    assert_eq!(format!("{:?}", Secret::new("x")), "***");
+    let c = parse_in(&["a:1"], &[("CONSUL_HTTP_TOKEN", "")]).unwrap();
+    assert_eq!(c.consul_token, None);
+}
+
+/// --links reads the link variables from the environment config was given, and a
+/// malformed one is a warning, not an error.
+#[test]
+fn links_come_from_the_environment_snapshot() {
+    let c = parse_in(
+        &["--links", "--bind", "127.0.0.1"],
+        &[
+            ("REDIS_PORT_6379_TCP", "tcp://172.17.0.2:6379"),
+            ("BAD_PORT_80_TCP", "tcp://172.17.0.3"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.routes.len(), 1);
+    assert_eq!(
+        c.routes[0].listen,
+        Listen {
+            ip: Some("127.0.0.1".parse().unwrap()),
+            port: 6379
+        }
+    );
+    assert_eq!(c.routes[0].target.to_string(), "172.17.0.2:6379");
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0].contains("BAD_PORT_80_TCP"),
+        "{:?}",
+        c.warnings
+    );
+    let err = parse_in(&["--links"], &[]).unwrap_err();
+    assert!(err.contains("no Docker link in the environment"), "{err}");
+}
+
+/// RUST_LOG is the filter when --log-level is not set.
+#[test]
+fn rust_log_is_the_fallback_filter() {
+    let c = parse_in(&["a:1"], &[("RUST_LOG", "debug")]).unwrap();
+    assert_eq!(c.log.filter.as_deref(), Some("debug"));
+    let c = parse_in(&["--log-level", "warn", "a:1"], &[("RUST_LOG", "debug")]).unwrap();
+    assert_eq!(c.log.filter.as_deref(), Some("warn"));
+    assert_eq!(parse_in(&["a:1"], &[]).unwrap().log.filter, None);
 }

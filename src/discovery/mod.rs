@@ -76,12 +76,18 @@ pub struct Discovery {
     /// The runtime sources run on: the one that built this (the control runtime), also
     /// for a source started from a connection's task on a data thread (omni mode).
     runtime: Option<tokio::runtime::Handle>,
+    /// CONSUL_HTTP_TOKEN, as config read it, for every consul:// source.
+    consul_token: Option<crate::config::Secret>,
 }
 
 impl Discovery {
-    pub fn new(nameserver: Option<SocketAddr>) -> Self {
+    pub fn new(
+        nameserver: Option<SocketAddr>,
+        consul_token: Option<crate::config::Secret>,
+    ) -> Self {
         Discovery {
             nameserver,
+            consul_token,
             resolver: std::sync::OnceLock::new(),
             runtime: tokio::runtime::Handle::try_current().ok(),
         }
@@ -127,9 +133,7 @@ impl Discovery {
                 drive.spawn(name, kv::Resolving::new(lists, self.resolver()))
             }
             Spec::Consul(kv) => {
-                let token = std::env::var("CONSUL_HTTP_TOKEN")
-                    .ok()
-                    .filter(|t| !t.is_empty());
+                let token = self.consul_token.as_ref().map(|t| t.expose().to_string());
                 let store =
                     consul::ConsulSource::new(kv.clone(), token).with_resolver(self.resolver());
                 let lists = drive.spawn(name.clone(), store);

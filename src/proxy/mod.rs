@@ -271,7 +271,7 @@ impl Server {
     /// Binds every route's listener (and the admin endpoint) and starts discovery.
     /// Fails if any listener cannot be bound or the Docker host is malformed.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
-        let discovery = Arc::new(Discovery::new(config.dns));
+        let discovery = Arc::new(Discovery::new(config.dns, config.consul_token.clone()));
         let threads = config.threads.unwrap_or_else(Workers::default_count);
         let mut pending = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
