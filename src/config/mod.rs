@@ -63,8 +63,10 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `--dns`: ask this nameserver instead of the ones in /etc/resolv.conf.
     pub dns: Option<std::net::SocketAddr>,
-    /// `--docker-host`: where omni mode reads containers from.
-    pub docker_host: String,
+    /// `--docker-host`: where omni mode reads containers from; validated, and present,
+    /// when a route is in omni mode, `None` otherwise (DOCKER_HOST is often set for other
+    /// tools, and a value nothing uses is no error).
+    pub docker_host: Option<DockerHost>,
     pub settings: Settings,
     pub log: LogConfig,
     /// Bad input that validation skipped rather than refused (a malformed link variable);
@@ -99,6 +101,24 @@ impl Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
+    }
+}
+
+/// The Docker Engine API omni mode reads (read-only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DockerHost {
+    /// `unix:///PATH`: a Unix socket.
+    Unix(PathBuf),
+    /// `tcp://HOST:PORT` or `http://HOST:PORT`: plain HTTP to `HOST:PORT`.
+    Tcp(String),
+}
+
+impl fmt::Display for DockerHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DockerHost::Unix(path) => write!(f, "unix://{}", path.display()),
+            DockerHost::Tcp(addr) => write!(f, "tcp://{addr}"),
+        }
     }
 }
 
@@ -285,14 +305,19 @@ fn serve(cli: &Cli, layers: &Layers, env: &Environment) -> Result<Config, String
         .transpose()
         .map(|dns| dns.parse(values::parse_dns))
         .transpose()?;
-    let docker_host = layers
-        .pick(
+    // Checked only where it is used, but there always: a bad value is bad usage, not
+    // a failure once omni mode first asks Docker.
+    let docker_host = if routes.iter().any(|r| r.target == RouteTarget::Omni) {
+        let v = layers.pick(
             "docker_host",
             cli.docker_host.clone(),
             file.docker_host.as_deref(),
             text,
-        )?
-        .value;
+        )?;
+        Some(v.parse(values::parse_docker_host)?)
+    } else {
+        None
+    };
     let admin = admin(cli, &file, layers)?;
     Ok(Config {
         routes,

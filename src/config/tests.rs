@@ -379,3 +379,39 @@ fn rust_log_is_the_fallback_filter() {
     assert_eq!(c.log.filter.as_deref(), Some("warn"));
     assert_eq!(parse_in(&["a:1"], &[]).unwrap().log.filter, None);
 }
+
+/// A bad Docker host is bad usage wherever omni mode would use it, named by its
+/// origin; where no route is in omni mode it is not read at all.
+#[test]
+fn docker_host_is_checked_when_omni_mode_uses_it() {
+    let err = parse(&["--omnimode", "--docker-host", "ftp://x"]).unwrap_err();
+    assert!(
+        err.starts_with("--docker-host 'ftp://x': not unix:///PATH or tcp://HOST:PORT"),
+        "{err}"
+    );
+    let err = parse(&["--omnimode", "--docker-host", "unix://"]).unwrap_err();
+    assert!(err.contains("--docker-host 'unix://'"), "{err}");
+    let err = parse(&["--omnimode", "--docker-host", "tcp://"]).unwrap_err();
+    assert!(err.contains("--docker-host 'tcp://'"), "{err}");
+    let path = file("docker_host = \"ftp://x\"\n[[route]]\nomni = true\n");
+    let p = path.to_str().unwrap();
+    let err = parse(&["--config", p]).unwrap_err();
+    assert!(
+        err.contains(&format!("{p}: docker_host 'ftp://x'")),
+        "{err}"
+    );
+    // The flag wins over the file, as for every option.
+    let c = parse(&["--config", p, "--docker-host", "tcp://127.0.0.1:2375"]).unwrap();
+    assert_eq!(
+        c.docker_host,
+        Some(DockerHost::Tcp("127.0.0.1:2375".to_string()))
+    );
+    // No omni route: not validated, and not kept.
+    let c = parse(&["--docker-host", "ftp://x", "a:1"]).unwrap();
+    assert_eq!(c.docker_host, None);
+    let c = parse(&["--omnimode", "--docker-host", "unix:///run/docker.sock"]).unwrap();
+    assert_eq!(
+        c.docker_host,
+        Some(DockerHost::Unix("/run/docker.sock".into()))
+    );
+}

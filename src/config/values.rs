@@ -1,11 +1,13 @@
-//! The grammars of single option values: durations, addresses, ports and log filters.
+//! The grammars of single option values: durations, addresses, the Docker host and log
+//! filters.
 //! Each returns the reason a value is refused; the caller adds the origin and the value
 //! (see `layer::at`).
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use super::Listen;
+use super::{DockerHost, Listen};
 
 /// A duration such as `5s`, `250ms`, `2m`, `1h` or `1.5s`; a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -80,6 +82,37 @@ pub(super) fn parse_admin(s: &str) -> Result<Option<SocketAddr>, String> {
     }
 }
 
+/// `--docker-host`: `unix:///PATH`, or `tcp://HOST:PORT` or `http://HOST:PORT` (the
+/// forms the Docker client accepts without TLS).
+pub(super) fn parse_docker_host(s: &str) -> Result<DockerHost, String> {
+    const FORMS: &str = "not unix:///PATH or tcp://HOST:PORT";
+    if let Some(path) = s.strip_prefix("unix://") {
+        return match path {
+            "" => Err(format!(
+                "{FORMS}: the socket path is missing (e.g. unix:///var/run/docker.sock)"
+            )),
+            path => Ok(DockerHost::Unix(PathBuf::from(path))),
+        };
+    }
+    let Some(rest) = s
+        .strip_prefix("tcp://")
+        .or_else(|| s.strip_prefix("http://"))
+    else {
+        return Err(format!("{FORMS} (e.g. unix:///var/run/docker.sock)"));
+    };
+    // The client puts each request's path after HOST:PORT, so a path of its own (other
+    // than a trailing '/') would be sent mangled.
+    let addr = rest.strip_suffix('/').unwrap_or(rest);
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => {
+            Ok(DockerHost::Tcp(addr.to_string()))
+        }
+        _ => Err(format!(
+            "{FORMS}: HOST:PORT is missing or incomplete (e.g. tcp://127.0.0.1:2375)"
+        )),
+    }
+}
+
 /// `--log-level`: a level or tracing directives.
 pub(super) fn check_log_filter(filter: &str) -> Result<(), String> {
     // A lone word is taken by tracing as a target name, so a misspelt level would
@@ -111,6 +144,40 @@ mod tests {
         }
         for s in ["", "s", "-1s", "5 parsecs", "1e9999"] {
             assert!(parse_duration(s).is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn docker_hosts() {
+        let unix = |p: &str| Ok(DockerHost::Unix(PathBuf::from(p)));
+        let tcp = |a: &str| Ok(DockerHost::Tcp(a.to_string()));
+        let cases = [
+            ("unix:///var/run/docker.sock", unix("/var/run/docker.sock")),
+            ("tcp://127.0.0.1:2375", tcp("127.0.0.1:2375")),
+            ("http://docker.example:2375/", tcp("docker.example:2375")),
+            ("tcp://[::1]:2375", tcp("[::1]:2375")),
+        ];
+        for (s, want) in cases {
+            assert_eq!(parse_docker_host(s), want, "{s}");
+        }
+        for (s, why) in [
+            ("ftp://x", "not unix:///PATH or tcp://HOST:PORT"),
+            ("ssh://host", "not unix:///PATH or tcp://HOST:PORT"),
+            (
+                "/var/run/docker.sock",
+                "not unix:///PATH or tcp://HOST:PORT",
+            ),
+            ("", "not unix:///PATH or tcp://HOST:PORT"),
+            ("unix://", "the socket path is missing"),
+            ("tcp://", "HOST:PORT is missing"),
+            ("tcp://host", "HOST:PORT is missing"),
+            ("tcp://:2375", "HOST:PORT is missing"),
+            ("tcp://host:", "HOST:PORT is missing"),
+            ("tcp://host:0", "HOST:PORT is missing"),
+            ("tcp://host:2375/v1", "HOST:PORT is missing"),
+        ] {
+            let err = parse_docker_host(s).expect_err(s);
+            assert!(err.contains(why), "{s}: {err}");
         }
     }
 }

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, RouteConfig, RouteTarget, Settings};
+use crate::config::{Config, DockerHost, RouteConfig, RouteTarget, Settings};
 use crate::discovery::Discovery;
 use crate::docker::index::ContainerIndex;
 use crate::endpoint::Endpoint;
@@ -261,7 +261,8 @@ pub struct Server {
     pending: Vec<(Vec<std::net::TcpListener>, Arc<Route>)>,
     workers: Option<Workers>,
     discovery: Arc<Discovery>,
-    docker_host: String,
+    /// Omni mode's Docker host; `None` until a route is in omni mode.
+    docker_host: Option<DockerHost>,
     dns: Option<SocketAddr>,
     admin: Option<TcpListener>,
     admin_config: Option<crate::config::Admin>,
@@ -269,14 +270,14 @@ pub struct Server {
 
 impl Server {
     /// Binds every route's listener (and the admin endpoint) and starts discovery.
-    /// Fails if any listener cannot be bound or the Docker host is malformed.
+    /// Fails if any listener cannot be bound or the Docker client refuses its host.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         let discovery = Arc::new(Discovery::new(config.dns, config.consul_token.clone()));
         let threads = config.threads.unwrap_or_else(Workers::default_count);
         let mut pending = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
             let listeners = bind_route(route, threads)?;
-            let route = new_route(&listeners, route, &discovery, &config.docker_host)?;
+            let route = new_route(&listeners, route, &discovery, config.docker_host.as_ref())?;
             info!(listen = %route.listen, backend = %route.active().config, kind = route.active().kind, "listening");
             pending.push((listeners, route));
         }
@@ -424,8 +425,11 @@ impl Server {
         config: Config,
         threads: usize,
     ) -> Result<Vec<(Vec<std::net::TcpListener>, Arc<Route>)>, StartError> {
+        // A server that started without omni routes has no Docker host: a reload that
+        // adds one uses its own.
+        let docker_host = self.docker_host.as_ref().or(config.docker_host.as_ref());
         if config.dns != self.dns
-            || config.docker_host != self.docker_host
+            || (config.docker_host.is_some() && config.docker_host.as_ref() != docker_host)
             || config.admin.map(|a| a.addr) != self.admin_config.map(|a| a.addr)
         {
             warn!("reload: dns, docker_host and admin changes take effect only after a restart");
@@ -443,7 +447,7 @@ impl Server {
             .filter(|rc| !current.contains_key(&rc.listen.to_string()))
         {
             let listeners = bind_route(rc, threads)?;
-            let route = new_route(&listeners, rc, &self.discovery, &self.docker_host)?;
+            let route = new_route(&listeners, rc, &self.discovery, docker_host)?;
             added.push((listeners, route));
         }
         // A changed route switches once its new source has a first result (bounded), so
@@ -453,7 +457,7 @@ impl Server {
             if let Some(route) = current.get(&rc.listen.to_string())
                 && route.active().config != rc.target
             {
-                let active = new_active(&rc.target, &self.discovery, &self.docker_host)?;
+                let active = new_active(&rc.target, &self.discovery, docker_host)?;
                 changed.push((route.clone(), active));
             }
         }
@@ -514,7 +518,7 @@ fn new_route(
     listeners: &[std::net::TcpListener],
     rc: &RouteConfig,
     discovery: &Arc<Discovery>,
-    docker_host: &str,
+    docker_host: Option<&DockerHost>,
 ) -> Result<Arc<Route>, StartError> {
     let bound = listeners.first().map_or_else(
         || Err(io::Error::other("no listening socket")),
@@ -542,7 +546,7 @@ fn new_route(
 fn new_active(
     target: &RouteTarget,
     discovery: &Arc<Discovery>,
-    docker_host: &str,
+    docker_host: Option<&DockerHost>,
 ) -> Result<Arc<Active>, StartError> {
     let stop = CancellationToken::new();
     let (t, kind) = match target {
@@ -552,7 +556,11 @@ fn new_active(
             (Target::Fixed(Arc::new(balancer)), spec.kind())
         }
         RouteTarget::Omni => {
-            let index = ContainerIndex::new(Some(docker_host)).map_err(StartError::Docker)?;
+            // Config gives a Docker host whenever a route is in omni mode.
+            let host = docker_host.ok_or_else(|| {
+                StartError::Docker("omni mode needs a Docker host (--docker-host)".into())
+            })?;
+            let index = ContainerIndex::new(host).map_err(StartError::Docker)?;
             let omni = Omni::start(index, discovery.clone(), stop.child_token());
             (Target::Omni(omni), "omni")
         }
