@@ -5,6 +5,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 
 use super::{ConfigError, DEFAULT_ADMIN, LogFormat};
@@ -89,7 +90,7 @@ pub(super) struct Cli {
         long,
         value_name = "MODE",
         env = "AMBASSADORD_COPY",
-        value_enum,
+        value_parser = copy_mode(),
         default_value = "auto"
     )]
     pub(super) copy: CopyMode,
@@ -145,6 +146,20 @@ pub(super) struct Cli {
         default_value = DEFAULT_ADMIN
     )]
     pub(super) admin: String,
+}
+
+/// `--copy`: clap checks the name exactly (so its error and `--help` list the modes,
+/// each with its help), then [`CopyMode`]'s `FromStr` makes the value.
+fn copy_mode() -> impl TypedValueParser<Value = CopyMode> {
+    PossibleValuesParser::new([
+        PossibleValue::new("auto")
+            .help("The plain copy, switching a direction to splice once it carries a bulk stream"),
+        PossibleValue::new("splice").help(
+            "Zero-copy splice(2) through a pipe on Linux from the first byte; the plain copy elsewhere",
+        ),
+        PossibleValue::new("userspace").help("read(2) into a buffer, write(2) out of it"),
+    ])
+    .try_map(|name| name.parse::<CopyMode>())
 }
 
 /// Runs clap over `args`: `--help` and `--version` become [`ConfigError::Info`], any

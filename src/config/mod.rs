@@ -525,8 +525,7 @@ fn settings(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<Settings, S
         .parse(parse_duration)?;
     let copy = layers
         .pick("copy", cli.copy, file.copy.as_deref(), |s| {
-            CopyMode::from_str(s, true)
-                .map_err(|_| "not a copy mode (auto, splice, userspace)".to_string())
+            s.parse::<CopyMode>().map_err(|e| e.to_string())
         })?
         .value;
     Ok(Settings {

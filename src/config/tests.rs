@@ -415,3 +415,20 @@ fn docker_host_is_checked_when_omni_mode_uses_it() {
         Some(DockerHost::Unix("/run/docker.sock".into()))
     );
 }
+
+/// A copy mode in the file is taken in any case; as a flag clap takes it exactly, and
+/// its error names the flag and the value.
+#[test]
+fn copy_modes_in_the_file_and_as_flags() {
+    assert_eq!("Splice".parse::<CopyMode>(), Ok(CopyMode::Splice));
+    assert_eq!("userspace".parse::<CopyMode>(), Ok(CopyMode::Userspace));
+    assert!("zerocopy".parse::<CopyMode>().is_err());
+    let path = file("copy = \"USERSPACE\"\n[[route]]\nbackend = \"a:1\"\n");
+    let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+    assert_eq!(c.settings.copy, CopyMode::Userspace);
+    let err = parse(&["--copy", "zerocopy", "a:1"]).unwrap_err();
+    assert_eq!(
+        err,
+        "invalid value 'zerocopy' for '--copy <MODE>' (see --help)"
+    );
+}
