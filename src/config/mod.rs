@@ -1,9 +1,10 @@
 //! Flags, environment and the `--config` file → a validated [`Config`].
 //!
-//! Three steps, each in its own place: parse ([`cli`]: clap, no I/O; [`file`]: the
-//! TOML file, the only file I/O), look each option up through the layers (`layer`: flag,
+//! Three steps, each in its own place: parse (`cli`: clap, no I/O; `file`: the TOML
+//! file, the only file I/O), look each option up through the layers (`layer`: flag,
 //! environment variable, file, default, with the origin of the value used), then
-//! validate into typed values (here and in `values`). Every error names the value and
+//! validate into typed values (here and in `values`). The environment is read here
+//! only, once per parse. Every error names the value and
 //! its origin (`--port 'abc'`, `AMBASSADORD_PORT 'nine'`, `FILE: connect_timeout '5x'`),
 //! so a typo in a container's environment is found from one log line.
 
@@ -217,7 +218,7 @@ pub enum ConfigError {
 
 impl Command {
     /// Parses and validates the command line, reading AMBASSADORD_* from the environment
-    /// for anything not given as a flag.
+    /// for anything not given as a flag, and the `--config` file if there is one.
     pub fn from_args<I, T>(args: I) -> Result<Command, ConfigError>
     where
         I: IntoIterator<Item = T>,
@@ -286,38 +287,9 @@ fn serve(cli: &Cli, layers: &Layers, env: &Environment) -> Result<Config, String
     let (routes, warnings) = routes(cli, &file, layers, env)?;
     let settings = settings(cli, &file, layers)?;
     let log = log(cli, &file, layers, env)?;
-    let threads = layers
-        .pick(
-            "threads",
-            cli.threads.map(usize::from),
-            file.threads.as_ref(),
-            |n| {
-                usize::try_from(*n)
-                    .ok()
-                    .filter(|n| (1..=1024).contains(n))
-                    .map(Some)
-                    .ok_or_else(|| "not a thread count (1-1024)".to_string())
-            },
-        )?
-        .value;
-    let dns = layers
-        .pick("dns", cli.dns.clone(), file.dns.as_deref(), some_text)?
-        .transpose()
-        .map(|dns| dns.parse(values::parse_dns))
-        .transpose()?;
-    // Checked only where it is used, but there always: a bad value is bad usage, not
-    // a failure once omni mode first asks Docker.
-    let docker_host = if routes.iter().any(|r| r.target == RouteTarget::Omni) {
-        let v = layers.pick(
-            "docker_host",
-            cli.docker_host.clone(),
-            file.docker_host.as_deref(),
-            text,
-        )?;
-        Some(v.parse(values::parse_docker_host)?)
-    } else {
-        None
-    };
+    let threads = threads(cli, &file, layers)?;
+    let dns = dns(cli, &file, layers)?;
+    let docker_host = docker_host(cli, &file, layers, &routes)?;
     let admin = admin(cli, &file, layers)?;
     Ok(Config {
         routes,
@@ -534,6 +506,53 @@ fn settings(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<Settings, S
         shutdown_grace,
         copy,
     })
+}
+
+/// `--threads`: clap checks the flag's range; the file's number is checked here.
+fn threads(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<Option<usize>, String> {
+    let threads = layers.pick(
+        "threads",
+        cli.threads.map(usize::from),
+        file.threads.as_ref(),
+        |n| {
+            usize::try_from(*n)
+                .ok()
+                .filter(|n| (1..=1024).contains(n))
+                .map(Some)
+                .ok_or_else(|| "not a thread count (1-1024)".to_string())
+        },
+    )?;
+    Ok(threads.value)
+}
+
+/// `--dns`: the nameserver, if not /etc/resolv.conf's.
+fn dns(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<Option<SocketAddr>, String> {
+    layers
+        .pick("dns", cli.dns.clone(), file.dns.as_deref(), some_text)?
+        .transpose()
+        .map(|dns| dns.parse(values::parse_dns))
+        .transpose()
+}
+
+/// `--docker-host`, when a route is in omni mode. Checked wherever it is used, so a bad
+/// value is bad usage at start rather than a failure once omni mode first asks Docker;
+/// not read otherwise, since DOCKER_HOST is often set for other tools.
+fn docker_host(
+    cli: &Cli,
+    file: &FileConfig,
+    layers: &Layers,
+    routes: &[RouteConfig],
+) -> Result<Option<DockerHost>, String> {
+    if !routes.iter().any(|r| r.target == RouteTarget::Omni) {
+        return Ok(None);
+    }
+    let host = layers.pick(
+        "docker_host",
+        cli.docker_host.clone(),
+        file.docker_host.as_deref(),
+        text,
+    )?;
+    host.parse(values::parse_docker_host).map(Some)
 }
 
 /// The log filter (validated, so a typo does not silently log nothing) and format.

@@ -1,7 +1,6 @@
-//! The grammars of single option values: durations, addresses, the Docker host and log
-//! filters.
-//! Each returns the reason a value is refused; the caller adds the origin and the value
-//! (see `layer::at`).
+//! The grammars of single option values: durations, addresses, the Docker host, log
+//! filters. Each returns the reason a value is refused; the caller adds the origin and
+//! the value (see `layer::at`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
