@@ -5,47 +5,42 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use ambassadord::Config;
-use ambassadord::config::{Action, ConfigError, EXIT_USAGE, LogConfig, LogFormat};
+use ambassadord::config::{Command, ConfigError, EXIT_USAGE, LogConfig, LogFormat};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let config = match Config::from_args(args.clone()) {
-        Ok(config) => config,
+    let command = match Command::from_args(args.clone()) {
+        Ok(command) => command,
         Err(ConfigError::Info(text)) => {
             print!("{text}");
             return ExitCode::SUCCESS;
         }
-        Err(ConfigError::Usage(message)) => {
-            eprintln!("ambassadord: {message}");
+        Err(e @ ConfigError::Usage(_)) => {
+            eprintln!("ambassadord: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    init_logging(&config.log);
+    init_logging(command.log());
 
-    // The netfilter actions are one synchronous netlink exchange: no runtime needed.
-    let oneshot = match config.action {
-        Action::Serve => None,
-        Action::SetupRedirect { port } => Some(
-            ambassadord::netfilter::setup_redirect(port)
-                .map(|()| info!(port, "redirecting incoming TCP in this network namespace")),
-        ),
-        Action::RemoveRedirect => Some(
-            ambassadord::netfilter::remove_redirect()
-                .map(|()| info!("removed the redirect of incoming TCP")),
-        ),
+    let config = match command {
+        Command::Serve(config) => config,
+        // The netfilter actions are one synchronous netlink exchange: no runtime needed.
+        Command::SetupRedirect { port, .. } => {
+            return exit_after(
+                ambassadord::netfilter::setup_redirect(port)
+                    .map(|()| info!(port, "redirecting incoming TCP in this network namespace")),
+            );
+        }
+        Command::RemoveRedirect { .. } => {
+            return exit_after(
+                ambassadord::netfilter::remove_redirect()
+                    .map(|()| info!("removed the redirect of incoming TCP")),
+            );
+        }
     };
-    if let Some(outcome) = oneshot {
-        return match outcome {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                error!("{e}");
-                ExitCode::FAILURE
-            }
-        };
-    }
 
     // The control runtime: signals, reloads, discovery, Docker and the admin endpoint.
     // Connections run on the data threads the server starts (src/proxy/workers.rs), so
@@ -77,11 +72,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// The exit code of a one-shot action; its failure is logged.
+fn exit_after(outcome: Result<(), impl std::fmt::Display>) -> ExitCode {
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn init_logging(log: &LogConfig) {
+    // Config checked --log-level; a bad RUST_LOG falls back to info.
     let filter = match &log.filter {
-        // Validated in config, so this parse succeeds.
         Some(f) => EnvFilter::try_new(f).unwrap_or_else(|_| EnvFilter::new("info")),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::new("info"),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -94,6 +100,8 @@ fn init_logging(log: &LogConfig) {
 
 /// On every SIGHUP, reads the command line, environment and --config file again and
 /// hands the result to the server; a bad file is logged and the running config stays.
+/// Only a server reloads, with the argv it started with, so the command is `Serve`
+/// again unless something is badly wrong: anything else is refused like a bad file.
 async fn reload_on_sighup(args: Vec<std::ffi::OsString>, tx: tokio::sync::mpsc::Sender<Config>) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         warn!("cannot install the SIGHUP handler; reloading is unavailable");
@@ -101,14 +109,19 @@ async fn reload_on_sighup(args: Vec<std::ffi::OsString>, tx: tokio::sync::mpsc::
     };
     while hup.recv().await.is_some() {
         info!("SIGHUP: reloading the configuration");
-        match Config::from_args(args.clone()) {
-            Ok(config) => {
+        match Command::from_args(args.clone()) {
+            Ok(Command::Serve(config)) => {
                 if tx.send(config).await.is_err() {
                     return;
                 }
             }
-            Err(ConfigError::Usage(message) | ConfigError::Info(message)) => {
-                error!("reload rejected, keeping the running configuration: {message}");
+            Ok(other) => {
+                error!(
+                    "reload rejected, keeping the running configuration: the command line no longer serves ({other:?})"
+                );
+            }
+            Err(e) => {
+                error!("reload rejected, keeping the running configuration: {e}");
             }
         }
     }

@@ -241,14 +241,21 @@ pub struct Discovery {
     /// The runtime sources run on: the one that built this (the control runtime), also
     /// for a source started from a connection's task on a data thread (omni mode).
     runtime: Option<tokio::runtime::Handle>,
+    /// CONSUL_HTTP_TOKEN, as config read it, for every consul:// source.
+    consul_token: Option<crate::config::Secret>,
     /// Where each source's reads and errors are counted.
     metrics: Arc<Metrics>,
 }
 
 impl Discovery {
-    pub fn new(nameserver: Option<SocketAddr>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        nameserver: Option<SocketAddr>,
+        consul_token: Option<crate::config::Secret>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Discovery {
             nameserver,
+            consul_token,
             resolver: std::sync::OnceLock::new(),
             runtime: tokio::runtime::Handle::try_current().ok(),
             metrics,
@@ -296,9 +303,7 @@ impl Discovery {
                 drive.spawn(name, kv::Resolving::new(lists, self.resolver()))
             }
             Spec::Consul(kv) => {
-                let token = std::env::var("CONSUL_HTTP_TOKEN")
-                    .ok()
-                    .filter(|t| !t.is_empty());
+                let token = self.consul_token.as_ref().map(|t| t.expose().to_string());
                 let store = consul::ConsulSource::new(kv.clone(), token, self.resolver());
                 let lists = drive.spawn(name.clone(), store);
                 drive.spawn(name, kv::Resolving::new(lists, self.resolver()))

@@ -26,6 +26,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
 use super::declare::{Declarations, declarations};
+use crate::config::DockerHost;
 use crate::discovery::Backoff;
 use crate::logsafe::outside;
 
@@ -156,9 +157,9 @@ pub struct ContainerIndex {
 }
 
 impl ContainerIndex {
-    /// Connects to the Engine API at `host` (`unix:///path`, `tcp://host:port` or
-    /// `http://…`; `None` means DOCKER_HOST, else the local socket). Does no I/O yet.
-    pub fn new(host: Option<&str>) -> Result<Arc<ContainerIndex>, String> {
+    /// A client of the Engine API at `host`, as config validated it. Does no I/O yet;
+    /// fails only if the client refuses the host (a Unix socket that does not exist).
+    pub fn new(host: &DockerHost) -> Result<Arc<ContainerIndex>, String> {
         let docker = connect(host)?;
         Ok(Arc::new(ContainerIndex {
             docker,
@@ -463,22 +464,18 @@ impl ContainerIndex {
 }
 
 /// A Docker client for `host`, negotiated lazily by the daemon's answers.
-fn connect(host: Option<&str>) -> Result<Docker, String> {
-    let from_env = std::env::var("DOCKER_HOST").ok().filter(|h| !h.is_empty());
-    let host = host
-        .map(str::to_string)
-        .or(from_env)
-        .unwrap_or_else(|| "unix:///var/run/docker.sock".to_string());
+fn connect(host: &DockerHost) -> Result<Docker, String> {
     // No client-side timeout: the event stream is a long-lived request.
     const NO_TIMEOUT: u64 = u64::MAX / 4;
-    let docker = if let Some(path) = host.strip_prefix("unix://") {
-        Docker::connect_with_unix(path, NO_TIMEOUT, bollard::API_DEFAULT_VERSION)
-    } else if host.starts_with("tcp://") || host.starts_with("http://") {
-        Docker::connect_with_http(&host, NO_TIMEOUT, bollard::API_DEFAULT_VERSION)
-    } else {
-        return Err(format!(
-            "Docker host '{host}': use unix:///path/to/docker.sock or tcp://HOST:PORT"
-        ));
+    let docker = match host {
+        DockerHost::Unix(path) => Docker::connect_with_unix(
+            &path.to_string_lossy(),
+            NO_TIMEOUT,
+            bollard::API_DEFAULT_VERSION,
+        ),
+        DockerHost::Tcp(addr) => {
+            Docker::connect_with_http(addr, NO_TIMEOUT, bollard::API_DEFAULT_VERSION)
+        }
     };
     docker.map_err(|e| format!("Docker host '{host}': {e}"))
 }
@@ -565,11 +562,15 @@ mod tests {
         assert!(Container::from_inspect(&c).is_none());
     }
 
+    /// Config has validated the host's form (see config's tests); what can still fail
+    /// is a socket that is not there, named in the error.
     #[test]
     fn docker_host_forms() {
-        assert!(connect(Some("unix:///nonexistent.sock")).is_err());
-        assert!(connect(Some("tcp://127.0.0.1:2375")).is_ok());
-        let err = connect(Some("ssh://host")).unwrap_err();
-        assert!(err.contains("Docker host 'ssh://host'"), "{err}");
+        let err = connect(&DockerHost::Unix("/nonexistent.sock".into())).unwrap_err();
+        assert!(
+            err.contains("Docker host 'unix:///nonexistent.sock'"),
+            "{err}"
+        );
+        assert!(connect(&DockerHost::Tcp("127.0.0.1:2375".into())).is_ok());
     }
 }

@@ -83,13 +83,8 @@ impl fmt::Display for NoLinks {
     }
 }
 
-/// Reads the links from the process environment (variables that are not UTF-8 cannot be
-/// Docker link variables and are ignored).
-pub fn from_env() -> Result<Links, LinksError> {
-    parse(std::env::vars_os())
-}
-
-/// Finds the TCP links among `vars`.
+/// Finds the TCP links among `vars` (config's snapshot of the environment; variables
+/// that are not UTF-8 cannot be Docker link variables and are ignored).
 pub fn parse<I>(vars: I) -> Result<Links, LinksError>
 where
     I: IntoIterator<Item = (OsString, OsString)>,

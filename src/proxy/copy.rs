@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 const BUF_SIZE: usize = 64 * 1024;
 
 /// How bytes are moved between the two sockets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CopyMode {
     /// The plain copy, switching a direction to splice once it carries a bulk stream.
     #[default]
@@ -54,6 +54,23 @@ impl CopyMode {
             CopyMode::Splice => "splice",
             CopyMode::Userspace => "userspace",
         }
+    }
+}
+
+/// A name that is not a copy mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a copy mode (auto, splice, userspace)")]
+pub struct UnknownCopyMode;
+
+impl std::str::FromStr for CopyMode {
+    type Err = UnknownCopyMode;
+
+    /// `auto`, `splice` or `userspace`, in any case.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [CopyMode::Auto, CopyMode::Splice, CopyMode::Userspace]
+            .into_iter()
+            .find(|mode| mode.as_str().eq_ignore_ascii_case(s))
+            .ok_or(UnknownCopyMode)
     }
 }
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::balance::Balancer;
 use super::omni::Omni;
-use crate::config::RouteTarget;
+use crate::config::{DockerHost, RouteTarget};
 use crate::discovery::Discovery;
 use crate::docker::index::ContainerIndex;
 use crate::metrics::{Metrics, RouteMetrics};
@@ -66,8 +66,8 @@ pub enum Target {
 /// What starting a target needs.
 pub struct Targets {
     pub discovery: Arc<Discovery>,
-    /// `--docker-host`, for omni targets.
-    pub docker_host: String,
+    /// `--docker-host`, for omni targets; `None` while no route is in omni mode.
+    pub docker_host: Option<DockerHost>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -82,8 +82,11 @@ impl Targets {
                 (Target::Fixed(Arc::new(balancer)), spec.kind())
             }
             RouteTarget::Omni => {
-                let index =
-                    ContainerIndex::new(Some(&self.docker_host)).map_err(TargetError::Docker)?;
+                // Config gives a Docker host whenever a route is in omni mode.
+                let host = self.docker_host.as_ref().ok_or_else(|| {
+                    TargetError::Docker("omni mode needs a Docker host (--docker-host)".into())
+                })?;
+                let index = ContainerIndex::new(host).map_err(TargetError::Docker)?;
                 let omni = Omni::start(
                     index,
                     self.discovery.clone(),

@@ -127,7 +127,11 @@ impl Server {
     pub async fn bind(config: Config, metrics: Arc<Metrics>) -> Result<Server, StartError> {
         let started_with = config.clone();
         let targets = Targets {
-            discovery: Arc::new(Discovery::new(config.dns, metrics.clone())),
+            discovery: Arc::new(Discovery::new(
+                config.dns,
+                config.consul_token.clone(),
+                metrics.clone(),
+            )),
             docker_host: config.docker_host.clone(),
             metrics: metrics.clone(),
         };
@@ -264,13 +268,27 @@ impl Server {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        // Started without an omni route, the server has no Docker host: a reload that
+        // adds one uses the reloaded configuration's.
+        let with_docker;
+        let targets = match (&self.targets.docker_host, &config.docker_host) {
+            (None, Some(host)) => {
+                with_docker = Targets {
+                    discovery: self.targets.discovery.clone(),
+                    docker_host: Some(host.clone()),
+                    metrics: self.targets.metrics.clone(),
+                };
+                &with_docker
+            }
+            _ => &self.targets,
+        };
         let mut added = Vec::new();
         for rc in config
             .routes
             .iter()
             .filter(|rc| !current.contains_key(&rc.listen.to_string()))
         {
-            added.push(bind_route(rc, threads, &self.targets)?);
+            added.push(bind_route(rc, threads, targets)?);
         }
         // A changed route switches once its new source has a first result (bounded), so
         // connections arriving during the switch are not refused for want of backends.
@@ -279,7 +297,7 @@ impl Server {
             if let Some(route) = current.get(&rc.listen.to_string())
                 && route.active().config != rc.target
             {
-                changed.push((route.clone(), self.targets.start(&rc.target)?));
+                changed.push((route.clone(), targets.start(&rc.target)?));
             }
         }
         let first_results = futures_util::future::join_all(changed.iter().map(|(_, a)| async {
@@ -328,7 +346,14 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         }
     };
     check("dns", running.dns != new.dns);
-    check("docker_host", running.docker_host != new.docker_host);
+    // A server that started with no omni route has no Docker host yet: the first
+    // reload that adds one brings its own (see `Server::reload`).
+    check(
+        "docker_host",
+        running.docker_host.is_some()
+            && new.docker_host.is_some()
+            && running.docker_host != new.docker_host,
+    );
     check(
         "admin",
         running.admin.map(|a| a.addr) != new.admin.map(|a| a.addr),

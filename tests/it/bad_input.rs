@@ -88,6 +88,24 @@ fn bad_flags_exit_64() {
     assert_rejected(&["--frobnicate", "a:1"], &[], 64, "--frobnicate");
 }
 
+/// A Docker host omni mode cannot use is bad usage at start, named with where it came
+/// from, not a failure once the index first connects.
+#[test]
+fn bad_docker_host_with_omnimode_exits_64_naming_it() {
+    assert_rejected(
+        &["--omnimode", "--docker-host", "ftp://x"],
+        &[],
+        64,
+        "--docker-host 'ftp://x': not unix:///PATH or tcp://HOST:PORT",
+    );
+    assert_rejected(
+        &["--omnimode"],
+        &[("DOCKER_HOST", "ftp://x")],
+        64,
+        "DOCKER_HOST 'ftp://x': not unix:///PATH or tcp://HOST:PORT",
+    );
+}
+
 #[test]
 fn port_in_use_exits_1_naming_the_address() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -1,0 +1,190 @@
+//! The command line as clap sees it: every flag, its environment variable, default and
+//! help text. Parsing only: values stay strings where validation (in `config`) turns
+//! them into typed values, so every error can name where the value came from.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
+
+use super::{ConfigError, DEFAULT_ADMIN, LogFormat};
+use crate::proxy::copy::CopyMode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ambassadord",
+    version,
+    about = "A Docker ambassador: forwards every TCP connection to a backend it discovers.",
+    after_help = "Examples:\n  \
+        ambassadord 192.168.1.100:8080                  listens on 8080, forwards to 192.168.1.100:8080\n  \
+        ambassadord redis-1:6379,redis-2:6379           balanced over both; a dead one is skipped\n  \
+        ambassadord --bind 127.0.0.1 --port 7000 10.0.0.5:6379\n  \
+        ambassadord --links                             one listener per Docker link port (docker run --link)"
+)]
+pub(super) struct Cli {
+    /// Where to forward: HOST:PORT[,HOST:PORT...], an SRV name, etcd://HOST:PORT/PATH or consul://HOST:PORT/PATH
+    #[arg(value_name = "BACKEND", env = "AMBASSADORD_BACKEND")]
+    pub(super) backend: Option<String>,
+
+    /// Omni mode: route each connection by the connecting container's BACKEND_<port> env
+    /// var (or ambassadord.backend.<port> label); listens on 10000
+    #[arg(long, env = "AMBASSADORD_OMNIMODE")]
+    pub(super) omnimode: bool,
+
+    /// Docker Engine API for omni mode (read-only use): unix:///path or tcp://HOST:PORT
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    pub(super) docker_host: String,
+
+    /// Forward each Docker link in the environment (<ALIAS>_PORT_<n>_TCP=tcp://IP:n), listening on its port
+    #[arg(
+        long,
+        env = "AMBASSADORD_LINKS",
+        conflicts_with_all = ["backend", "port"],
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub(super) links: bool,
+
+    /// Address to listen on [default: every address, IPv4 and IPv6]
+    #[arg(long, value_name = "IP", env = "AMBASSADORD_BIND")]
+    pub(super) bind: Option<String>,
+
+    /// Port to listen on [default: the first backend's port]; 0 picks a free port
+    #[arg(long, value_name = "PORT", env = "AMBASSADORD_PORT")]
+    pub(super) port: Option<String>,
+
+    /// Give up connecting to a backend after this long and try the next (e.g. 5s, 500ms)
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "AMBASSADORD_CONNECT_TIMEOUT",
+        default_value = "5s"
+    )]
+    pub(super) connect_timeout: String,
+
+    /// Close a connection after this long with no bytes either way; "off" never does
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "AMBASSADORD_IDLE_TIMEOUT",
+        default_value = "off"
+    )]
+    pub(super) idle_timeout: String,
+
+    /// On SIGTERM/SIGINT, how long open connections may finish before they are closed
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "AMBASSADORD_SHUTDOWN_GRACE",
+        default_value = "8s"
+    )]
+    pub(super) shutdown_grace: String,
+
+    /// How bytes are moved: auto (read/write, splice once a stream is bulk), splice (zero-copy through a pipe, Linux) or userspace (read/write)
+    #[arg(
+        long,
+        value_name = "MODE",
+        env = "AMBASSADORD_COPY",
+        value_parser = copy_mode(),
+        default_value = "auto"
+    )]
+    pub(super) copy: CopyMode,
+
+    /// Data threads: each accepts on its own socket of every listen address and serves those connections [default: one per CPU]
+    #[arg(
+        long,
+        value_name = "N",
+        env = "AMBASSADORD_THREADS",
+        value_parser = clap::value_parser!(u16).range(1..=1024)
+    )]
+    pub(super) threads: Option<u16>,
+
+    /// DNS server for host names and SRV lookups, IP[:PORT] [default: /etc/resolv.conf]
+    #[arg(long, value_name = "IP[:PORT]", env = "AMBASSADORD_DNS")]
+    pub(super) dns: Option<String>,
+
+    /// Log filter: a level (error, warn, info, debug, trace) or tracing directives [default: RUST_LOG, else info]
+    #[arg(long, value_name = "FILTER", env = "AMBASSADORD_LOG_LEVEL")]
+    pub(super) log_level: Option<String>,
+
+    /// Log line format
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        env = "AMBASSADORD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub(super) log_format: LogFormat,
+
+    /// Redirect every incoming TCP connection in this network namespace to --port (default 10000) with an nf_tables nat rule, then exit; needs CAP_NET_ADMIN, no BACKEND
+    #[arg(
+        long,
+        env = "AMBASSADORD_SETUP_IPTABLES",
+        conflicts_with = "remove_iptables"
+    )]
+    pub(super) setup_iptables: bool,
+
+    /// Remove the redirect --setup-iptables made, then exit
+    #[arg(long, env = "AMBASSADORD_REMOVE_IPTABLES")]
+    pub(super) remove_iptables: bool,
+
+    /// TOML file of routes and global options (flags and env override it); SIGHUP reloads it
+    #[arg(long, value_name = "FILE", env = "AMBASSADORD_CONFIG")]
+    pub(super) config: Option<PathBuf>,
+
+    /// Admin HTTP endpoint (/metrics, /healthz, /readyz, /routes, status page at /): IP:PORT, or "off"
+    #[arg(
+        long,
+        value_name = "IP:PORT|off",
+        env = "AMBASSADORD_ADMIN",
+        default_value = DEFAULT_ADMIN
+    )]
+    pub(super) admin: String,
+}
+
+/// `--copy`: clap checks the name exactly (so its error and `--help` list the modes,
+/// each with its help), then [`CopyMode`]'s `FromStr` makes the value.
+fn copy_mode() -> impl TypedValueParser<Value = CopyMode> {
+    PossibleValuesParser::new([
+        PossibleValue::new("auto")
+            .help("The plain copy, switching a direction to splice once it carries a bulk stream"),
+        PossibleValue::new("splice").help(
+            "Zero-copy splice(2) through a pipe on Linux from the first byte; the plain copy elsewhere",
+        ),
+        PossibleValue::new("userspace").help("read(2) into a buffer, write(2) out of it"),
+    ])
+    .try_map(|name| name.parse::<CopyMode>())
+}
+
+/// Runs clap over `args`: `--help` and `--version` become [`ConfigError::Info`], any
+/// other clap error its first line as [`ConfigError::Usage`]. Also returns the matches
+/// (where each value came from) and the clap command (each argument's names).
+pub(super) fn parse<I, T>(args: I) -> Result<(Cli, ArgMatches, clap::Command), ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut command = Cli::command();
+    let matches = command.try_get_matches_from_mut(args).map_err(|e| {
+        use clap::error::ErrorKind::*;
+        match e.kind() {
+            DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand => {
+                ConfigError::Info(e.render().to_string())
+            }
+            _ => {
+                let text = e.render().to_string();
+                let first = text.lines().next().unwrap_or("invalid arguments");
+                let first = first.strip_prefix("error: ").unwrap_or(first);
+                ConfigError::Usage(format!("{first} (see --help)"))
+            }
+        }
+    })?;
+    let cli = Cli::from_arg_matches(&matches).map_err(|e| ConfigError::Usage(e.to_string()))?;
+    Ok((cli, matches, command))
+}

@@ -1,0 +1,44 @@
+//! The `--config` file: its TOML shape and reading it, the only file I/O in config.
+//! Values stay strings here; validation names `FILE: key` for each one it refuses.
+
+use std::path::Path;
+
+/// The `--config` file: global options and `[[route]]` tables. Unknown keys are errors.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    pub(super) connect_timeout: Option<String>,
+    pub(super) idle_timeout: Option<String>,
+    pub(super) shutdown_grace: Option<String>,
+    pub(super) dns: Option<String>,
+    pub(super) docker_host: Option<String>,
+    pub(super) admin: Option<String>,
+    pub(super) log_level: Option<String>,
+    pub(super) log_format: Option<String>,
+    pub(super) copy: Option<String>,
+    pub(super) threads: Option<i64>,
+    #[serde(default)]
+    pub(super) route: Vec<FileRoute>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileRoute {
+    /// `IP:PORT`, `[IPV6]:PORT`, `:PORT` or `PORT`; default: every address, the spec's port.
+    pub(super) listen: Option<String>,
+    pub(super) backend: Option<String>,
+    #[serde(default)]
+    pub(super) omni: bool,
+}
+
+/// Reads and parses the `--config` file; errors name the file and, from the TOML
+/// parser, the line and the unknown or malformed key.
+pub(super) fn read(path: &Path) -> Result<FileConfig, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--config '{}': cannot read: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| {
+        let msg = e.to_string();
+        let msg = msg.trim_end().replace('\n', " ");
+        format!("--config '{}': {msg}", path.display())
+    })
+}

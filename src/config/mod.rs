@@ -1,0 +1,647 @@
+//! Flags, environment and the `--config` file → a validated [`Config`].
+//!
+//! Three steps, each in its own place: parse (`cli`: clap, no I/O; `file`: the TOML
+//! file, the only file I/O), look each option up through the layers (`layer`: flag,
+//! environment variable, file, default, with the origin of the value used), then
+//! validate into typed values (here and in `values`). The environment is read here
+//! only, once per parse. Every error names the value and
+//! its origin (`--port 'abc'`, `AMBASSADORD_PORT 'nine'`, `FILE: connect_timeout '5x'`),
+//! so a typo in a container's environment is found from one log line.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::ValueEnum;
+use clap::parser::ValueSource;
+
+use crate::proxy::copy::CopyMode;
+use crate::spec::Spec;
+
+mod cli;
+mod file;
+mod layer;
+mod values;
+
+use cli::Cli;
+use file::{FileConfig, FileRoute};
+use layer::{Layers, at, some_text, text};
+pub use values::parse_duration;
+
+/// Exit code for bad usage (EX_USAGE from sysexits.h).
+pub const EXIT_USAGE: u8 = 64;
+
+/// Where the admin endpoint listens unless told otherwise: loopback only, so metrics and
+/// route details are not exposed to the network by default.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What the process was asked to do. The one-shot actions carry only what they need.
+#[derive(Debug, Clone)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "made once per start or reload and moved out at once; a Box buys nothing"
+)]
+pub enum Command {
+    /// Listen and forward until shut down.
+    Serve(Config),
+    /// `--setup-iptables`: redirect incoming TCP in this network namespace to `port`, exit.
+    SetupRedirect { port: u16, log: LogConfig },
+    /// `--remove-iptables`: remove that redirect, exit.
+    RemoveRedirect { log: LogConfig },
+}
+
+/// Everything the ambassador needs to serve, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub routes: Vec<RouteConfig>,
+    /// `--dns`: ask this nameserver instead of the ones in /etc/resolv.conf.
+    pub dns: Option<std::net::SocketAddr>,
+    /// `--docker-host`: where omni mode reads containers from; validated, and present,
+    /// when a route is in omni mode, `None` otherwise (DOCKER_HOST is often set for other
+    /// tools, and a value nothing uses is no error).
+    pub docker_host: Option<DockerHost>,
+    pub settings: Settings,
+    pub log: LogConfig,
+    /// Bad input that validation skipped rather than refused (a malformed link variable);
+    /// [`crate::run`] logs each as a warning once logging is set up.
+    pub warnings: Vec<String>,
+    /// The admin endpoint, unless `--admin off`.
+    pub admin: Option<Admin>,
+    /// `--config`: the file SIGHUP reloads.
+    pub config_file: Option<PathBuf>,
+    /// `--threads`: data threads (default: one per CPU). Fixed at start: a reload keeps
+    /// the running count.
+    pub threads: Option<usize>,
+    /// CONSUL_HTTP_TOKEN (unless empty): sent by every consul:// source as its ACL token.
+    pub consul_token: Option<Secret>,
+}
+
+/// A value that must not reach a log or an error message: `Debug` prints `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The value itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// The Docker Engine API omni mode reads (read-only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DockerHost {
+    /// `unix:///PATH`: a Unix socket.
+    Unix(PathBuf),
+    /// `tcp://HOST:PORT` or `http://HOST:PORT`: plain HTTP to `HOST:PORT`.
+    Tcp(String),
+}
+
+impl fmt::Display for DockerHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DockerHost::Unix(path) => write!(f, "unix://{}", path.display()),
+            DockerHost::Tcp(addr) => write!(f, "tcp://{addr}"),
+        }
+    }
+}
+
+/// Where the admin endpoint listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admin {
+    pub addr: SocketAddr,
+    /// Asked for by the user (a failure to bind is then fatal), rather than the default
+    /// (a failure is a warning, so a second ambassador on one host still starts).
+    pub explicit: bool,
+}
+
+/// The port omni mode listens on, and so where --setup-iptables redirects by default.
+pub const OMNI_PORT: u16 = 10000;
+
+/// Behaviour shared by every route.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub shutdown_grace: Duration,
+    pub copy: CopyMode,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: None,
+            shutdown_grace: Duration::from_secs(8),
+            copy: CopyMode::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A tracing filter: `--log-level` (checked), else RUST_LOG (unchecked: a bad one
+    /// falls back to info); `None` means info.
+    pub filter: Option<String>,
+    pub format: LogFormat,
+}
+
+/// One listener and where its connections go.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub listen: Listen,
+    pub target: RouteTarget,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteTarget {
+    /// Standard mode: one backend spec.
+    Spec(Spec),
+    /// Omni mode: each connecting container's own declaration for the port.
+    Omni,
+}
+
+impl fmt::Display for RouteTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteTarget::Spec(spec) => write!(f, "{spec}"),
+            RouteTarget::Omni => f.write_str("omni (each container's BACKEND_<port>)"),
+        }
+    }
+}
+
+/// Where to listen: an address (`None` = every address, IPv4 and IPv6) and a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listen {
+    pub ip: Option<IpAddr>,
+    pub port: u16,
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ip {
+            None => write!(f, "*:{}", self.port),
+            Some(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            Some(IpAddr::V4(ip)) => write!(f, "{ip}:{}", self.port),
+        }
+    }
+}
+
+/// Why the command line could not be turned into a [`Command`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--help` or `--version`: print this and exit 0.
+    #[error("{0}")]
+    Info(String),
+    /// Bad usage: print this one-line message (the value, its origin, the fix) and exit
+    /// [`EXIT_USAGE`].
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl Command {
+    /// Parses and validates the command line, reading AMBASSADORD_* from the environment
+    /// for anything not given as a flag, and the `--config` file if there is one.
+    pub fn from_args<I, T>(args: I) -> Result<Command, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        Command::from_args_in(args, &Environment::capture())
+    }
+
+    /// As [`Command::from_args`], with `env` for the variables config reads itself.
+    fn from_args_in<I, T>(args: I, env: &Environment) -> Result<Command, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let (cli, matches, clap_command) = cli::parse(args)?;
+        let file_name = cli
+            .config
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let layers = Layers::new(&matches, clap_command, file_name);
+        command(&cli, &layers, env).map_err(ConfigError::Usage)
+    }
+
+    /// How to log, whatever the command.
+    pub fn log(&self) -> &LogConfig {
+        match self {
+            Command::Serve(config) => &config.log,
+            Command::SetupRedirect { log, .. } | Command::RemoveRedirect { log } => log,
+        }
+    }
+}
+
+/// The environment variables config reads beyond those clap reads for its flags (link
+/// variables, CONSUL_HTTP_TOKEN, RUST_LOG): one snapshot per parse, so nothing outside
+/// config reads the environment, and tests can hand in their own.
+struct Environment(Vec<(OsString, OsString)>);
+
+impl Environment {
+    fn capture() -> Self {
+        Environment(std::env::vars_os().collect())
+    }
+
+    /// A variable's value; `None` when it is unset or not UTF-8.
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.to_str())
+    }
+}
+
+fn command(cli: &Cli, layers: &Layers, env: &Environment) -> Result<Command, String> {
+    if cli.setup_iptables || cli.remove_iptables {
+        redirect(cli, layers, env)
+    } else {
+        serve(cli, layers, env).map(Command::Serve)
+    }
+}
+
+fn serve(cli: &Cli, layers: &Layers, env: &Environment) -> Result<Config, String> {
+    let file = match &cli.config {
+        None => FileConfig::default(),
+        Some(path) => file::read(path)?,
+    };
+    let (routes, warnings) = routes(cli, &file, layers, env)?;
+    let settings = settings(cli, &file, layers)?;
+    let log = log(cli, &file, layers, env)?;
+    let threads = threads(cli, &file, layers)?;
+    let dns = dns(cli, &file, layers)?;
+    let docker_host = docker_host(cli, &file, layers, &routes)?;
+    let admin = admin(cli, &file, layers)?;
+    Ok(Config {
+        routes,
+        dns,
+        docker_host,
+        settings,
+        log,
+        warnings,
+        admin,
+        config_file: cli.config.clone(),
+        threads,
+        consul_token: env
+            .get("CONSUL_HTTP_TOKEN")
+            .filter(|t| !t.is_empty())
+            .map(Secret::new),
+    })
+}
+
+/// Every route: the file's `[[route]]` tables, then the command line's route in one of
+/// the three modes (standard: BACKEND; omni: `--omnimode`; `--links`: one route per
+/// Docker link). Also returns what `--links` skipped, to log as warnings.
+fn routes(
+    cli: &Cli,
+    file: &FileConfig,
+    layers: &Layers,
+    env: &Environment,
+) -> Result<(Vec<RouteConfig>, Vec<String>), String> {
+    let mut routes = Vec::new();
+    for (i, r) in file.route.iter().enumerate() {
+        let place = format!("{}: route {}", layers.file_name(), i + 1);
+        routes.push(file_route(r, &place)?);
+    }
+    let ip = match &cli.bind {
+        None => None,
+        Some(s) => Some(layers.cli("bind", s.clone()).parse(values::parse_ip)?),
+    };
+    let mut warnings = Vec::new();
+    if cli.links {
+        if cli.omnimode {
+            return Err("--links and --omnimode cannot be combined: choose one mode".into());
+        }
+        let (links, skipped) = link_routes(ip, env)?;
+        routes.extend(links);
+        warnings.extend(skipped);
+    } else if let Some(target) = cli_target(cli, layers)? {
+        routes.push(cli_route(cli, layers, ip, target)?);
+    }
+    check_routes(&routes, layers.file_name())?;
+    Ok((routes, warnings))
+}
+
+/// `--links`: one route per linked port, on `ip`; clap has refused BACKEND and --port
+/// alongside. Also returns a warning per malformed link variable.
+fn link_routes(
+    ip: Option<IpAddr>,
+    env: &Environment,
+) -> Result<(Vec<RouteConfig>, Vec<String>), String> {
+    let links = crate::docker::links::parse(env.0.iter().cloned()).map_err(|e| e.to_string())?;
+    let skipped = links
+        .skipped
+        .iter()
+        .map(|s| format!("--links: skipped a link variable: {s}"))
+        .collect();
+    let routes = links
+        .links
+        .into_iter()
+        .map(|link| RouteConfig {
+            listen: Listen {
+                ip,
+                port: link.port,
+            },
+            target: RouteTarget::Spec(Spec::Static(vec![link.target])),
+        })
+        .collect();
+    Ok((routes, skipped))
+}
+
+/// The command line's target: omni mode, or standard mode's BACKEND; `None` when
+/// `--config` alone gives the routes.
+fn cli_target(cli: &Cli, layers: &Layers) -> Result<Option<RouteTarget>, String> {
+    match (&cli.backend, cli.omnimode) {
+        (Some(backend), true) => Err(format!(
+            "--omnimode takes no BACKEND (got '{backend}' from {}): each container declares its own",
+            layers.origin("backend")
+        )),
+        (None, true) => Ok(Some(RouteTarget::Omni)),
+        (None, false) if cli.config.is_some() => Ok(None),
+        (None, false) => Err(
+            "no backend given: pass BACKEND (for example 10.0.0.5:6379), set AMBASSADORD_BACKEND, \
+             or use --links, --omnimode or --config"
+                .into(),
+        ),
+        (Some(backend), false) => {
+            let spec = Spec::parse(backend).map_err(|e| match layers.origin("backend") {
+                // The spec's own message already names the value as a backend.
+                o if o == "BACKEND" => e.to_string(),
+                o => format!("{e} (from {o})"),
+            })?;
+            Ok(Some(RouteTarget::Spec(spec)))
+        }
+    }
+}
+
+/// The command line's route: `target` on `--bind` and `--port`, or on the port the
+/// target implies (the first backend's, or omni's).
+fn cli_route(
+    cli: &Cli,
+    layers: &Layers,
+    ip: Option<IpAddr>,
+    target: RouteTarget,
+) -> Result<RouteConfig, String> {
+    let port = match (&cli.port, &target) {
+        (None, RouteTarget::Spec(spec)) => spec.default_listen_port(),
+        (None, RouteTarget::Omni) => OMNI_PORT,
+        (Some(s), _) => layers.cli("port", s.clone()).parse(|s| {
+            s.parse::<u16>()
+                .map_err(|_| "not a port number (0-65535)".to_string())
+        })?,
+    };
+    Ok(RouteConfig {
+        listen: Listen { ip, port },
+        target,
+    })
+}
+
+/// At least one route, and no two on one listen address (port 0 is a fresh port each).
+fn check_routes(routes: &[RouteConfig], file_name: &str) -> Result<(), String> {
+    if routes.is_empty() {
+        return Err(format!(
+            "{file_name}: no routes: add a [[route]] with listen and backend, or pass BACKEND"
+        ));
+    }
+    for (i, a) in routes.iter().enumerate() {
+        if routes[..i]
+            .iter()
+            .any(|b| b.listen == a.listen && a.listen.port != 0)
+        {
+            return Err(format!(
+                "two routes listen on {}: each listen address can have one backend",
+                a.listen
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// One `[[route]]` table → a route; `place` names the file and route for errors.
+fn file_route(r: &FileRoute, place: &str) -> Result<RouteConfig, String> {
+    let target = match (&r.backend, r.omni) {
+        (Some(b), true) => {
+            return Err(format!("{place}: omni = true takes no backend (got '{b}')"));
+        }
+        (None, true) => RouteTarget::Omni,
+        (None, false) => {
+            return Err(format!(
+                "{place}: needs backend = \"HOST:PORT\" (or any spec), or omni = true"
+            ));
+        }
+        (Some(b), false) => RouteTarget::Spec(Spec::parse(b).map_err(|e| format!("{place}: {e}"))?),
+    };
+    let default_port = match &target {
+        RouteTarget::Spec(spec) => spec.default_listen_port(),
+        RouteTarget::Omni => OMNI_PORT,
+    };
+    let listen = match r.listen.as_deref().map(str::trim) {
+        None | Some("") => Listen {
+            ip: None,
+            port: default_port,
+        },
+        Some(s) => {
+            values::parse_listen(s).map_err(|why| format!("{place}: listen '{s}': {why}"))?
+        }
+    };
+    Ok(RouteConfig { listen, target })
+}
+
+/// The behaviour every route shares: timeouts and the copy mode.
+fn settings(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<Settings, String> {
+    let v = layers.pick(
+        "connect_timeout",
+        cli.connect_timeout.clone(),
+        file.connect_timeout.as_deref(),
+        text,
+    )?;
+    let connect_timeout = v.parse(parse_duration)?;
+    if connect_timeout.is_zero() {
+        return Err(at(&v.origin, &v.value, "must be more than zero"));
+    }
+    let idle_timeout = layers
+        .pick(
+            "idle_timeout",
+            cli.idle_timeout.clone(),
+            file.idle_timeout.as_deref(),
+            text,
+        )?
+        .trimmed()
+        .parse(values::parse_idle_timeout)?;
+    let shutdown_grace = layers
+        .pick(
+            "shutdown_grace",
+            cli.shutdown_grace.clone(),
+            file.shutdown_grace.as_deref(),
+            text,
+        )?
+        .parse(parse_duration)?;
+    let copy = layers
+        .pick("copy", cli.copy, file.copy.as_deref(), |s| {
+            s.parse::<CopyMode>().map_err(|e| e.to_string())
+        })?
+        .value;
+    Ok(Settings {
+        connect_timeout,
+        idle_timeout,
+        shutdown_grace,
+        copy,
+    })
+}
+
+/// `--threads`: clap checks the flag's range; the file's number is checked here.
+fn threads(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<Option<usize>, String> {
+    let threads = layers.pick(
+        "threads",
+        cli.threads.map(usize::from),
+        file.threads.as_ref(),
+        |n| {
+            usize::try_from(*n)
+                .ok()
+                .filter(|n| (1..=1024).contains(n))
+                .map(Some)
+                .ok_or_else(|| "not a thread count (1-1024)".to_string())
+        },
+    )?;
+    Ok(threads.value)
+}
+
+/// `--dns`: the nameserver, if not /etc/resolv.conf's.
+fn dns(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<Option<SocketAddr>, String> {
+    layers
+        .pick("dns", cli.dns.clone(), file.dns.as_deref(), some_text)?
+        .transpose()
+        .map(|dns| dns.parse(values::parse_dns))
+        .transpose()
+}
+
+/// `--docker-host`, when a route is in omni mode. Checked wherever it is used, so a bad
+/// value is bad usage at start rather than a failure once omni mode first asks Docker;
+/// not read otherwise, since DOCKER_HOST is often set for other tools.
+fn docker_host(
+    cli: &Cli,
+    file: &FileConfig,
+    layers: &Layers,
+    routes: &[RouteConfig],
+) -> Result<Option<DockerHost>, String> {
+    if !routes.iter().any(|r| r.target == RouteTarget::Omni) {
+        return Ok(None);
+    }
+    let host = layers.pick(
+        "docker_host",
+        cli.docker_host.clone(),
+        file.docker_host.as_deref(),
+        text,
+    )?;
+    host.parse(values::parse_docker_host).map(Some)
+}
+
+/// The log filter (validated, so a typo does not silently log nothing) and format.
+fn log(
+    cli: &Cli,
+    file: &FileConfig,
+    layers: &Layers,
+    env: &Environment,
+) -> Result<LogConfig, String> {
+    let filter = layers
+        .pick(
+            "log_level",
+            cli.log_level.clone(),
+            file.log_level.as_deref(),
+            some_text,
+        )?
+        .transpose();
+    if let Some(f) = &filter {
+        f.parse(values::check_log_filter)?;
+    }
+    let format = layers
+        .pick(
+            "log_format",
+            cli.log_format,
+            file.log_format.as_deref(),
+            |s| {
+                LogFormat::from_str(s, true)
+                    .map_err(|_| "not a log format (text, json)".to_string())
+            },
+        )?
+        .value;
+    Ok(LogConfig {
+        filter: filter.map(|f| f.value).or_else(|| rust_log(env)),
+        format,
+    })
+}
+
+/// RUST_LOG, the filter when no --log-level is set. Not checked: tracing's convention is
+/// that a bad RUST_LOG falls back to the default (info) rather than refusing to start.
+fn rust_log(env: &Environment) -> Option<String> {
+    env.get("RUST_LOG").map(str::to_string)
+}
+
+/// The admin endpoint, unless `off`. One the user asked for must bind; the default may
+/// fail with a warning.
+fn admin(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<Option<Admin>, String> {
+    let v = layers
+        .pick("admin", cli.admin.clone(), file.admin.as_deref(), text)?
+        .trimmed();
+    let explicit = v.explicit;
+    Ok(v.parse(values::parse_admin)?
+        .map(|addr| Admin { addr, explicit }))
+}
+
+/// `--setup-iptables` / `--remove-iptables`: one-shot actions that serve nothing, so a
+/// BACKEND on the command line is a mistake worth naming (one from the environment is
+/// ignored, so the same container environment can run both roles).
+fn redirect(cli: &Cli, layers: &Layers, env: &Environment) -> Result<Command, String> {
+    let flag = if cli.setup_iptables {
+        layers.origin("setup_iptables")
+    } else {
+        layers.origin("remove_iptables")
+    };
+    if let (Some(b), Some(ValueSource::CommandLine)) = (&cli.backend, layers.source("backend")) {
+        return Err(format!(
+            "{flag} runs once and exits; it takes no BACKEND (got '{b}')"
+        ));
+    }
+    // A one-shot action reads no --config file and does not check the log filter: a
+    // bad --log-level falls back to info, so the action still runs.
+    let log = LogConfig {
+        filter: cli.log_level.clone().or_else(|| rust_log(env)),
+        format: cli.log_format,
+    };
+    if cli.remove_iptables {
+        return Ok(Command::RemoveRedirect { log });
+    }
+    let port = match &cli.port {
+        None => OMNI_PORT,
+        Some(s) => layers
+            .cli("port", s.clone())
+            .parse(|s| match s.parse::<u16>() {
+                Ok(0) => Err("the redirect needs a real port (1-65535)".to_string()),
+                Ok(p) => Ok(p),
+                Err(_) => Err("not a port number (1-65535)".to_string()),
+            })?,
+    };
+    Ok(Command::SetupRedirect { port, log })
+}
+
+#[cfg(test)]
+mod tests;
