@@ -8,8 +8,7 @@ use std::path::PathBuf;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser};
 
-use super::{ConfigError, DEFAULT_ADMIN, LogFormat};
-use crate::proxy::copy::CopyMode;
+use super::types::{ConfigError, CopyMode, DEFAULT_ADMIN, LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -9,212 +9,26 @@
 //! so a typo in a container's environment is found from one log line.
 
 use std::ffi::OsString;
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::ValueEnum;
 use clap::parser::ValueSource;
 
-use crate::proxy::copy::CopyMode;
 use crate::spec::Spec;
 
 mod cli;
 mod file;
 mod layer;
+pub mod links;
+mod types;
 mod values;
+
+pub use types::*;
 
 use cli::Cli;
 use file::{FileConfig, FileRoute};
 use layer::{Layers, at, some_text, text};
 pub use values::parse_duration;
-
-/// Exit code for bad usage (EX_USAGE from sysexits.h).
-pub const EXIT_USAGE: u8 = 64;
-
-/// Where the admin endpoint listens unless told otherwise: loopback only, so metrics and
-/// route details are not exposed to the network by default.
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-/// What the process was asked to do. The one-shot actions carry only what they need.
-#[derive(Debug, Clone)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "made once per start or reload and moved out at once; a Box buys nothing"
-)]
-pub enum Command {
-    /// Listen and forward until shut down.
-    Serve(Config),
-    /// `--setup-iptables`: redirect incoming TCP in this network namespace to `port`, exit.
-    SetupRedirect { port: u16, log: LogConfig },
-    /// `--remove-iptables`: remove that redirect, exit.
-    RemoveRedirect { log: LogConfig },
-}
-
-/// Everything the ambassador needs to serve, validated.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub routes: Vec<RouteConfig>,
-    /// `--dns`: ask this nameserver instead of the ones in /etc/resolv.conf.
-    pub dns: Option<std::net::SocketAddr>,
-    /// `--docker-host`: where omni mode reads containers from; validated, and present,
-    /// when a route is in omni mode, `None` otherwise (DOCKER_HOST is often set for other
-    /// tools, and a value nothing uses is no error).
-    pub docker_host: Option<DockerHost>,
-    pub settings: Settings,
-    pub log: LogConfig,
-    /// Bad input that validation skipped rather than refused (a malformed link variable);
-    /// [`crate::run`] logs each as a warning once logging is set up.
-    pub warnings: Vec<String>,
-    /// The admin endpoint, unless `--admin off`.
-    pub admin: Option<Admin>,
-    /// `--config`: the file SIGHUP reloads.
-    pub config_file: Option<PathBuf>,
-    /// `--threads`: data threads (default: one per CPU). Fixed at start: a reload keeps
-    /// the running count.
-    pub threads: Option<usize>,
-    /// CONSUL_HTTP_TOKEN (unless empty): sent by every consul:// source as its ACL token.
-    pub consul_token: Option<Secret>,
-}
-
-/// A value that must not reach a log or an error message: `Debug` prints `***`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The value itself, for the one place that sends it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-/// The Docker Engine API omni mode reads (read-only).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DockerHost {
-    /// `unix:///PATH`: a Unix socket.
-    Unix(PathBuf),
-    /// `tcp://HOST:PORT` or `http://HOST:PORT`: plain HTTP to `HOST:PORT`.
-    Tcp(String),
-}
-
-impl fmt::Display for DockerHost {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DockerHost::Unix(path) => write!(f, "unix://{}", path.display()),
-            DockerHost::Tcp(addr) => write!(f, "tcp://{addr}"),
-        }
-    }
-}
-
-/// Where the admin endpoint listens.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Admin {
-    pub addr: SocketAddr,
-    /// Asked for by the user (a failure to bind is then fatal), rather than the default
-    /// (a failure is a warning, so a second ambassador on one host still starts).
-    pub explicit: bool,
-}
-
-/// The port omni mode listens on, and so where --setup-iptables redirects by default.
-pub const OMNI_PORT: u16 = 10000;
-
-/// Behaviour shared by every route.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub connect_timeout: Duration,
-    pub idle_timeout: Option<Duration>,
-    pub shutdown_grace: Duration,
-    pub copy: CopyMode,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            connect_timeout: Duration::from_secs(5),
-            idle_timeout: None,
-            shutdown_grace: Duration::from_secs(8),
-            copy: CopyMode::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct LogConfig {
-    /// A tracing filter: `--log-level` (checked), else RUST_LOG (unchecked: a bad one
-    /// falls back to info); `None` means info.
-    pub filter: Option<String>,
-    pub format: LogFormat,
-}
-
-/// One listener and where its connections go.
-#[derive(Debug, Clone)]
-pub struct RouteConfig {
-    pub listen: Listen,
-    pub target: RouteTarget,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RouteTarget {
-    /// Standard mode: one backend spec.
-    Spec(Spec),
-    /// Omni mode: each connecting container's own declaration for the port.
-    Omni,
-}
-
-impl fmt::Display for RouteTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            RouteTarget::Spec(spec) => write!(f, "{spec}"),
-            RouteTarget::Omni => f.write_str("omni (each container's BACKEND_<port>)"),
-        }
-    }
-}
-
-/// Where to listen: an address (`None` = every address, IPv4 and IPv6) and a port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Listen {
-    pub ip: Option<IpAddr>,
-    pub port: u16,
-}
-
-impl fmt::Display for Listen {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.ip {
-            None => write!(f, "*:{}", self.port),
-            Some(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
-            Some(IpAddr::V4(ip)) => write!(f, "{ip}:{}", self.port),
-        }
-    }
-}
-
-/// Why the command line could not be turned into a [`Command`].
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// `--help` or `--version`: print this and exit 0.
-    #[error("{0}")]
-    Info(String),
-    /// Bad usage: print this one-line message (the value, its origin, the fix) and exit
-    /// [`EXIT_USAGE`].
-    #[error("{0}")]
-    Usage(String),
-}
 
 impl Command {
     /// Parses and validates the command line, reading AMBASSADORD_* from the environment
@@ -347,7 +161,7 @@ fn link_routes(
     ip: Option<IpAddr>,
     env: &Environment,
 ) -> Result<(Vec<RouteConfig>, Vec<String>), String> {
-    let links = crate::docker::links::parse(env.0.iter().cloned()).map_err(|e| e.to_string())?;
+    let links = links::parse(env.0.iter().cloned()).map_err(|e| e.to_string())?;
     let skipped = links
         .skipped
         .iter()

@@ -1,6 +1,7 @@
 //! The pipeline end to end: arguments (and files) in, a `Config` or one error line out.
 
 use super::*;
+use std::time::Duration;
 
 /// Parses `args` after the program name; `--help` text and errors alike are `Err`.
 fn command(args: &[&str]) -> Result<Command, String> {

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{DockerHost, Listen};
+use super::types::{DockerHost, Listen};
 
 /// A duration such as `5s`, `250ms`, `2m`, `1h` or `1.5s`; a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -16,8 +16,6 @@ pub mod listen;
 pub mod omni;
 pub mod route;
 pub mod server;
-#[cfg(target_os = "linux")]
-pub mod splice;
 pub mod workers;
 
 pub use server::{Server, StartError};

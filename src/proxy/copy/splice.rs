@@ -24,7 +24,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::copy::Fault;
+use super::direction::{Fault, Tally};
 
 /// The most a single splice moves; a default pipe holds 16 pages (64 KiB).
 const CHUNK: usize = 64 * 1024;
@@ -114,7 +114,7 @@ fn unsupported(e: &io::Error) -> bool {
 pub(super) async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
-    count: &super::copy::Tally<'_>,
+    count: &Tally<'_>,
     last_activity: &AtomicU64,
     start: Instant,
 ) -> Spliced {

@@ -17,62 +17,29 @@
 //! A direction holds a buffer only while data is flowing: it is taken when the socket
 //! turns readable and given back when a read would block, so idle connections cost no
 //! buffer memory.
+//!
+//! This file runs the two directions; the strategies that move one direction's bytes
+//! are `plain.rs` and `splice.rs`, and `direction.rs` is what both report (bytes moved,
+//! which side failed), so neither strategy knows the other or this file.
+
+mod direction;
+mod plain;
+#[cfg(target_os = "linux")]
+pub mod splice;
+
+pub use crate::config::CopyMode;
+pub use direction::Live;
+use direction::{Fault, Tally};
 
 use std::fmt;
 use std::io;
-use std::net::Shutdown;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
-use socket2::SockRef;
-use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
-
-const BUF_SIZE: usize = 64 * 1024;
-
-/// How bytes are moved between the two sockets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum CopyMode {
-    /// The plain copy, switching a direction to splice once it carries a bulk stream.
-    #[default]
-    Auto,
-    /// Zero-copy splice(2) through a pipe on Linux from the first byte; the plain copy
-    /// elsewhere.
-    Splice,
-    /// read(2) into a buffer, write(2) out of it.
-    Userspace,
-}
-
-impl CopyMode {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            CopyMode::Auto => "auto",
-            CopyMode::Splice => "splice",
-            CopyMode::Userspace => "userspace",
-        }
-    }
-}
-
-/// A name that is not a copy mode.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("not a copy mode (auto, splice, userspace)")]
-pub struct UnknownCopyMode;
-
-impl std::str::FromStr for CopyMode {
-    type Err = UnknownCopyMode;
-
-    /// `auto`, `splice` or `userspace`, in any case.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [CopyMode::Auto, CopyMode::Splice, CopyMode::Userspace]
-            .into_iter()
-            .find(|mode| mode.as_str().eq_ignore_ascii_case(s))
-            .ok_or(UnknownCopyMode)
-    }
-}
 
 /// What happened on one proxied connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,43 +90,6 @@ impl Close {
 impl fmt::Display for Close {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-/// Which side an I/O error happened on.
-pub(super) enum Fault {
-    From(io::Error),
-    To(io::Error),
-}
-
-/// The shared counter one direction adds its bytes to as they move (the backend's
-/// series), so a long transfer shows in /metrics and /routes while it runs, not only
-/// once it closes.
-pub type Live<'a> = Option<&'a Counter>;
-
-/// One direction's byte count: the connection's own total plus its [`Live`] counter.
-pub(super) struct Tally<'a> {
-    own: AtomicU64,
-    live: Live<'a>,
-}
-
-impl<'a> Tally<'a> {
-    fn new(live: Live<'a>) -> Self {
-        Tally {
-            own: AtomicU64::new(0),
-            live,
-        }
-    }
-
-    pub(super) fn add(&self, n: u64) {
-        self.own.fetch_add(n, Ordering::Relaxed);
-        if let Some(metric) = self.live {
-            metric.inc_by(n);
-        }
-    }
-
-    fn get(&self) -> u64 {
-        self.own.load(Ordering::Relaxed)
     }
 }
 
@@ -266,117 +196,24 @@ async fn one_way(
         let upgrade = match mode {
             CopyMode::Userspace => false,
             CopyMode::Auto => {
-                match copy_one_way(from, to, count, last_activity, start, true).await? {
-                    Flow::Ended => return Ok(()),
-                    Flow::Bulk => true,
+                match plain::one_way(from, to, count, last_activity, start, true).await? {
+                    plain::Flow::Ended => return Ok(()),
+                    plain::Flow::Bulk => true,
                 }
             }
             CopyMode::Splice => true,
         };
         if upgrade {
-            match super::splice::one_way(from, to, count, last_activity, start).await {
-                super::splice::Spliced::Done(r) => return r,
+            match splice::one_way(from, to, count, last_activity, start).await {
+                splice::Spliced::Done(r) => return r,
                 // Nothing is in flight: the plain copy takes over where splice stopped.
-                super::splice::Spliced::Unsupported => {}
+                splice::Spliced::Unsupported => {}
             }
         }
     }
     #[cfg(not(target_os = "linux"))]
     let _ = mode;
-    copy_one_way(from, to, count, last_activity, start, false)
+    plain::one_way(from, to, count, last_activity, start, false)
         .await
         .map(|_| ())
-}
-
-/// Why the plain copy returned.
-enum Flow {
-    /// EOF from `from`, passed on to `to`.
-    Ended,
-    /// One read filled the whole buffer (asked for with `stop_on_bulk`): a bulk stream
-    /// that splice moves more cheaply. Everything read so far has been written.
-    Bulk,
-}
-
-/// The plain copy: read into a buffer held only while data flows, write it out.
-async fn copy_one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    count: &Tally<'_>,
-    last_activity: &AtomicU64,
-    start: Instant,
-    stop_on_bulk: bool,
-) -> Result<Flow, Fault> {
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        from.readable().await.map_err(Fault::From)?;
-        if buf.capacity() == 0 {
-            buf.reserve_exact(BUF_SIZE);
-        }
-        buf.clear();
-        // A short read means the socket was drained at that moment: clear its readiness
-        // as if the read had returned EAGAIN (tokio's own poll_read does the same), which
-        // saves one read(2) per message on interactive traffic. A read that fills the
-        // buffer keeps readiness, so the next one happens at once.
-        let mut short = None;
-        let read = from.try_io(Interest::READABLE, || {
-            // Reads into spare capacity, so a fresh buffer is never zero-filled first.
-            match from.try_read_buf(&mut buf)? {
-                n if n > 0 && n < BUF_SIZE => {
-                    short = Some(n);
-                    Err(io::ErrorKind::WouldBlock.into())
-                }
-                n => Ok(n),
-            }
-        });
-        let read = match short {
-            Some(n) => Ok(n),
-            None => read,
-        };
-        match read {
-            Ok(0) => {
-                // Half-close: pass the EOF on and let the other direction run on.
-                return match SockRef::from(to).shutdown(Shutdown::Write) {
-                    Ok(()) => Ok(Flow::Ended),
-                    // The other side already went away entirely; nothing left to tell it.
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(Flow::Ended),
-                    Err(e) => Err(Fault::To(e)),
-                };
-            }
-            Ok(n) => {
-                write_all(to, &buf[..n]).await.map_err(Fault::To)?;
-                count.add(n as u64);
-                last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-                if stop_on_bulk && n >= BUF_SIZE {
-                    return Ok(Flow::Bulk);
-                }
-                if short.is_some() {
-                    // Drained: give the buffer back while the direction is quiet.
-                    buf = Vec::new();
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Drained for now: give the buffer back while the direction is quiet.
-                buf = Vec::new();
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(Fault::From(e)),
-        }
-    }
-}
-
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
