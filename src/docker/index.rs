@@ -147,6 +147,27 @@ impl State {
 }
 
 /// The IP → container index. Cheap to read from every connection task.
+/// What went wrong talking to the Docker engine.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("Docker host '{host}': {source}")]
+    Client {
+        host: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("listing containers: {0}")]
+    List(#[source] bollard::errors::Error),
+    #[error("inspecting container {id}: {source}")]
+    Inspect {
+        id: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("event stream: {0}")]
+    Events(#[source] bollard::errors::Error),
+}
+
 pub struct ContainerIndex {
     docker: Docker,
     state: RwLock<State>,
@@ -159,7 +180,7 @@ pub struct ContainerIndex {
 impl ContainerIndex {
     /// A client of the Engine API at `host`, as config validated it. Does no I/O yet;
     /// fails only if the client refuses the host (a Unix socket that does not exist).
-    pub fn new(host: &DockerHost) -> Result<Arc<ContainerIndex>, String> {
+    pub fn new(host: &DockerHost) -> Result<Arc<ContainerIndex>, DockerError> {
         let docker = connect(host)?;
         Ok(Arc::new(ContainerIndex {
             docker,
@@ -252,7 +273,7 @@ impl ContainerIndex {
     /// Lists containers, finds the one with `ip`, and inspects it alone. Containers not
     /// yet reported running are included: a process can connect before its container's
     /// start is announced.
-    async fn refresh_ip(&self, ip: IpAddr) -> Result<Option<Arc<Container>>, String> {
+    async fn refresh_ip(&self, ip: IpAddr) -> Result<Option<Arc<Container>>, DockerError> {
         let listed = self
             .docker
             .list_containers(Some(ListContainersOptions {
@@ -260,7 +281,7 @@ impl ContainerIndex {
                 ..Default::default()
             }))
             .await
-            .map_err(|e| format!("listing containers: {e}"))?;
+            .map_err(DockerError::List)?;
         let owner = listed.iter().find(|c| {
             let networks = c
                 .network_settings
@@ -280,7 +301,7 @@ impl ContainerIndex {
         Ok(self.get(ip))
     }
 
-    async fn inspect_and_store(&self, id: &str) -> Result<(), String> {
+    async fn inspect_and_store(&self, id: &str) -> Result<(), DockerError> {
         match self.docker.inspect_container(id, None).await {
             Ok(inspect) => {
                 match Container::from_inspect(&inspect) {
@@ -300,7 +321,10 @@ impl ContainerIndex {
                 self.changed();
                 Ok(())
             }
-            Err(e) => Err(format!("inspecting container {id}: {e}")),
+            Err(source) => Err(DockerError::Inspect {
+                id: id.to_string(),
+                source,
+            }),
         }
     }
 
@@ -328,7 +352,7 @@ impl ContainerIndex {
             };
             let e = match result {
                 Ok(()) => "the event stream ended".to_string(),
-                Err(e) => e,
+                Err(e) => e.to_string(),
             };
             if !failing {
                 warn!(error = %e, containers = self.len(), "lost the Docker engine; routing from the last known containers while reconnecting");
@@ -347,7 +371,7 @@ impl ContainerIndex {
         &self,
         failing: &mut bool,
         backoff: &mut Backoff,
-    ) -> Result<(), String> {
+    ) -> Result<(), DockerError> {
         // Events from a moment before the list, replayed by the daemon, cover the gap
         // between subscribing and listing; applying one twice is harmless.
         let since = SystemTime::now()
@@ -363,12 +387,12 @@ impl ContainerIndex {
             until: None,
             filters: Some(filters),
         }));
-        let (tx, mut rx) = mpsc::unbounded_channel::<Result<EventMessage, String>>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Result<EventMessage, DockerError>>();
         let pump = tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 let stop = event.is_err();
                 if tx
-                    .send(event.map_err(|e| format!("event stream: {e}")))
+                    .send(event.map_err(DockerError::Events))
                     .is_err()
                     || stop
                 {
@@ -397,12 +421,12 @@ impl ContainerIndex {
     }
 
     /// Replaces the whole index with what the engine says now.
-    async fn relist(&self) -> Result<(), String> {
+    async fn relist(&self) -> Result<(), DockerError> {
         let listed = self
             .docker
             .list_containers(None::<ListContainersOptions>)
             .await
-            .map_err(|e| format!("listing containers: {e}"))?;
+            .map_err(DockerError::List)?;
         let ids: Vec<String> = listed.into_iter().filter_map(|c| c.id).collect();
         let mut fresh = State::default();
         // Inspect a few at a time: hundreds of containers should not take long, nor
@@ -426,7 +450,7 @@ impl ContainerIndex {
                 Err(bollard::errors::Error::DockerResponseServerError {
                     status_code: 404, ..
                 }) => {}
-                Err(e) => return Err(format!("inspecting container {id}: {e}")),
+                Err(source) => return Err(DockerError::Inspect { id, source }),
             }
         }
         *self.write() = fresh;
@@ -464,7 +488,7 @@ impl ContainerIndex {
 }
 
 /// A Docker client for `host`, negotiated lazily by the daemon's answers.
-fn connect(host: &DockerHost) -> Result<Docker, String> {
+fn connect(host: &DockerHost) -> Result<Docker, DockerError> {
     // No client-side timeout: the event stream is a long-lived request.
     const NO_TIMEOUT: u64 = u64::MAX / 4;
     let docker = match host {
@@ -477,7 +501,10 @@ fn connect(host: &DockerHost) -> Result<Docker, String> {
             Docker::connect_with_http(addr, NO_TIMEOUT, bollard::API_DEFAULT_VERSION)
         }
     };
-    docker.map_err(|e| format!("Docker host '{host}': {e}"))
+    docker.map_err(|source| DockerError::Client {
+        host: host.to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -568,7 +595,7 @@ mod tests {
     fn docker_host_forms() {
         let err = connect(&DockerHost::Unix("/nonexistent.sock".into())).unwrap_err();
         assert!(
-            err.contains("Docker host 'unix:///nonexistent.sock'"),
+            err.to_string().contains("Docker host 'unix:///nonexistent.sock'"),
             "{err}"
         );
         assert!(connect(&DockerHost::Tcp("127.0.0.1:2375".into())).is_ok());

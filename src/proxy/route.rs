@@ -16,7 +16,7 @@ use super::balance::Balancer;
 use super::omni::Omni;
 use crate::config::{DockerHost, RouteTarget};
 use crate::discovery::Discovery;
-use crate::docker::index::ContainerIndex;
+use crate::docker::index::{ContainerIndex, DockerError};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::status::{ContainerStatus, EndpointState, EndpointStatus, RouteStatus, TargetStatus};
 
@@ -24,8 +24,11 @@ use crate::status::{ContainerStatus, EndpointState, EndpointStatus, RouteStatus,
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
     /// Omni mode's Docker client could not be set up.
-    #[error("{0}")]
-    Docker(String),
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    /// An omni route without a Docker host (config gives one to every omni route).
+    #[error("omni mode needs a Docker host (--docker-host)")]
+    NoDockerHost,
 }
 
 /// One listening address and where its connections go.
@@ -83,10 +86,8 @@ impl Targets {
             }
             RouteTarget::Omni => {
                 // Config gives a Docker host whenever a route is in omni mode.
-                let host = self.docker_host.as_ref().ok_or_else(|| {
-                    TargetError::Docker("omni mode needs a Docker host (--docker-host)".into())
-                })?;
-                let index = ContainerIndex::new(host).map_err(TargetError::Docker)?;
+                let host = self.docker_host.as_ref().ok_or(TargetError::NoDockerHost)?;
+                let index = ContainerIndex::new(host)?;
                 let omni = Omni::start(
                     index,
                     self.discovery.clone(),
