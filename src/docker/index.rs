@@ -391,11 +391,7 @@ impl ContainerIndex {
         let pump = tokio::spawn(async move {
             while let Some(event) = events.next().await {
                 let stop = event.is_err();
-                if tx
-                    .send(event.map_err(DockerError::Events))
-                    .is_err()
-                    || stop
-                {
+                if tx.send(event.map_err(DockerError::Events)).is_err() || stop {
                     return;
                 }
             }
@@ -595,7 +591,8 @@ mod tests {
     fn docker_host_forms() {
         let err = connect(&DockerHost::Unix("/nonexistent.sock".into())).unwrap_err();
         assert!(
-            err.to_string().contains("Docker host 'unix:///nonexistent.sock'"),
+            err.to_string()
+                .contains("Docker host 'unix:///nonexistent.sock'"),
             "{err}"
         );
         assert!(connect(&DockerHost::Tcp("127.0.0.1:2375".into())).is_ok());
