@@ -198,16 +198,27 @@ async fn serve(
     .await;
     series.active.dec();
     series.finished(t.close.as_str());
+    // An abort is passed on as an abort: a side that failed (a reset, most often) gets
+    // the other side reset too (SO_LINGER 0 makes the close send RST), so a protocol that
+    // ends a message with EOF never takes a truncated one as complete.
+    let reset = match t.close {
+        copy::Close::ClientError(_) => Some(("backend", &backend)),
+        copy::Close::BackendError(_) => Some(("client", &client)),
+        _ => None,
+    };
+    if let Some((_, socket)) = reset {
+        let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
+    }
     let duration_ms = start.elapsed().as_millis() as u64;
-    match t.close.error() {
-        None => {
+    match (t.close.error(), reset) {
+        (Some(error), Some((reset, _))) => {
+            warn!(target: ACCESS, listen = %route.listen, client = %peer, route = label, backend = %endpoint,
+            sent = t.sent, received = t.received, duration_ms, close = %t.close, error = %error, reset = %reset,
+            "connection aborted")
+        }
+        _ => {
             info!(target: ACCESS, listen = %route.listen, client = %peer, route = label, backend = %endpoint,
             sent = t.sent, received = t.received, duration_ms, close = %t.close, "connection closed")
-        }
-        Some(error) => {
-            warn!(target: ACCESS, listen = %route.listen, client = %peer, route = label, backend = %endpoint,
-            sent = t.sent, received = t.received, duration_ms, close = %t.close, error = %error,
-            "connection closed")
         }
     }
 }

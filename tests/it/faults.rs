@@ -345,3 +345,114 @@ async fn a_kv_value_cannot_forge_a_log_line_or_make_a_huge_one() {
         assert!(longest < 2_000, "{format}: a {longest}-byte line");
     }
 }
+
+/// Closes `s` with a reset (SO_LINGER 0), as a killed or aborting peer does.
+fn reset(s: TcpStream) {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+}
+
+const MODES: [&str; 3] = ["auto", "splice", "userspace"];
+
+/// A backend that resets mid-response is seen by the client as a reset, not as a clean
+/// end of stream, in every copy mode (a direct connection gets ECONNRESET; a protocol
+/// that ends a message with EOF must not take the truncated one as complete).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_reset_reaches_the_client_as_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for mode in MODES {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            s.write_all(b"partial answ").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            reset(s);
+        });
+        let mut amb = Ambassador::on_loopback(&["--copy", mode, &addr.to_string()]);
+        let mut client = TcpStream::connect(amb.addr).await.unwrap();
+        let mut got = Vec::new();
+        let read = client.read_to_end(&mut got).await;
+        assert_eq!(
+            read.as_ref().map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::ConnectionReset),
+            "--copy {mode}: {read:?} after {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        let line = amb.wait_for_log("connection aborted");
+        assert!(
+            line.contains("reset=client") && line.contains("close=backend_error"),
+            "{line}"
+        );
+    }
+}
+
+/// A client that resets is passed on to the backend as a reset, not a clean EOF, in
+/// every copy mode.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_reset_reaches_the_backend_as_a_reset() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for mode in MODES {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let backend = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.map_err(|e| e.kind())
+        });
+        let mut amb = Ambassador::on_loopback(&["--copy", mode, &addr.to_string()]);
+        let mut client = TcpStream::connect(amb.addr).await.unwrap();
+        client.write_all(b"half a requ").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        reset(client);
+        let seen = tokio::time::timeout(DEADLINE, backend)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            seen.err(),
+            Some(std::io::ErrorKind::ConnectionReset),
+            "--copy {mode}: the backend saw a clean end"
+        );
+        let line = amb.wait_for_log("connection aborted");
+        assert!(
+            line.contains("reset=backend") && line.contains("close=client_error"),
+            "{line}"
+        );
+    }
+}
+
+/// A client's reset is noticed while the proxy is blocked writing its bytes to a
+/// backend that does not read: the connection is freed at once (the backend is reset
+/// and the line logged), in every copy mode, instead of being held until the backend
+/// reads again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reset_is_noticed_while_blocked_writing_to_a_peer_that_does_not_read() {
+    use tokio::io::AsyncWriteExt;
+    for mode in MODES {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts and holds the connection, never reading.
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let _ = held_tx.send(());
+            tokio::time::sleep(Duration::from_secs(600)).await;
+            drop(s);
+        });
+        let mut amb = Ambassador::on_loopback(&["--copy", mode, &addr.to_string()]);
+        let mut client = TcpStream::connect(amb.addr).await.unwrap();
+        held_rx.await.unwrap();
+        // Write until every buffer on the way is full and the write blocks.
+        let chunk = vec![7u8; 256 * 1024];
+        while tokio::time::timeout(Duration::from_millis(300), client.write_all(&chunk))
+            .await
+            .is_ok()
+        {}
+        reset(client);
+        let line = amb.wait_for_log("connection aborted");
+        assert!(line.contains("reset=backend"), "--copy {mode}: {line}");
+    }
+}

@@ -24,7 +24,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::direction::{Fault, Tally};
+use super::direction::{Fault, Tally, writable};
 
 /// The most a single splice moves; a default pipe holds 16 pages (64 KiB).
 const CHUNK: usize = 64 * 1024;
@@ -154,8 +154,8 @@ pub(super) async fn one_way(
             }
             Ok(n) => {
                 p.held = n;
-                if let Err(e) = drain(p, to).await {
-                    return Spliced::Done(Err(Fault::To(e)));
+                if let Err(fault) = drain(p, from, to).await {
+                    return Spliced::Done(Err(fault));
                 }
                 count.add(n as u64);
                 last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -169,10 +169,11 @@ pub(super) async fn one_way(
     }
 }
 
-/// Moves everything the pipe holds into `to`.
-async fn drain(p: &mut Pipe, to: &TcpStream) -> io::Result<()> {
+/// Moves everything the pipe holds into `to`; while `to` is full, an error on `from`
+/// ends it.
+async fn drain(p: &mut Pipe, from: &TcpStream, to: &TcpStream) -> Result<(), Fault> {
     while p.held > 0 {
-        to.writable().await?;
+        writable(from, to).await?;
         // The pipe holds bytes, so EAGAIN can only mean the socket's send buffer is full.
         let wrote = to.try_io(Interest::WRITABLE, || {
             splice(
@@ -186,14 +187,14 @@ async fn drain(p: &mut Pipe, to: &TcpStream) -> io::Result<()> {
             .map_err(io::Error::from)
         });
         match wrote {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(0) => return Err(Fault::To(io::ErrorKind::WriteZero.into())),
             Ok(n) => p.held -= n,
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                 ) => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(Fault::To(e)),
         }
     }
     Ok(())
