@@ -97,7 +97,9 @@ async fn write_all(from: &TcpStream, to: &TcpStream, mut data: &[u8]) -> Result<
         match to.try_write(data) {
             Ok(0) => return Err(Fault::To(io::ErrorKind::WriteZero.into())),
             Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(from, to).await?,
+            // Boxed: the wait is rare on interactive traffic, and inline it would
+            // enlarge every connection's future, idle ones included.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Box::pin(writable(from, to)).await?,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(Fault::To(e)),
         }

@@ -173,8 +173,8 @@ pub(super) async fn one_way(
 /// ends it.
 async fn drain(p: &mut Pipe, from: &TcpStream, to: &TcpStream) -> Result<(), Fault> {
     while p.held > 0 {
-        writable(from, to).await?;
-        // The pipe holds bytes, so EAGAIN can only mean the socket's send buffer is full.
+        // Tried first (no system call while the socket is not known writable); the
+        // pipe holds bytes, so EAGAIN can only mean the socket's send buffer is full.
         let wrote = to.try_io(Interest::WRITABLE, || {
             splice(
                 p.read_end(),
@@ -189,11 +189,9 @@ async fn drain(p: &mut Pipe, from: &TcpStream, to: &TcpStream) -> Result<(), Fau
         match wrote {
             Ok(0) => return Err(Fault::To(io::ErrorKind::WriteZero.into())),
             Ok(n) => p.held -= n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) => {}
+            // Boxed, as in the plain copy: inline it would enlarge every connection.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Box::pin(writable(from, to)).await?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(Fault::To(e)),
         }
     }
