@@ -10,8 +10,9 @@
 //! counters are added to as each read moves (one atomic add), so long transfers show
 //! while they run.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -172,6 +173,7 @@ impl Metrics {
             refused: Counter::default(),
             backends: RwLock::default(),
             failures: RwLock::default(),
+            departed: Departed::default(),
             metrics: self.clone(),
         }
     }
@@ -267,6 +269,16 @@ pub struct RouteMetrics {
     backends: RwLock<HashMap<SocketAddr, Arc<BackendMetrics>>>,
     /// `connect_failures` by (backend, reason); the backend is empty for `no_backend`.
     failures: RwLock<Vec<(String, &'static str, Counter)>>,
+    /// What the series of backends that left (and were removed) had counted, so the
+    /// route's totals do not go down when a backend goes away.
+    departed: Departed,
+}
+
+#[derive(Default)]
+struct Departed {
+    sent: AtomicU64,
+    received: AtomicU64,
+    connect_failures: AtomicU64,
 }
 
 /// The series one backend of a route updates.
@@ -369,17 +381,73 @@ impl RouteMetrics {
             .clone()
     }
 
-    /// The route's totals, summed from its series.
+    /// The route's totals, summed from its series (and those of departed backends).
     pub fn totals(&self) -> RouteTotals {
         let backends = read(&self.backends);
+        let gone = |c: &AtomicU64| c.load(Ordering::Relaxed);
         RouteTotals {
             open: self.open(),
             accepted: self.accepted.get(),
             refused: self.refused.get(),
-            connect_failures: read(&self.failures).iter().map(|(_, _, c)| c.get()).sum(),
-            sent: backends.values().map(|b| b.sent.get()).sum(),
-            received: backends.values().map(|b| b.received.get()).sum(),
+            connect_failures: gone(&self.departed.connect_failures)
+                + read(&self.failures)
+                    .iter()
+                    .map(|(_, _, c)| c.get())
+                    .sum::<u64>(),
+            sent: gone(&self.departed.sent) + backends.values().map(|b| b.sent.get()).sum::<u64>(),
+            received: gone(&self.departed.received)
+                + backends.values().map(|b| b.received.get()).sum::<u64>(),
         }
+    }
+
+    /// Removes the series of every backend not in `live` that no connection holds, so
+    /// churning backend addresses cannot grow the families (and memory) without bound.
+    /// Their counts move into the route's totals. Returns how many backends went.
+    pub fn prune(&self, live: &HashSet<SocketAddr>) -> usize {
+        let m = &self.metrics;
+        let mut removed = 0;
+        write(&self.backends).retain(|addr, b| {
+            // Held by the map alone: no connection is open (or opening) to it.
+            if live.contains(addr) || Arc::strong_count(b) > 1 || b.active.get() != 0 {
+                return true;
+            }
+            self.departed
+                .sent
+                .fetch_add(b.sent.get(), Ordering::Relaxed);
+            self.departed
+                .received
+                .fetch_add(b.received.get(), Ordering::Relaxed);
+            m.active.remove(&b.labels);
+            m.bytes_sent.remove(&b.labels);
+            m.bytes_received.remove(&b.labels);
+            for (reason, _) in read(&b.finished).iter() {
+                m.finished.remove(&CloseLabels {
+                    route: b.labels.route.clone(),
+                    backend: b.labels.backend.clone(),
+                    reason: reason.to_string(),
+                });
+            }
+            removed += 1;
+            false
+        });
+        write(&self.failures).retain(|(backend, reason, counter)| {
+            let Ok(addr) = backend.parse::<SocketAddr>() else {
+                return true; // no_backend and local_resources: not a backend's
+            };
+            if live.contains(&addr) {
+                return true;
+            }
+            self.departed
+                .connect_failures
+                .fetch_add(counter.get(), Ordering::Relaxed);
+            m.connect_failures.remove(&CloseLabels {
+                route: self.label.clone(),
+                backend: backend.clone(),
+                reason: reason.to_string(),
+            });
+            false
+        });
+        removed
     }
 }
 
@@ -468,7 +536,6 @@ pub fn encode(registry: &Registry) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicU64;
 
     /// The totals the admin view shows are the families' own series, summed.
     #[test]
@@ -511,6 +578,32 @@ mod tests {
         }
     }
 
+    /// A backend that left the set and has no open connection loses its series; its
+    /// counts stay in the route's totals; one still connected keeps its series.
+    #[test]
+    fn departed_backends_lose_their_series_but_not_their_counts() {
+        let mut registry = Registry::with_prefix("ambassadord");
+        let metrics = Metrics::new(&mut registry);
+        let route = metrics.route("127.0.0.1:7000");
+        let gone: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let held: SocketAddr = "10.0.0.2:1".parse().unwrap();
+        route.backend(gone).sent.inc_by(10);
+        route.backend(gone).finished("client_closed");
+        route.connect_failed(Some(gone), "refused");
+        let open = route.backend(held);
+        open.received.inc_by(4);
+        let before = route.totals();
+        assert_eq!(route.prune(&HashSet::new()), 1);
+        assert_eq!(route.totals(), before);
+        let text = encode(&registry);
+        assert!(!text.contains("10.0.0.1:1"), "{text}");
+        assert!(text.contains("backend=\"10.0.0.2:1\""), "{text}");
+        drop(open);
+        assert_eq!(route.prune(&HashSet::from([held])), 0);
+        assert_eq!(route.prune(&HashSet::new()), 1);
+        assert_eq!(route.totals(), before);
+    }
+
     /// Scrape-time values are computed by the collector when the registry is encoded.
     #[test]
     fn scrape_time_values_are_computed_when_read() {
@@ -535,7 +628,7 @@ mod tests {
             text.contains("ambassadord_discovery_seconds_since_good_update{source=\"a:1\"} "),
             "{text}"
         );
-        containers.store(5, std::sync::atomic::Ordering::Relaxed);
+        containers.store(5, Ordering::Relaxed);
         assert!(encode(&registry).contains("ambassadord_omni_index_containers 5"));
     }
 }

@@ -158,6 +158,12 @@ impl Omni {
         }
     }
 
+    /// The balancer of every source running now.
+    pub fn balancers(&self) -> Vec<Arc<Balancer>> {
+        let sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        sources.values().map(|s| s.balancer.clone()).collect()
+    }
+
     /// How many distinct sources are running (for status and tests).
     pub fn source_count(&self) -> usize {
         self.sources.lock().unwrap_or_else(|p| p.into_inner()).len()

@@ -7,6 +7,7 @@
 //! stops when the last reference goes, which is when no connection is still connecting
 //! with it.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
@@ -213,6 +214,19 @@ impl Route {
             discovery_errors: health.map_or(0, |h| h.errors),
             discovered,
             target,
+        }
+    }
+
+    /// Every backend address its target can send a new connection to now.
+    pub fn live_backends(&self) -> HashSet<SocketAddr> {
+        let addrs = |b: &Balancer| {
+            b.current()
+                .map(|set| set.as_slice().iter().map(|e| e.addr).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        match &self.active().target {
+            Target::Fixed(b) => addrs(b).into_iter().collect(),
+            Target::Omni(o) => o.balancers().iter().flat_map(|b| addrs(b)).collect(),
         }
     }
 

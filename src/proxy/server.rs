@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::forward::{Shared, accept_loop};
 use super::listen;
@@ -27,6 +27,9 @@ use crate::config::{Config, RouteConfig, Settings};
 use crate::discovery::Discovery;
 use crate::metrics::Metrics;
 use crate::status::{Status, View};
+
+/// How often the metric series of backends that left every set are removed.
+const PRUNE_EVERY: Duration = Duration::from_secs(5);
 
 /// How long a reload waits for a changed route's new source before switching anyway.
 const SWITCH_WAIT: Duration = Duration::from_secs(5);
@@ -138,12 +141,13 @@ impl Server {
         let threads = config.threads.unwrap_or_else(Workers::default_count);
         let mut pending = Vec::with_capacity(config.routes.len());
         for rc in &config.routes {
-            let bound = bind_route(rc, threads, &targets)?;
-            let route = &bound.1;
-            info!(listen = %route.listen, backend = %route.active().config, kind = route.active().kind, "listening");
-            pending.push(bound);
+            pending.push(bind_route(rc, threads, &targets)?);
         }
         let workers = Workers::start(threads).map_err(StartError::Threads)?;
+        // Said once every route is bound: a start that fails says only why.
+        for (_, route) in &pending {
+            info!(listen = %route.listen, backend = %route.active().config, kind = route.active().kind, "listening");
+        }
         let routes = pending
             .iter()
             .map(|(_, r)| (r.key.clone(), r.clone()))
@@ -209,6 +213,8 @@ impl Server {
         for bound in std::mem::take(&mut self.pending) {
             spawn_loops(bound);
         }
+        let pruning = tokio::spawn(prune_departed(self.state.clone(), shared.stop.clone()));
+        let _pruning = tokio_util::task::AbortOnDropHandle::new(pruning);
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             let config = tokio::select! {
@@ -334,6 +340,23 @@ impl Server {
         self.state.settings.send_replace(Arc::new(config.settings));
         info!(routes = config.routes.len(), "configuration reloaded");
         Ok(added)
+    }
+}
+
+/// Removes, every [`PRUNE_EVERY`], the metric series of each route's backends that no
+/// set holds any more and no connection uses.
+async fn prune_departed(state: Arc<State>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PRUNE_EVERY) => {}
+        }
+        for route in state.routes() {
+            let removed = route.metrics.prune(&route.live_backends());
+            if removed > 0 {
+                debug!(listen = %route.listen, removed, "metric series of departed backends removed");
+            }
+        }
     }
 }
 

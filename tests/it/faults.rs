@@ -456,3 +456,46 @@ async fn a_reset_is_noticed_while_blocked_writing_to_a_peer_that_does_not_read()
         assert!(line.contains("reset=backend"), "--copy {mode}: {line}");
     }
 }
+
+/// The metric series of a backend that left every set, with no connection open to it,
+/// are removed (churning addresses cannot grow memory without bound); the route's
+/// totals in /routes keep what they counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn departed_backends_lose_their_metric_series() {
+    let etcd = crate::support::etcd::Etcd::scope();
+    let mut backends = Vec::new();
+    for i in 0..5 {
+        let b = named_backend("127.0.0.1:0", ["b0", "b1", "b2", "b3", "b4"][i]).await;
+        etcd.put(&format!("/churn/n{i}"), &b.addr.to_string()).await;
+        backends.push(b);
+    }
+    let mut amb = Ambassador::on_loopback(&["--admin", "127.0.0.1:0", &etcd.url("/churn")]);
+    let admin_addr = amb.admin_addr();
+    wait_serving(amb.addr, &["b0", "b1", "b2", "b3", "b4"]).await;
+    let series_of = |addr: std::net::SocketAddr| format!("backend=\"{addr}\"");
+    let metrics = admin::get_ok(admin_addr, "/metrics");
+    for b in &backends {
+        assert!(metrics.contains(&series_of(b.addr)), "{metrics}");
+    }
+    let sent_before = |json: &str| {
+        let routes: serde_json::Value = serde_json::from_str(json).unwrap();
+        routes["routes"][0]["received_bytes"].as_u64().unwrap()
+    };
+    for i in 1..5 {
+        etcd.delete(&format!("/churn/n{i}")).await;
+    }
+    wait_serving(amb.addr, &["b0"]).await;
+    // Settle the totals first: from here no connection moves bytes.
+    let totals = sent_before(&admin::get_ok(admin_addr, "/routes"));
+    eventually("the departed backends' series to go", || async {
+        let metrics = admin::get(admin_addr, "/metrics")?.1;
+        backends[1..]
+            .iter()
+            .all(|b| !metrics.contains(&series_of(b.addr)))
+            .then_some(())
+    })
+    .await;
+    let metrics = admin::get_ok(admin_addr, "/metrics");
+    assert!(metrics.contains(&series_of(backends[0].addr)), "{metrics}");
+    assert_eq!(sent_before(&admin::get_ok(admin_addr, "/routes")), totals);
+}
