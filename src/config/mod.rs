@@ -236,6 +236,8 @@ fn check_routes(routes: &[RouteConfig], file_name: &str) -> Result<(), String> {
             "{file_name}: no routes: add a [[route]] with listen and backend, or pass BACKEND"
         ));
     }
+    // Checked before anything binds: two routes that cannot both listen would otherwise
+    // fail at start after the first one had started.
     for (i, a) in routes.iter().enumerate() {
         if routes[..i]
             .iter()
@@ -244,6 +246,12 @@ fn check_routes(routes: &[RouteConfig], file_name: &str) -> Result<(), String> {
             return Err(format!(
                 "two routes listen on {}: each listen address can have one backend",
                 a.listen
+            ));
+        }
+        if let Some(b) = routes[..i].iter().find(|b| a.listen.overlaps(&b.listen)) {
+            return Err(format!(
+                "routes listen on {} and {}: one covers the other's address; give each its own port or address",
+                b.listen, a.listen
             ));
         }
     }
@@ -269,10 +277,15 @@ fn file_route(r: &FileRoute, place: &str) -> Result<RouteConfig, String> {
         RouteTarget::Omni => OMNI_PORT,
     };
     let listen = match r.listen.as_deref().map(str::trim) {
-        None | Some("") => Listen {
+        None => Listen {
             ip: None,
             port: default_port,
         },
+        Some("") => {
+            return Err(format!(
+                "{place}: listen '': empty (leave listen out for every address on port {default_port})"
+            ));
+        }
         Some(s) => {
             values::parse_listen(s).map_err(|why| format!("{place}: listen '{s}': {why}"))?
         }

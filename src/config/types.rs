@@ -175,6 +175,25 @@ pub struct Listen {
     pub port: u16,
 }
 
+impl Listen {
+    /// Whether both cannot be bound at once: the same port (not 0) and addresses where
+    /// one covers the other. No address and `::` mean every address, IPv4 included (the
+    /// listener is dual-stack); `0.0.0.0` every IPv4 address.
+    pub fn overlaps(&self, other: &Listen) -> bool {
+        if self.port == 0 || self.port != other.port {
+            return false;
+        }
+        let covers = |wide: Option<IpAddr>, narrow: Option<IpAddr>| match (wide, narrow) {
+            (None, _) => true,
+            (Some(w), _) if w.is_ipv6() && w.is_unspecified() => true,
+            (Some(IpAddr::V4(w)), Some(IpAddr::V4(_))) => w.is_unspecified(),
+            (Some(w), Some(n)) => w == n,
+            (Some(_), None) => false,
+        };
+        covers(self.ip, other.ip) || covers(other.ip, self.ip)
+    }
+}
+
 impl fmt::Display for Listen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.ip {

@@ -70,10 +70,12 @@ pub(super) fn parse_listen(s: &str) -> Result<Listen, String> {
         .map_err(|_| "not IP:PORT, :PORT or PORT".to_string())
 }
 
-/// `--admin`: `IP:PORT`, or `off` (also `none` or empty) for no admin endpoint.
+/// `--admin`: `IP:PORT`, or `off` (also `none`) for no admin endpoint. Empty is a
+/// mistake (an unset variable in a compose file), not a way to turn it off.
 pub(super) fn parse_admin(s: &str) -> Result<Option<SocketAddr>, String> {
     match s {
-        "off" | "none" | "" => Ok(None),
+        "off" | "none" => Ok(None),
+        "" => Err("empty: give IP:PORT, or off to run without it".to_string()),
         s => s
             .parse::<SocketAddr>()
             .map(Some)

@@ -145,3 +145,61 @@ fn help_lists_the_environment_variables() {
         assert!(help.contains(var), "--help lacks {var}:\n{help}");
     }
 }
+
+/// Bad usage an adversarial run found exiting 1, retrying forever or passing silently:
+/// each now exits 64 with one line naming the value.
+#[test]
+fn bad_usage_found_by_the_adversarial_run_exits_64_in_one_line() {
+    // A Docker host with an empty path or no HOST:PORT.
+    assert_rejected(
+        &["--omnimode", "--docker-host", "unix://"],
+        &[],
+        64,
+        "--docker-host 'unix://': not unix:///PATH or tcp://HOST:PORT: the socket path is missing",
+    );
+    assert_rejected(
+        &["--omnimode", "--docker-host", "tcp://"],
+        &[],
+        64,
+        "--docker-host 'tcp://': not unix:///PATH or tcp://HOST:PORT: HOST:PORT is missing",
+    );
+    // A newline inside a backend value: still one line, the newline shown escaped.
+    assert_rejected(&["a:1\nb:x"], &[], 64, "backend 'a:1\\nb:x'");
+    // An empty admin address is a mistake, not "off".
+    assert_rejected(
+        &["a:1"],
+        &[("AMBASSADORD_ADMIN", "")],
+        64,
+        "AMBASSADORD_ADMIN '': empty: give IP:PORT, or off",
+    );
+    let dir = std::env::temp_dir().join(format!("ambassadord-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    // `listen = ""` is not the default listen address.
+    let empty = file(
+        "empty-listen.toml",
+        "[[route]]\nlisten = \"\"\nbackend = \"a:1\"\n",
+    );
+    assert_rejected(&["--config", &empty], &[], 64, "route 1: listen '': empty");
+    // Two routes that cannot both listen are refused before anything binds: no
+    // "listening" line, exit 64 rather than 1 after the first had started.
+    let port = crate::support::etcd::free_port();
+    let overlap = file(
+        "overlap.toml",
+        &format!(
+            "[[route]]\nlisten = \"0.0.0.0:{port}\"\nbackend = \"a:1\"\n\
+             [[route]]\nlisten = \"127.0.0.1:{port}\"\nbackend = \"b:1\"\n"
+        ),
+    );
+    assert_rejected(
+        &["--config", &overlap],
+        &[],
+        64,
+        &format!("routes listen on 0.0.0.0:{port} and 127.0.0.1:{port}: one covers the other"),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
