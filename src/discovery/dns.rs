@@ -14,6 +14,10 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use tokio::time::Instant;
 use tracing::warn;
 
+/// How long `--dns`'s server has to answer one query before it is asked again (twice in
+/// all). The system resolver keeps /etc/resolv.conf's `timeout:` and `attempts:`.
+pub const NAMESERVER_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Answers are re-read no sooner than this, however small their TTL ...
 pub const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// ... and no later than this, however large, so a changed record is noticed.
@@ -93,10 +97,16 @@ impl Resolver {
         }
         let mut ns = NameServerConfig::udp_and_tcp(server.ip());
         ns.connections = connections;
-        let builder = TokioResolver::builder_with_config(
+        let mut builder = TokioResolver::builder_with_config(
             ResolverConfig::from_name_servers(vec![ns]),
             TokioRuntimeProvider::default(),
         );
+        // hickory's defaults (5 s, two attempts, then TCP) let a server that went away
+        // go unreported for about 15 s; one named server on a short path answers in
+        // milliseconds or not at all.
+        let opts = builder.options_mut();
+        opts.timeout = NAMESERVER_TIMEOUT;
+        opts.attempts = 2;
         let inner = builder
             .build()
             .expect("a resolver with one plain nameserver has nothing to fail on");
