@@ -50,7 +50,23 @@ pub struct LookupError {
 
 impl fmt::Display for LookupError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cannot resolve '{}': {}", self.name, self.error)?;
+        // hickory's own text for these is its query's debug dump, naming one record
+        // type of the two asked for.
+        if self.error.is_nx_domain() {
+            write!(
+                f,
+                "cannot resolve '{}': no such name (NXDOMAIN; asked for A and AAAA)",
+                self.name
+            )?;
+        } else if self.error.is_no_records_found() {
+            write!(
+                f,
+                "cannot resolve '{}': the name has no A or AAAA records",
+                self.name
+            )?;
+        } else {
+            write!(f, "cannot resolve '{}': {}", self.name, self.error)?;
+        }
         match &self.degraded {
             Some(why) => write!(f, " ({why})"),
             None => Ok(()),

@@ -456,3 +456,19 @@ async fn a_dns_outage_is_reported_within_seconds() {
         "reported after {took:?}"
     );
 }
+
+/// A host name that does not resolve is reported in one clean line naming the name and
+/// both record types asked for, not hickory's debug dump of one of its queries.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_that_does_not_resolve_is_named_in_one_clean_line() {
+    let dns = Dnsmasq::start(ZONE);
+    let mut amb = Ambassador::on_loopback(&["--dns", &dns.addr(), "nosuch.amb.test:80"]);
+    let line = amb.wait_for_log("discovery failed");
+    assert!(
+        line.contains(
+            "cannot resolve 'nosuch.amb.test': no such name (NXDOMAIN; asked for A and AAAA)"
+        ),
+        "{line}"
+    );
+    assert!(!line.contains("Query {"), "{line}");
+}
