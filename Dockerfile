@@ -25,4 +25,8 @@ COPY --from=builder /ambassadord /ambassadord
 # Standard mode's port for discovered backends and omni mode's port; --links and static
 # backends listen on their own ports (docker run --expose them).
 EXPOSE 10000
+# Healthy once every route's discovery has its first result (the admin endpoint's
+# /readyz; it must be on, and AMBASSADORD_ADMIN must name it if it is not the default).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
+  CMD ["/ambassadord", "healthcheck"]
 ENTRYPOINT ["/ambassadord"]

@@ -19,6 +19,7 @@ pub mod config;
 pub mod discovery;
 pub mod docker;
 pub mod endpoint;
+pub mod healthcheck;
 pub mod limits;
 pub mod logsafe;
 pub mod metrics;

@@ -40,6 +40,19 @@ fn main() -> ExitCode {
                     .map(|()| info!("removed the redirect of incoming TCP")),
             );
         }
+        // One line either way: Docker keeps it as the health check's output.
+        Command::Healthcheck { admin, .. } => {
+            return match ambassadord::healthcheck::check(admin) {
+                Ok(answer) => {
+                    println!("{answer}");
+                    ExitCode::SUCCESS
+                }
+                Err(why) => {
+                    eprintln!("ambassadord healthcheck: {why}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
 
     // The control runtime: signals, reloads, discovery, Docker and the admin endpoint.

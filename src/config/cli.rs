@@ -19,7 +19,12 @@ use super::types::{ConfigError, CopyMode, DEFAULT_ADMIN, LogFormat};
         ambassadord 192.168.1.100:8080                  listens on 8080, forwards to 192.168.1.100:8080\n  \
         ambassadord redis-1:6379,redis-2:6379           balanced over both; a dead one is skipped\n  \
         ambassadord --bind 127.0.0.1 --port 7000 10.0.0.5:6379\n  \
-        ambassadord --links                             one listener per Docker link port (docker run --link)"
+        ambassadord redis.service.consul                DNS SRV records (Consul's DNS); listens on 10000\n  \
+        ambassadord etcd://127.0.0.1:2379/services/redis    the key's children (or value); listens on 10000\n  \
+        ambassadord consul://127.0.0.1:8500/services/redis  the same from Consul KV\n  \
+        ambassadord --links                             one listener per Docker link port (docker run --link)\n  \
+        ambassadord --omnimode                          one per host: each container's BACKEND_<port> says where its\n                                                  connections go (with --setup-iptables in its network namespace)\n  \
+        ambassadord healthcheck                         exit 0 if the admin endpoint says ready (Docker HEALTHCHECK)"
 )]
 pub(super) struct Cli {
     /// Where to forward: HOST:PORT[,HOST:PORT...], an SRV name, etcd://HOST:PORT/PATH or consul://HOST:PORT/PATH
@@ -164,26 +169,60 @@ fn copy_mode() -> impl TypedValueParser<Value = CopyMode> {
 /// Runs clap over `args`: `--help` and `--version` become [`ConfigError::Info`], any
 /// other clap error its first line as [`ConfigError::Usage`]. Also returns the matches
 /// (where each value came from) and the clap command (each argument's names).
+/// clap's own verdict: `--help` and `--version` are information (exit 0), anything
+/// else one line of bad usage.
+fn clap_error(e: clap::Error) -> ConfigError {
+    use clap::error::ErrorKind::*;
+    match e.kind() {
+        DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand => {
+            ConfigError::Info(e.render().to_string())
+        }
+        _ => {
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            ConfigError::Usage(format!("{first} (see --help)"))
+        }
+    }
+}
+
 pub(super) fn parse<I, T>(args: I) -> Result<(Cli, ArgMatches, clap::Command), ConfigError>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
     let mut command = Cli::command();
-    let matches = command.try_get_matches_from_mut(args).map_err(|e| {
-        use clap::error::ErrorKind::*;
-        match e.kind() {
-            DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand => {
-                ConfigError::Info(e.render().to_string())
-            }
-            _ => {
-                let text = e.render().to_string();
-                let first = text.lines().next().unwrap_or("invalid arguments");
-                let first = first.strip_prefix("error: ").unwrap_or(first);
-                ConfigError::Usage(format!("{first} (see --help)"))
-            }
-        }
-    })?;
+    let matches = command.try_get_matches_from_mut(args).map_err(clap_error)?;
     let cli = Cli::from_arg_matches(&matches).map_err(|e| ConfigError::Usage(e.to_string()))?;
     Ok((cli, matches, command))
+}
+
+/// `ambassadord healthcheck`: asks the admin endpoint whether the ambassador is ready.
+#[derive(Debug, Parser)]
+#[command(
+    name = "ambassadord healthcheck",
+    about = "Exits 0 if the admin endpoint's /readyz answers 200, else 1, with one line: for Docker's HEALTHCHECK and Compose's service_healthy."
+)]
+pub(super) struct HealthcheckCli {
+    /// The admin endpoint to ask (as given to the ambassador with --admin)
+    #[arg(
+        long,
+        value_name = "IP:PORT",
+        env = "AMBASSADORD_ADMIN",
+        default_value = DEFAULT_ADMIN
+    )]
+    pub(super) admin: String,
+}
+
+/// Parses `healthcheck`'s own arguments (`args` starts with the word itself).
+pub(super) fn parse_healthcheck<I, T>(args: I) -> Result<(HealthcheckCli, ArgMatches), ConfigError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut command = HealthcheckCli::command();
+    let matches = command.try_get_matches_from_mut(args).map_err(clap_error)?;
+    let cli = HealthcheckCli::from_arg_matches(&matches)
+        .map_err(|e| ConfigError::Usage(e.to_string()))?;
+    Ok((cli, matches))
 }

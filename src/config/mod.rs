@@ -47,6 +47,13 @@ impl Command {
         I: IntoIterator<Item = T>,
         T: Into<OsString> + Clone,
     {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        // A word of its own, not a flag: the healthcheck runs in a FROM-scratch image,
+        // where there is no shell or curl to write one with. (A bare SRV name
+        // 'healthcheck' as BACKEND must come from AMBASSADORD_BACKEND.)
+        if args.get(1).is_some_and(|a| a == "healthcheck") {
+            return healthcheck(&args[1..]);
+        }
         let (cli, matches, clap_command) = cli::parse(args)?;
         let file_name = cli
             .config
@@ -61,9 +68,42 @@ impl Command {
     pub fn log(&self) -> &LogConfig {
         match self {
             Command::Serve(config) => &config.log,
-            Command::SetupRedirect { log, .. } | Command::RemoveRedirect { log } => log,
+            Command::SetupRedirect { log, .. }
+            | Command::RemoveRedirect { log }
+            | Command::Healthcheck { log, .. } => log,
         }
     }
+}
+
+/// `healthcheck [--admin IP:PORT]`: the admin address to ask.
+fn healthcheck(args: &[OsString]) -> Result<Command, ConfigError> {
+    let (cli, matches) = cli::parse_healthcheck(args)?;
+    let origin = match matches.value_source("admin") {
+        Some(ValueSource::EnvVariable) => "AMBASSADORD_ADMIN",
+        _ => "--admin",
+    };
+    let admin = match values::parse_admin(&cli.admin) {
+        Ok(Some(addr)) => addr,
+        Ok(None) => {
+            return Err(ConfigError::Usage(format!(
+                "{origin} '{}': the admin endpoint is off, and healthcheck asks it (give the IP:PORT it listens on)",
+                cli.admin
+            )));
+        }
+        Err(why) => {
+            return Err(ConfigError::Usage(format!(
+                "{origin} '{}': {why}",
+                cli.admin
+            )));
+        }
+    };
+    Ok(Command::Healthcheck {
+        admin,
+        log: LogConfig {
+            filter: Some("warn".into()),
+            format: LogFormat::Text,
+        },
+    })
 }
 
 /// The environment variables config reads beyond those clap reads for its flags (link

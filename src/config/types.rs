@@ -37,6 +37,9 @@ pub enum Command {
     SetupRedirect { port: u16, log: LogConfig },
     /// `--remove-iptables`: remove that redirect, exit.
     RemoveRedirect { log: LogConfig },
+    /// `ambassadord healthcheck`: ask the admin endpoint at `admin` whether the
+    /// ambassador is ready, exit 0 or 1.
+    Healthcheck { admin: SocketAddr, log: LogConfig },
 }
 
 /// Everything the ambassador needs to serve, validated.

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 
-use crate::support::docker::engine;
+use crate::support::docker::{Container, engine};
 use crate::support::*;
 
 /// The `listen=` addresses of every "listening" line so far.
@@ -171,6 +171,50 @@ fn the_image_is_the_static_binary_alone_and_takes_its_arguments() {
         String::from_utf8_lossy(&out.stderr).contains("no Docker link in the environment"),
         "{out:?}"
     );
+}
+
+/// The image's HEALTHCHECK runs `ambassadord healthcheck`: a container whose route has
+/// its backends turns healthy; one whose discovery never answers (an etcd nobody
+/// runs) turns unhealthy. (The test shortens Docker's check interval; the command is
+/// the image's own.)
+#[test]
+fn the_image_reports_its_health() {
+    let engine = engine();
+    let image = engine.ambassadord_image();
+    let fast = [
+        "--health-interval=1s",
+        "--health-timeout=3s",
+        "--health-retries=1",
+        "--health-start-period=0s",
+    ];
+    let health = |c: &Container| {
+        engine
+            .docker(&["inspect", "--format", "{{.State.Health.Status}}", &c.name])
+            .unwrap_or_default()
+    };
+    let mut args: Vec<&str> = fast.to_vec();
+    args.extend([image, "127.0.0.1:1"]);
+    let up = engine.container("healthy", &args);
+    let mut args: Vec<&str> = fast.to_vec();
+    args.extend([image, "etcd://127.0.0.1:2/nowhere"]);
+    let down = engine.container("unhealthy", &args);
+    wait_until(
+        DEADLINE,
+        || (health(&up) == "healthy").then_some(()),
+        || format!("{} is {}:\n{}", up.name, health(&up), up.logs()),
+    );
+    wait_until(
+        DEADLINE,
+        || (health(&down) == "unhealthy").then_some(()),
+        || format!("{} is {}:\n{}", down.name, health(&down), down.logs()),
+    );
+    let log = engine.docker_ok(&[
+        "inspect",
+        "--format",
+        "{{(index .State.Health.Log 0).Output}}",
+        &down.name,
+    ]);
+    assert!(log.contains("not ready: waiting for discovery"), "{log}");
 }
 
 /// The seed's `--links` flow in a real engine: an ambassador container linked to two

@@ -531,6 +531,45 @@ async fn reload_names_the_settings_that_need_a_restart() {
     amb.wait_for_log("configuration reloaded");
 }
 
+/// `ambassadord healthcheck` exits 0 with `ready` when the admin endpoint says ready,
+/// 1 with one line saying why while discovery has no first result or when nothing
+/// answers, and 64 when it is told the admin endpoint is off.
+#[tokio::test(flavor = "multi_thread")]
+async fn healthcheck_follows_readiness() {
+    let a = tagged_echo("a").await;
+    let mut ready = Ambassador::on_loopback(&["--admin", "127.0.0.1:0", &a.addr.to_string()]);
+    let admin_addr = ready.admin_addr().to_string();
+    let (code, stderr) = run_to_exit(&["healthcheck", "--admin", &admin_addr], &[]);
+    assert_eq!((code, stderr.as_str()), (0, ""));
+
+    let unreachable = format!("etcd://127.0.0.1:{}/nodes", free_port());
+    let mut waiting = Ambassador::on_loopback(&["--admin", "127.0.0.1:0", &unreachable]);
+    let waiting_admin = waiting.admin_addr().to_string();
+    let (code, stderr) = run_to_exit(&["healthcheck"], &[("AMBASSADORD_ADMIN", &waiting_admin)]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("not ready: waiting for discovery on"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("HTTP 503"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let (code, stderr) = run_to_exit(&["healthcheck", "--admin", &nobody], &[]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot reach the admin endpoint at {nobody}")),
+        "{stderr}"
+    );
+
+    let (code, stderr) = run_to_exit(&["healthcheck", "--admin", "off"], &[]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("--admin 'off': the admin endpoint is off"),
+        "{stderr}"
+    );
+}
+
 /// SIGTERM while a reload waits for a changed route's new source (a store that never
 /// answers, so the wait would last its full 5 s) is obeyed at once: the reload is
 /// abandoned (it changed nothing yet), and the process drains and exits 0 without
