@@ -216,6 +216,8 @@ fn link_routes(
                 port: link.port,
             },
             target: RouteTarget::Spec(Spec::Static(vec![link.target])),
+            // Docker writes the alias upper-cased into the variable names.
+            name: Some(link.alias.to_ascii_lowercase()),
         })
         .collect();
     Ok((routes, skipped))
@@ -266,6 +268,7 @@ fn cli_route(
     Ok(RouteConfig {
         listen: Listen { ip, port },
         target,
+        name: None,
     })
 }
 
@@ -330,7 +333,11 @@ fn file_route(r: &FileRoute, place: &str) -> Result<RouteConfig, String> {
             values::parse_listen(s).map_err(|why| format!("{place}: listen '{s}': {why}"))?
         }
     };
-    Ok(RouteConfig { listen, target })
+    Ok(RouteConfig {
+        listen,
+        target,
+        name: None,
+    })
 }
 
 /// The behaviour every route shares: timeouts and the copy mode.

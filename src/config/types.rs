@@ -152,6 +152,9 @@ pub struct LogConfig {
 pub struct RouteConfig {
     pub listen: Listen,
     pub target: RouteTarget,
+    /// What the route is called in logs when not its spec: a `--links` route's link
+    /// alias (`redis`).
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -150,7 +150,7 @@ impl State {
 /// What went wrong talking to the Docker engine.
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
-    #[error("Docker host '{host}': {source}")]
+    #[error("Docker host '{host}': {source}{}", socket_hint(host, source))]
     Client {
         host: String,
         #[source]
@@ -166,6 +166,17 @@ pub enum DockerError {
     },
     #[error("event stream: {0}")]
     Events(#[source] bollard::errors::Error),
+}
+
+/// A Unix socket that is not there is, in a container, almost always a socket not
+/// mounted: say how to mount it.
+fn socket_hint(host: &str, source: &bollard::errors::Error) -> &'static str {
+    match source {
+        bollard::errors::Error::SocketNotFoundError(_) if host.starts_with("unix://") => {
+            " (in a container, mount the engine's socket: docker run -v /var/run/docker.sock:/var/run/docker.sock ...; or point --docker-host at it)"
+        }
+        _ => "",
+    }
 }
 
 pub struct ContainerIndex {

@@ -12,13 +12,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 use super::balance::Balancer;
 use super::omni::Omni;
-use crate::config::{DockerHost, RouteTarget};
+use crate::config::{DockerHost, RouteConfig, RouteTarget};
 use crate::discovery::Discovery;
 use crate::docker::index::{ContainerIndex, DockerError};
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::spec::Spec;
 use crate::status::{ContainerStatus, EndpointState, EndpointStatus, RouteStatus, TargetStatus};
 
 /// A route's target could not be started.
@@ -76,13 +78,22 @@ pub struct Targets {
 }
 
 impl Targets {
-    /// Starts what serves `target`: its discovery, or omni mode's container index.
-    pub fn start(&self, target: &RouteTarget) -> Result<Arc<Active>, TargetError> {
+    /// Starts what serves `rc`'s target: its discovery, or omni mode's container index.
+    pub fn start(&self, rc: &RouteConfig) -> Result<Arc<Active>, TargetError> {
+        let target = &rc.target;
         let stop = CancellationToken::new();
         let (t, kind) = match target {
             RouteTarget::Spec(spec) => {
+                if let Spec::Srv(name) = spec {
+                    // `redis` with its port forgotten is an SRV name too: say so.
+                    info!(
+                        "'{name}' has no port: looking up SRV records for it; write {name}:PORT for a host"
+                    );
+                }
                 let endpoints = self.discovery.spawn(spec, stop.child_token());
-                let balancer = Balancer::new(spec.to_string(), endpoints);
+                // A link route is known by its alias in the access log.
+                let name = rc.name.clone().unwrap_or_else(|| spec.to_string());
+                let balancer = Balancer::new(name, endpoints);
                 (Target::Fixed(Arc::new(balancer)), spec.kind())
             }
             RouteTarget::Omni => {

@@ -145,8 +145,15 @@ impl Server {
         }
         let workers = Workers::start(threads).map_err(StartError::Threads)?;
         // Said once every route is bound: a start that fails says only why.
-        for (_, route) in &pending {
-            info!(listen = %route.listen, backend = %route.active().config, kind = route.active().kind, "listening");
+        for ((_, route), rc) in pending.iter().zip(&config.routes) {
+            match &rc.name {
+                Some(link) => {
+                    info!(listen = %route.listen, backend = %route.active().config, kind = route.active().kind, link = %link, "listening")
+                }
+                None => {
+                    info!(listen = %route.listen, backend = %route.active().config, kind = route.active().kind, "listening")
+                }
+            }
         }
         let routes = pending
             .iter()
@@ -303,7 +310,7 @@ impl Server {
             if let Some(route) = current.get(&rc.listen.to_string())
                 && route.active().config != rc.target
             {
-                changed.push((route.clone(), targets.start(&rc.target)?));
+                changed.push((route.clone(), targets.start(rc)?));
             }
         }
         let first_results = futures_util::future::join_all(changed.iter().map(|(_, a)| async {
@@ -405,7 +412,7 @@ fn bind_route(rc: &RouteConfig, threads: usize, targets: &Targets) -> Result<Bou
     } else {
         rc.listen.to_string()
     };
-    let active = targets.start(&rc.target)?;
+    let active = targets.start(rc)?;
     let route = Arc::new(Route::new(listen, key, active, &targets.metrics));
     Ok((listeners, route))
 }

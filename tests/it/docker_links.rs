@@ -74,6 +74,18 @@ async fn links_in_the_environment_get_one_listener_each() {
         .await;
     }
     assert_eq!(listen_addrs(&amb).len(), 2, "{:#?}", amb.log());
+    // The link alias names the route: in its listening line and in the access log.
+    let listening = amb.wait_for_log(&format!("listen={a}"));
+    assert_eq!(
+        field(&listening, "link").as_deref(),
+        Some("alpha"),
+        "{listening}"
+    );
+    let closed = amb.wait_for_log("connection closed");
+    assert!(
+        ["alpha", "beta"].contains(&field(&closed, "route").unwrap_or_default().as_str()),
+        "{closed}"
+    );
     assert!(amb.child_running());
 }
 

@@ -245,3 +245,17 @@ async fn the_access_log_can_be_silenced_alone() {
     assert_eq!(amb.count_log("connection closed"), 0, "{:#?}", amb.log());
     assert!(amb.count_log("listening") >= 1, "{:#?}", amb.log());
 }
+
+/// A name with its port forgotten is taken as an SRV name, and the log says so at start,
+/// with the fix.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bare_name_is_said_to_be_an_srv_lookup() {
+    let mut amb = Ambassador::on_loopback(&["--dns", "127.0.0.1:1", "redis"]);
+    let line = amb.wait_for_log("has no port");
+    assert!(
+        line.contains(
+            "'redis' has no port: looking up SRV records for it; write redis:PORT for a host"
+        ),
+        "{line}"
+    );
+}
