@@ -22,6 +22,13 @@ RUN target="$(uname -m)-unknown-linux-gnu" \
 # --- final stage (scripts/build-image builds from here on, with the binary it built) ---
 FROM scratch
 COPY --from=builder /ambassadord /ambassadord
+# scripts/build-image passes the crate's version (and labels the git revision and, where
+# the checkout has one, its origin); with docker build, pass --build-arg VERSION=...
+ARG VERSION=unknown
+LABEL org.opencontainers.image.title="ambassadord" \
+      org.opencontainers.image.description="A Docker ambassador: a small, fast TCP forwarder to discovered backends" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="BSD-3-Clause"
 # Standard mode's port for discovered backends and omni mode's port; --links and static
 # backends listen on their own ports (docker run --expose them).
 EXPOSE 10000

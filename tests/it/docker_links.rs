@@ -165,6 +165,13 @@ fn the_image_is_the_static_binary_alone_and_takes_its_arguments() {
         image,
     ]);
     assert_eq!(layers, "1", "FROM scratch plus the binary is one layer");
+    let label = |key: &str| {
+        let format = format!("{{{{index .Config.Labels \"org.opencontainers.image.{key}\"}}}}");
+        engine.docker_ok(&["image", "inspect", "--format", &format, image])
+    };
+    assert_eq!(label("version"), env!("CARGO_PKG_VERSION"));
+    assert_eq!(label("licenses"), "BSD-3-Clause");
+    assert_eq!(label("title"), "ambassadord");
     let size: u64 = engine
         .docker_ok(&["image", "inspect", "--format", "{{.Size}}", image])
         .parse()
