@@ -233,6 +233,7 @@ th{{color:#5b6475;font-weight:600}}
                         let (class, state) = match e.state {
                             EndpointState::Up => ("ok", "up"),
                             EndpointState::CoolingDown => ("bad", "cooling down"),
+                            EndpointState::Failing => ("bad", "failing"),
                         };
                         let _ = write!(
                             h,

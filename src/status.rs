@@ -79,6 +79,8 @@ pub enum EndpointState {
     Up,
     /// Its last connect failed; tried only after the others until the cool-down ends.
     CoolingDown,
+    /// Its cool-down is over but no connect has succeeded since it failed.
+    Failing,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -53,6 +53,8 @@ pub struct Balancer {
     health: Arc<Health>,
     /// Set while there is nothing to connect to, so that is logged once.
     unavailable: AtomicBool,
+    /// When each backend's last DOWN was logged, and whether it is still down.
+    transitions: Mutex<HashMap<SocketAddr, (Instant, bool)>>,
 }
 
 /// The order one connection tries endpoints in.
@@ -95,6 +97,7 @@ impl Balancer {
             next: AtomicUsize::new(0),
             health: Arc::default(),
             unavailable: AtomicBool::new(false),
+            transitions: Mutex::default(),
         }
     }
 
@@ -183,26 +186,74 @@ impl Balancer {
         let _ = rx.wait_for(|set| set.is_some()).await;
     }
 
-    /// Whether `addr` failed to connect recently and is tried only after the others (its
-    /// cool-down runs, or a trial of it is under way).
-    pub fn is_cooling(&self, addr: SocketAddr) -> bool {
+    /// What the balancer knows of `addr`: up, cooling down after a failed connect, or
+    /// failing (its last connect failed and its cool-down is over, but no connect has
+    /// succeeded since).
+    pub fn state(&self, addr: SocketAddr) -> BackendState {
         if !self.health.any.load(Ordering::Acquire) {
-            return false;
+            return BackendState::Up;
         }
-        let failed = self.health.failed.lock().unwrap_or_else(|p| p.into_inner());
-        failed
-            .get(&addr)
-            .is_some_and(|f| f.until > Instant::now() || f.trial.is_some())
+        let failed = self.health.lock();
+        match failed.get(&addr) {
+            None => BackendState::Up,
+            Some(f) if f.until > Instant::now() => BackendState::CoolingDown,
+            Some(_) => BackendState::Failing,
+        }
     }
 
-    pub fn connect_failed(&self, addr: SocketAddr) {
-        self.health.failed(addr, || self.current());
+    /// A connect to `addr` failed (`why`): it cools down, and going down is logged.
+    pub fn connect_failed(&self, addr: SocketAddr, why: &dyn std::fmt::Display) {
+        if self.health.failed(addr, || self.current()) && self.log_transition(addr, true) {
+            warn!(backend = %addr, route = %self.name, error = %why,
+                "backend DOWN: connect failed; connections go to the others, and it is tried again after {}s",
+                COOL_DOWN.as_secs());
+        }
     }
 
     pub fn connect_succeeded(&self, addr: SocketAddr) {
-        self.health.succeeded(addr);
+        if self.health.succeeded(addr) && self.log_transition(addr, false) {
+            info!(backend = %addr, route = %self.name, "backend UP again: a connect succeeded");
+        }
+    }
+
+    /// Whether to log `addr` going down (or back up): at most one DOWN per
+    /// [`TRANSITION_LOG_EVERY`] for a backend that flaps, and an UP only after a logged
+    /// DOWN, so the log holds pairs.
+    fn log_transition(&self, addr: SocketAddr, down: bool) -> bool {
+        let mut logged = self.transitions.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        if down {
+            let quiet = logged
+                .get(&addr)
+                .is_none_or(|(at, _)| now.duration_since(*at) >= TRANSITION_LOG_EVERY);
+            if quiet {
+                logged.insert(addr, (now, true));
+            }
+            quiet
+        } else {
+            match logged.get_mut(&addr) {
+                Some((_, down)) if *down => {
+                    *down = false;
+                    true
+                }
+                _ => false,
+            }
+        }
     }
 }
+
+/// What the balancer knows of one backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendState {
+    Up,
+    /// Its last connect failed: tried only after the others until the cool-down ends.
+    CoolingDown,
+    /// Its cool-down is over, but no connect has succeeded since it failed.
+    Failing,
+}
+
+/// A backend going DOWN is logged at most this often (a flapping one says so once).
+const TRANSITION_LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// Appends the indices (offset by `base`) of one tier in the order to try them.
 fn order_tier(tier: &[Endpoint], turn: usize, base: usize, order: &mut Vec<usize>) {
@@ -256,8 +307,10 @@ impl Health {
         self.failed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn failed(&self, addr: SocketAddr, current: impl FnOnce() -> Option<EndpointSet>) {
+    /// Records a failed connect; true if `addr` was up until now.
+    fn failed(&self, addr: SocketAddr, current: impl FnOnce() -> Option<EndpointSet>) -> bool {
         let mut failed = self.lock();
+        let was_up = !failed.contains_key(&addr);
         failed.insert(
             addr,
             Failed {
@@ -275,15 +328,18 @@ impl Health {
             failed.retain(|a, _| live.contains(a));
         }
         self.any.store(true, Ordering::Release);
+        was_up
     }
 
-    fn succeeded(&self, addr: SocketAddr) {
+    /// Records a successful connect; true if `addr` had been failing.
+    fn succeeded(&self, addr: SocketAddr) -> bool {
         if !self.any.load(Ordering::Acquire) {
-            return;
+            return false;
         }
         let mut failed = self.lock();
-        failed.remove(&addr);
+        let was_failing = failed.remove(&addr).is_some();
         self.any.store(!failed.is_empty(), Ordering::Release);
+        was_failing
     }
 
     /// Moves endpoints that are cooling down (or being tried by another connection) to
@@ -408,7 +464,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failed_endpoints_cool_down_at_the_end() {
         let (b, _tx) = balancer(vec![ep("10.0.0.1:1", 0, 1), ep("10.0.0.2:1", 0, 1)]);
-        b.connect_failed("10.0.0.1:1".parse().unwrap());
+        b.connect_failed("10.0.0.1:1".parse().unwrap(), &"refused");
         for _ in 0..3 {
             assert_eq!(order(&b), ["10.0.0.2:1", "10.0.0.1:1"]);
         }
@@ -424,7 +480,7 @@ mod tests {
     async fn a_cooled_down_backend_is_tried_by_one_connection_not_a_herd() {
         let (b, _tx) = balancer(vec![ep("10.0.0.1:1", 0, 1), ep("10.0.0.2:1", 0, 1)]);
         let dead: SocketAddr = "10.0.0.1:1".parse().unwrap();
-        b.connect_failed(dead);
+        b.connect_failed(dead, &"refused");
         tokio::time::advance(COOL_DOWN + Duration::from_millis(1)).await;
         let first = |p: &Plan| p.iter().next().unwrap().addr;
         // Turn 0 starts at the dead one: this plan holds the trial.
@@ -435,7 +491,7 @@ mod tests {
             let p = b.plan().unwrap();
             assert_eq!(p.iter().last().unwrap().addr, dead);
         }
-        assert!(b.is_cooling(dead));
+        assert_eq!(b.state(dead), BackendState::Failing);
         // Given back unsettled (the connection went elsewhere): a later plan holds the
         // trial (here one whose turn starts at it).
         drop(trial);
@@ -443,7 +499,7 @@ mod tests {
         let again = b.plan().unwrap();
         assert_eq!(first(&again), dead);
         // The trial fails: a new cool-down, so it is last for everyone again.
-        b.connect_failed(dead);
+        b.connect_failed(dead, &"refused");
         drop(again);
         for _ in 0..4 {
             assert_eq!(b.plan().unwrap().iter().last().unwrap().addr, dead);
@@ -453,7 +509,7 @@ mod tests {
     #[test]
     fn success_clears_a_failure() {
         let (b, _tx) = balancer(vec![ep("10.0.0.1:1", 0, 1), ep("10.0.0.2:1", 0, 1)]);
-        b.connect_failed("10.0.0.1:1".parse().unwrap());
+        b.connect_failed("10.0.0.1:1".parse().unwrap(), &"refused");
         b.connect_succeeded("10.0.0.1:1".parse().unwrap());
         let firsts: Vec<String> = (0..2).map(|_| order(&b)[0].clone()).collect();
         assert!(firsts.contains(&"10.0.0.1:1".to_string()), "{firsts:?}");

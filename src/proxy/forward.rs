@@ -261,18 +261,17 @@ async fn connect(
                     "error"
                 };
                 metrics.connect_failed(Some(endpoint.addr), reason);
+                balancer.connect_failed(endpoint.addr, &e);
                 failures.push(format!("{endpoint}: {e}"));
             }
             Err(_) => {
                 debug!(backend = %endpoint, timeout = ?settings.connect_timeout, "connect timed out; trying the next backend");
                 metrics.connect_failed(Some(endpoint.addr), "timeout");
-                failures.push(format!(
-                    "{endpoint}: connect timed out after {:?}",
-                    settings.connect_timeout
-                ));
+                let why = format!("connect timed out after {:?}", settings.connect_timeout);
+                balancer.connect_failed(endpoint.addr, &why);
+                failures.push(format!("{endpoint}: {why}"));
             }
         }
-        balancer.connect_failed(endpoint.addr);
     }
     Err(ConnectError::AllFailed(failures))
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, RwLock};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::balance::Balancer;
+use super::balance::{BackendState, Balancer};
 use super::omni::Omni;
 use crate::config::{DockerHost, RouteConfig, RouteTarget};
 use crate::discovery::Discovery;
@@ -174,10 +174,10 @@ impl Route {
                             origin: e.origin.as_deref().map(String::from),
                             priority: e.priority,
                             weight: e.weight,
-                            state: if balancer.is_cooling(e.addr) {
-                                EndpointState::CoolingDown
-                            } else {
-                                EndpointState::Up
+                            state: match balancer.state(e.addr) {
+                                BackendState::Up => EndpointState::Up,
+                                BackendState::CoolingDown => EndpointState::CoolingDown,
+                                BackendState::Failing => EndpointState::Failing,
                             },
                         })
                         .collect()

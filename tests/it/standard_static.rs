@@ -259,3 +259,48 @@ async fn a_bare_name_is_said_to_be_an_srv_lookup() {
         "{line}"
     );
 }
+
+/// A backend that stops answering is logged DOWN once (however many connections then
+/// go to the others), shown `cooling_down` and then `failing` in /routes, never `up`,
+/// until a connect to it succeeds again: then it is logged UP and shown up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_backend_is_logged_down_once_and_up_when_it_answers_again() {
+    let alive = named_backend("127.0.0.1:0", "alive").await;
+    let dying = named_backend("127.0.0.1:0", "dying").await;
+    let dying_addr = dying.addr;
+    let spec = format!("{dying_addr},{}", alive.addr);
+    let mut amb = Ambassador::on_loopback(&["--admin", "127.0.0.1:0", &spec]);
+    let admin_addr = amb.admin_addr();
+    wait_serving(amb.addr, &["alive", "dying"]).await;
+    dying.kill();
+    for _ in 0..10 {
+        assert_eq!(served_by(amb.addr).await.as_deref(), Some("alive"));
+    }
+    let down = amb.wait_for_log("backend DOWN");
+    assert!(down.contains(&format!("backend={dying_addr}")), "{down}");
+    assert_eq!(amb.count_log("backend DOWN"), 1, "{:#?}", amb.log());
+    let state = || {
+        let routes: serde_json::Value =
+            serde_json::from_str(&admin::get_ok(admin_addr, "/routes")).unwrap();
+        routes["routes"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["addr"] == dying_addr.to_string())
+            .map(|e| e["state"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(state(), "cooling_down");
+    // Past the 5 s cool-down, with no connection trying it yet: failing, not up.
+    eventually_within(Duration::from_secs(10), "the cool-down to end", || async {
+        (state() == "failing").then_some(())
+    })
+    .await;
+    // It answers again on its address: the next trial connects, and it is up.
+    let again = named_backend(&dying_addr.to_string(), "dying").await;
+    until_served_by(amb.addr, "dying").await;
+    let up = amb.wait_for_log("backend UP again");
+    assert!(up.contains(&format!("backend={dying_addr}")), "{up}");
+    assert_eq!(state(), "up");
+    drop(again);
+}
