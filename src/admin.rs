@@ -248,7 +248,9 @@ th{{color:#5b6475;font-weight:600}}
                 }
             }
             TargetStatus::Omni { containers, .. } => {
-                h.push_str("<table><tr><th>container</th><th>addresses</th><th>declares</th></tr>");
+                h.push_str(
+                    "<table><tr><th>container</th><th>addresses</th><th>declares</th><th>discovery errors</th><th>bad declarations</th></tr>",
+                );
                 for c in containers {
                     let decl: Vec<String> = c
                         .declarations
@@ -257,10 +259,13 @@ th{{color:#5b6475;font-weight:600}}
                         .collect();
                     let _ = write!(
                         h,
-                        "<tr><td>{}</td><td>{}</td><td class=\"spec\">{}</td></tr>",
+                        "<tr><td>{}</td><td>{}</td><td class=\"spec\">{}</td><td class=\"{}\">{}</td><td class=\"bad\">{}</td></tr>",
                         esc(&c.name),
                         esc(&c.ips.join(", ")),
                         esc(&decl.join("; ")),
+                        if c.discovery_errors > 0 { "bad" } else { "" },
+                        c.discovery_errors,
+                        esc(&c.bad_declarations.join("; ")),
                     );
                 }
                 h.push_str("</table>");

@@ -90,4 +90,8 @@ pub struct ContainerStatus {
     pub ips: Vec<String>,
     /// Port → the spec it declares for it.
     pub declarations: BTreeMap<String, String>,
+    /// Failed discovery reads of the sources its declarations use, in all.
+    pub discovery_errors: u64,
+    /// Declarations it makes that cannot be used, each with why.
+    pub bad_declarations: Vec<String>,
 }

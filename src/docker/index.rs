@@ -44,13 +44,27 @@ pub struct Container {
     pub name: String,
     pub ips: Vec<IpAddr>,
     pub declarations: Declarations,
+    /// The declarations it makes that are not usable, each with why (already naming the
+    /// container): shown on the status page, warned about once.
+    pub problems: Vec<String>,
 }
 
 impl Container {
+    /// Warns about each of this container's bad declarations that `before` (what the
+    /// index knew of it) did not already have: one warning per bad declaration, however
+    /// often the container is inspected again.
+    fn warn_new_problems(&self, before: Option<&Container>) {
+        for problem in &self.problems {
+            if !before.is_some_and(|b| b.problems.contains(problem)) {
+                warn!("{problem}");
+            }
+        }
+    }
+
     /// Builds the index entry from an inspect answer; `None` for a container that has
     /// stopped (or has no ID). A container still being started counts: its process may
-    /// connect before Docker reports it running. Bad declarations are logged, naming the
-    /// container.
+    /// connect before Docker reports it running. Bad declarations are kept in
+    /// `problems`, naming the container.
     pub fn from_inspect(c: &ContainerInspectResponse) -> Option<Container> {
         use bollard::models::ContainerStateStatusEnum as Status;
         let id = c.id.clone()?;
@@ -78,9 +92,6 @@ impl Container {
             .and_then(|cfg| cfg.labels.clone())
             .unwrap_or_default();
         let (declarations, problems) = declarations(&name, &env, &labels);
-        for problem in problems {
-            warn!("{problem}");
-        }
         let mut ips = Vec::new();
         let networks = c
             .network_settings
@@ -110,6 +121,7 @@ impl Container {
             name,
             ips,
             declarations,
+            problems,
         })
     }
 }
@@ -318,6 +330,8 @@ impl ContainerIndex {
                 match Container::from_inspect(&inspect) {
                     Some(c) => {
                         debug!(container = %c.name, ips = ?c.ips, ports = ?c.declarations.keys().collect::<Vec<_>>(), "container indexed");
+                        let before = self.read().by_id.get(id).cloned();
+                        c.warn_new_problems(before.as_deref());
                         self.write().upsert(c);
                     }
                     None => self.write().evict(id),
@@ -450,6 +464,8 @@ impl ContainerIndex {
             match result {
                 Ok(inspect) => {
                     if let Some(c) = Container::from_inspect(&inspect) {
+                        let before = self.read().by_id.get(&id).cloned();
+                        c.warn_new_problems(before.as_deref());
                         fresh.upsert(c);
                     }
                 }

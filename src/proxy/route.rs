@@ -198,6 +198,13 @@ impl Route {
                             .iter()
                             .map(|(port, spec)| (port.to_string(), spec.to_string()))
                             .collect(),
+                        discovery_errors: c
+                            .declarations
+                            .values()
+                            .filter_map(|spec| metrics.source(&spec.to_string()))
+                            .map(|h| h.errors)
+                            .sum(),
+                        bad_declarations: c.problems.clone(),
                     })
                     .collect();
                 containers.sort_by(|a, b| a.name.cmp(&b.name));
@@ -222,7 +229,16 @@ impl Route {
             sent_bytes: totals.sent,
             received_bytes: totals.received,
             last_update: health.and_then(|h| h.last_good_unix),
-            discovery_errors: health.map_or(0, |h| h.errors),
+            // An omni route has no source of its own: its containers' sources count.
+            discovery_errors: match &active.target {
+                Target::Fixed(_) => health.map_or(0, |h| h.errors),
+                Target::Omni(omni) => omni
+                    .balancers()
+                    .iter()
+                    .filter_map(|b| metrics.source(b.name()))
+                    .map(|h| h.errors)
+                    .sum(),
+            },
             discovered,
             target,
         }

@@ -582,3 +582,60 @@ fn served_line(amb: &Ambassador, route: &str) -> String {
         })
     })
 }
+
+/// A bad declaration is warned about once, however often its container is inspected
+/// again (its start, a network connect), and /routes lists it with why beside the
+/// container's good declarations; the omni route's discovery errors are its
+/// containers' sources' errors, not zero.
+#[test]
+fn a_bad_declaration_is_warned_once_and_shown_with_why() {
+    let engine = engine();
+    let net = Network::create(engine);
+    let (mut amb, gateway, admin) = host_omni_with_admin(engine, "bridge");
+    let port = amb.addr.port();
+    let env_bad = "BACKEND_7001=redis:abc".to_string();
+    // A declaration whose source fails: a store nobody runs.
+    let env_failing = format!("BACKEND_{port}=etcd://127.0.0.1:1/nowhere");
+    let c = engine.container(
+        "baddecl",
+        &[
+            "-e",
+            &env_bad,
+            "-e",
+            &env_failing,
+            engine.busybox_image(),
+            "sleep",
+            "600",
+        ],
+    );
+    let warning = amb.wait_for_log("BACKEND_7001");
+    assert!(warning.contains("port 'abc' is not a number"), "{warning}");
+    // Inspected again: connected to another network (the index re-reads it).
+    engine.docker_ok(&["network", "connect", &net.name, &c.name]);
+    let on_net = ip_on(engine, &c, &net.name);
+    wait_indexed(admin, &c.name, &[&c.ip(), &on_net]);
+    assert_eq!(amb.count_log("BACKEND_7001"), 1, "{:#?}", amb.log());
+    // Its failing source counts, once something has used it.
+    let _ = c.exec(&[
+        "sh",
+        "-c",
+        &format!("timeout 5 nc {gateway} {port} </dev/null"),
+    ]);
+    let routes: serde_json::Value = serde_json::from_str(&admin::get_ok(admin, "/routes")).unwrap();
+    let shown = routes["routes"][0]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == c.name.as_str())
+        .cloned()
+        .unwrap();
+    let bad = shown["bad_declarations"].as_array().unwrap();
+    assert_eq!(bad.len(), 1, "{shown}");
+    assert!(bad[0].as_str().unwrap().contains("BACKEND_7001"), "{shown}");
+    eventually_sync("the failing source's errors to show", || {
+        let routes: serde_json::Value =
+            serde_json::from_str(&admin::get_ok(admin, "/routes")).ok()?;
+        (routes["routes"][0]["discovery_errors"].as_u64()? > 0).then_some(())
+    });
+    drop(c);
+}
