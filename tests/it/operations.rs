@@ -198,15 +198,7 @@ async fn metrics_count_known_connections_and_bytes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn byte_counts_grow_while_a_connection_is_open() {
     let backend = tagged_echo("a").await;
-    let mut amb = Ambassador::start(&[
-        "--admin",
-        "127.0.0.1:0",
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        &backend.addr.to_string(),
-    ]);
+    let mut amb = Ambassador::on_loopback(&["--admin", "127.0.0.1:0", &backend.addr.to_string()]);
     let admin = amb.admin_addr();
     let (name, mut s) = attach(amb.addr).await.unwrap();
     assert_eq!(name, "a");
@@ -243,15 +235,7 @@ async fn readiness_flips_after_the_first_discovery_result() {
     let port = free_port();
     let backend = tagged_echo("a").await;
     let spec = format!("etcd://127.0.0.1:{port}/svc/n");
-    let mut amb = Ambassador::start(&[
-        "--admin",
-        "127.0.0.1:0",
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        &spec,
-    ]);
+    let mut amb = Ambassador::on_loopback(&["--admin", "127.0.0.1:0", &spec]);
     let admin = amb.admin_addr();
     amb.wait_for_log("discovery failed");
     let (status, body) = admin::get(admin, "/readyz").unwrap();
