@@ -393,7 +393,7 @@ impl ContainerIndex {
     }
 
     async fn sync_and_follow(
-        &self,
+        self: &Arc<Self>,
         failing: &mut bool,
         backoff: &mut Backoff,
     ) -> Result<(), DockerError> {
@@ -413,8 +413,17 @@ impl ContainerIndex {
             filters: Some(filters),
         }));
         let (tx, mut rx) = mpsc::unbounded_channel::<Result<EventMessage, DockerError>>();
+        // A container that died is evicted here, as its event arrives, not when the
+        // loop below reaches it: that loop may still be inspecting earlier containers,
+        // and a new container given the dead one's address must not be routed by the
+        // dead one's declarations meanwhile. (The loop evicts it again, in order, which
+        // also covers a re-list in between.)
+        let index = self.clone();
         let pump = tokio::spawn(async move {
             while let Some(event) = events.next().await {
+                if let Ok(event) = &event {
+                    index.evict_if_gone(event);
+                }
                 let stop = event.is_err();
                 if tx.send(event.map_err(DockerError::Events)).is_err() || stop {
                     return;
@@ -479,6 +488,21 @@ impl ContainerIndex {
         *self.write() = fresh;
         self.changed();
         Ok(())
+    }
+
+    /// Evicts the container a `die` or `destroy` event names.
+    fn evict_if_gone(&self, event: &EventMessage) {
+        let gone = matches!(event.typ, Some(EventMessageTypeEnum::CONTAINER))
+            && matches!(event.action.as_deref(), Some("die" | "destroy"));
+        if let Some(id) = event
+            .actor
+            .as_ref()
+            .and_then(|a| a.id.as_deref())
+            .filter(|_| gone)
+        {
+            self.write().evict(id);
+            self.changed();
+        }
     }
 
     async fn apply(&self, event: EventMessage) {
