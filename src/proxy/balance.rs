@@ -228,6 +228,13 @@ impl Balancer {
                 .is_none_or(|(at, _)| now.duration_since(*at) >= TRANSITION_LOG_EVERY);
             if quiet {
                 logged.insert(addr, (now, true));
+                // Forget backends that came back long ago, so addresses that churn
+                // through failures cannot grow the map without bound.
+                if logged.len() > TRANSITIONS_KEPT {
+                    logged.retain(|_, (at, down)| {
+                        *down || now.duration_since(*at) < TRANSITION_LOG_EVERY
+                    });
+                }
             }
             quiet
         } else {
@@ -254,6 +261,8 @@ pub enum BackendState {
 
 /// A backend going DOWN is logged at most this often (a flapping one says so once).
 const TRANSITION_LOG_EVERY: Duration = Duration::from_secs(30);
+/// Backends whose last transition is remembered before old ones are forgotten.
+const TRANSITIONS_KEPT: usize = 256;
 
 /// Appends the indices (offset by `base`) of one tier in the order to try them.
 fn order_tier(tier: &[Endpoint], turn: usize, base: usize, order: &mut Vec<usize>) {
@@ -504,6 +513,21 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(b.plan().unwrap().iter().last().unwrap().addr, dead);
         }
+    }
+
+    /// Addresses that fail and recover once each do not pile up in the transition log's
+    /// memory: past the bound, those that came back long ago are forgotten.
+    #[tokio::test(start_paused = true)]
+    async fn transitions_of_churning_addresses_are_forgotten() {
+        let (b, _tx) = balancer(vec![ep("10.0.0.1:1", 0, 1)]);
+        for i in 0..300u16 {
+            let addr: SocketAddr = ([10, 1, (i >> 8) as u8, i as u8], 1).into();
+            b.connect_failed(addr, &"refused");
+            b.connect_succeeded(addr);
+        }
+        tokio::time::advance(TRANSITION_LOG_EVERY + Duration::from_secs(1)).await;
+        b.connect_failed("10.0.0.1:1".parse().unwrap(), &"refused");
+        assert_eq!(b.transitions.lock().unwrap().len(), 1);
     }
 
     #[test]
