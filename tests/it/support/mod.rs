@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,8 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 pub struct Ambassador {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Set once every line the process wrote has been collected (its stderr ended).
+    ended: Arc<AtomicBool>,
     /// The first address it reported listening on.
     pub addr: SocketAddr,
 }
@@ -76,15 +79,19 @@ impl Ambassador {
         let stderr = child.stderr.take().unwrap();
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
+        let ended = Arc::new(AtomicBool::new(false));
+        let at_eof = ended.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[ambassadord] {line}");
                 sink.lock().unwrap().push(line);
             }
+            at_eof.store(true, Ordering::SeqCst);
         });
         let mut amb = Ambassador {
             child,
             lines,
+            ended,
             addr: "0.0.0.0:0".parse().unwrap(),
         };
         // The first route's line, in the text or the JSON log format.
@@ -143,8 +150,7 @@ impl Ambassador {
                     return Some(line);
                 }
                 if let Ok(Some(status)) = self.child.try_wait() {
-                    // Give the reader thread a moment to collect the last lines.
-                    std::thread::sleep(Duration::from_millis(100));
+                    self.wait_for_every_line();
                     if let Some(line) = self.log().into_iter().find(|l| wanted(l)) {
                         return Some(line);
                     }
@@ -173,14 +179,26 @@ impl Ambassador {
         assert!(ok, "kill -{signal} failed");
     }
 
-    /// Waits for the process to exit, failing the test after the deadline.
+    /// Waits for the process to exit, failing the test after the deadline, and for
+    /// every line it wrote to be collected.
     pub fn wait_exit(&mut self) -> ExitStatus {
         let lines = self.lines.clone();
-        wait_until(
+        let status = wait_until(
             DEADLINE,
             || self.child.try_wait().unwrap(),
             || format!("ambassadord did not exit: {:#?}", lines.lock().unwrap()),
-        )
+        );
+        self.wait_for_every_line();
+        status
+    }
+
+    /// Once the process has exited: waits until its last lines are collected.
+    fn wait_for_every_line(&self) {
+        wait_until(
+            DEADLINE,
+            || self.ended.load(Ordering::SeqCst).then_some(()),
+            || "the exited ambassadord's stderr never ended".to_string(),
+        );
     }
 }
 
@@ -327,8 +345,16 @@ impl Backend {
         Backend { addr, task }
     }
 
+    /// Stops the backend and returns once its port refuses connections (aborting the
+    /// task closes its listener a moment later, not at once).
     pub fn kill(self) {
         self.task.abort();
+        let addr = self.addr;
+        wait_until(
+            DEADLINE,
+            || std::net::TcpStream::connect(addr).is_err().then_some(()),
+            || format!("the killed backend {addr} still accepts connections"),
+        );
     }
 }
 
