@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::metrics;
-use crate::status::{EndpointState, Status, TargetStatus, View};
+use crate::status::{EndpointState, RedirectState, Status, TargetStatus, View};
 
 /// What the endpoint serves from.
 pub struct Admin {
@@ -111,13 +111,10 @@ fn handle(req: &Request<Incoming>, admin: &Admin) -> Response<Full<Bytes>> {
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/readyz" => match admin.view.readiness() {
             Ok(()) => reply(StatusCode::OK, "text/plain", "ready\n"),
-            Err(waiting) => reply(
+            Err(why) => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "text/plain",
-                format!(
-                    "not ready: waiting for discovery on {}\n",
-                    waiting.join(", ")
-                ),
+                format!("not ready: {}\n", why.join("; ")),
             ),
         },
         "/routes" => reply(
@@ -195,7 +192,7 @@ th{{color:#5b6475;font-weight:600}}
         if status.ready {
             r#"<span class="ok">ready</span>"#
         } else {
-            r#"<span class="warn">waiting for discovery</span>"#
+            r#"<span class="warn">not ready (see /readyz)</span>"#
         },
         status.uptime_seconds,
         status.routes.len(),
@@ -248,6 +245,15 @@ th{{color:#5b6475;font-weight:600}}
                 }
             }
             TargetStatus::Omni { containers, .. } => {
+                h.push_str(match r.redirect {
+                    Some(RedirectState::InPlace) => {
+                        r#"<div>redirect of incoming TCP: <span class="ok">in place</span></div>"#
+                    }
+                    Some(RedirectState::Missing) => {
+                        r#"<div>redirect of incoming TCP: <span class="bad">missing</span> (see /readyz and the log)</div>"#
+                    }
+                    _ => r#"<div>redirect of incoming TCP: <span class="warn">not known yet</span></div>"#,
+                });
                 h.push_str(
                     "<table><tr><th>container</th><th>addresses</th><th>declares</th><th>discovery errors</th><th>bad declarations</th></tr>",
                 );

@@ -25,6 +25,7 @@ pub mod logsafe;
 pub mod metrics;
 pub mod netfilter;
 pub mod proxy;
+pub mod redirect;
 pub mod spec;
 pub mod status;
 

@@ -28,10 +28,13 @@ fn main() -> ExitCode {
     let config = match command {
         Command::Serve(config) => config,
         // The netfilter actions are one synchronous netlink exchange: no runtime needed.
-        Command::SetupRedirect { port, .. } => {
+        Command::SetupRedirect { port, keep, .. } => {
             return exit_after(
-                ambassadord::netfilter::setup_redirect(port)
-                    .map(|()| info!(port, "redirecting incoming TCP in this network namespace")),
+                ambassadord::netfilter::setup_redirect(ambassadord::netfilter::Plan { port, keep })
+                    .map(|()| match keep {
+                        Some(kept) => info!(port, kept, "redirecting incoming TCP in this network namespace (the admin port is kept out)"),
+                        None => info!(port, "redirecting incoming TCP in this network namespace"),
+                    }),
             );
         }
         Command::RemoveRedirect { .. } => {

@@ -9,16 +9,27 @@
 //! table inet ambassadord {
 //!   chain prerouting {
 //!     type nat hook prerouting priority dstnat; policy accept;
-//!     meta l4proto tcp redirect to :PORT
+//!     meta l4proto tcp redirect to :PORT        # or, keeping the admin port:
+//!     tcp dport != ADMIN redirect to :PORT
+//!   }
+//!   chain output {
+//!     type nat hook output priority -100; policy accept;
+//!     ip daddr 127.0.0.1 tcp dport 1 redirect to :PORT
 //!   }
 //! }
 //! ```
 //!
-//! It is sent as one atomic nfnetlink batch: add table, delete table, add table, add chain,
-//! add rule. Adding a table that exists is not an error, so the first two steps remove any
-//! earlier copy whatever state it was in; the batch is applied all or nothing, so running
-//! it twice leaves exactly one rule and never a moment with none or two. Removal is the
-//! same trick: add table, delete table.
+//! The admin port is kept out of the redirect when the admin endpoint listens beyond
+//! loopback, so a scraper on the network reaches it. The output rule is the probe: it
+//! catches only the ambassador's own connections to 127.0.0.1:[`PROBE_PORT`], which lets
+//! a process without CAP_NET_ADMIN (which cannot read nf_tables at all) learn whether the
+//! redirect is in place by connecting there (see src/redirect.rs).
+//!
+//! It is sent as one atomic nfnetlink batch: add table, delete table, add table, add the
+//! two chains, add the two rules. Adding a table that exists is not an error, so the first
+//! two steps remove any earlier copy whatever state it was in; the batch is applied all or
+//! nothing, so running it twice leaves exactly one copy and never a moment with none or
+//! two. Removal is the same trick: add table, delete table.
 //!
 //! The `inet` family covers IPv4 and IPv6 with one chain; nat chains in it need Linux 5.2
 //! or later. Only the first packet of a connection passes nat chains, so replies to the
@@ -33,8 +44,22 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 /// The nf_tables table (and so the whole plan) this module owns.
 pub const TABLE: &str = "ambassadord";
-/// The one chain in [`TABLE`].
+/// The chain in [`TABLE`] that redirects incoming connections.
 pub const CHAIN: &str = "prerouting";
+/// The chain in [`TABLE`] that holds the probe rule.
+pub const PROBE_CHAIN: &str = "output";
+/// The ambassador's own connections to 127.0.0.1 on this port are redirected too: a
+/// connection that succeeds proves the table is in place. Port 1 (tcpmux) has no
+/// listener in an ambassador's namespace, so without the table it is refused at once.
+pub const PROBE_PORT: u16 = 1;
+
+/// What the redirect does: every incoming TCP connection goes to `port`, except those to
+/// `keep` (the admin port, when the admin endpoint listens beyond loopback).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    pub port: u16,
+    pub keep: Option<u16>,
+}
 
 /// How long to wait for the kernel's answer before giving up (it answers in microseconds;
 /// this only guards against hanging forever on a kernel that never replies).
@@ -90,15 +115,28 @@ const NFTA_IMMEDIATE_DREG: u16 = 1;
 const NFTA_IMMEDIATE_DATA: u16 = 2;
 const NFTA_REDIR_REG_PROTO_MIN: u16 = 1;
 const NFTA_REDIR_FLAGS: u16 = 3;
+const NFTA_PAYLOAD_DREG: u16 = 1;
+const NFTA_PAYLOAD_BASE: u16 = 2;
+const NFTA_PAYLOAD_OFFSET: u16 = 3;
+const NFTA_PAYLOAD_LEN: u16 = 4;
 
 const NF_INET_PRE_ROUTING: u32 = 0;
+const NF_INET_LOCAL_OUT: u32 = 3;
 /// `priority dstnat` (NF_IP_PRI_NAT_DST): where iptables' nat PREROUTING sits too.
 const NF_IP_PRI_NAT_DST: i32 = -100;
 const NF_ACCEPT: u32 = 1;
 const NFT_REG_1: u32 = 1;
+const NFT_META_NFPROTO: u32 = 15;
 const NFT_META_L4PROTO: u32 = 16;
 const NFT_CMP_EQ: u32 = 0;
+const NFT_CMP_NEQ: u32 = 1;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const NFPROTO_IPV4: u8 = 2;
 const IPPROTO_TCP: u8 = 6;
+/// Where the destination address and port sit in their headers.
+const IPV4_DADDR_OFFSET: u32 = 16;
+const TCP_DPORT_OFFSET: u32 = 2;
 /// NF_NAT_RANGE_PROTO_SPECIFIED: the redirect names a port (nft sets it; so do we).
 const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
 
@@ -166,9 +204,9 @@ fn hint(e: &io::Error) -> &'static str {
 }
 
 /// Installs (or replaces) the redirect of every incoming TCP connection in the current
-/// network namespace to `port`.
-pub fn setup_redirect(port: u16) -> Result<(), NetfilterError> {
-    apply(Op::Setup, &setup_batch(port, initial_seq()))
+/// network namespace to `plan.port` (but those to `plan.keep`), with the probe rule.
+pub fn setup_redirect(plan: Plan) -> Result<(), NetfilterError> {
+    apply(Op::Setup, &setup_batch(plan, initial_seq()))
 }
 
 /// Removes the redirect; succeeds when there is none.
@@ -266,26 +304,23 @@ fn delete_table(b: &mut Batch) {
 }
 
 /// The batch for `--setup-iptables`: replaces any earlier table with a fresh one holding
-/// the nat prerouting chain and the one redirect rule.
-pub fn setup_batch(port: u16, seq: u32) -> Batch {
+/// the two nat chains and their rules, in the order nft sends them.
+pub fn setup_batch(plan: Plan, seq: u32) -> Batch {
     let mut b = Batch::new(seq);
     add_table(&mut b);
     delete_table(&mut b);
     add_table(&mut b);
-    b.member(
-        NFT_MSG_NEWCHAIN,
-        NLM_F_CREATE,
+    add_nat_chain(
+        &mut b,
+        CHAIN,
+        NF_INET_PRE_ROUTING,
         "create the nat prerouting chain",
-        |m| {
-            m.str(NFTA_CHAIN_TABLE, TABLE);
-            m.str(NFTA_CHAIN_NAME, CHAIN);
-            m.str(NFTA_CHAIN_TYPE, "nat");
-            m.u32(NFTA_CHAIN_POLICY, NF_ACCEPT);
-            m.nest(NFTA_CHAIN_HOOK, |m| {
-                m.u32(NFTA_HOOK_HOOKNUM, NF_INET_PRE_ROUTING);
-                m.u32(NFTA_HOOK_PRIORITY, NF_IP_PRI_NAT_DST as u32);
-            });
-        },
+    );
+    add_nat_chain(
+        &mut b,
+        PROBE_CHAIN,
+        NF_INET_LOCAL_OUT,
+        "create the nat output chain",
     );
     b.member(
         NFT_MSG_NEWRULE,
@@ -295,33 +330,102 @@ pub fn setup_batch(port: u16, seq: u32) -> Batch {
             m.str(NFTA_RULE_TABLE, TABLE);
             m.str(NFTA_RULE_CHAIN, CHAIN);
             m.nest(NFTA_RULE_EXPRESSIONS, |m| {
-                // meta load l4proto => reg 1
-                m.expr("meta", |m| {
-                    m.u32(NFTA_META_KEY, NFT_META_L4PROTO);
-                    m.u32(NFTA_META_DREG, NFT_REG_1);
-                });
-                // cmp eq reg 1 tcp
-                m.expr("cmp", |m| {
-                    m.u32(NFTA_CMP_SREG, NFT_REG_1);
-                    m.u32(NFTA_CMP_OP, NFT_CMP_EQ);
-                    m.nest(NFTA_CMP_DATA, |m| m.bytes(NFTA_DATA_VALUE, &[IPPROTO_TCP]));
-                });
-                // immediate reg 1 <port, network order>
-                m.expr("immediate", |m| {
-                    m.u32(NFTA_IMMEDIATE_DREG, NFT_REG_1);
-                    m.nest(NFTA_IMMEDIATE_DATA, |m| {
-                        m.bytes(NFTA_DATA_VALUE, &port.to_be_bytes())
-                    });
-                });
-                // redir proto_min reg 1
-                m.expr("redir", |m| {
-                    m.u32(NFTA_REDIR_REG_PROTO_MIN, NFT_REG_1);
-                    m.u32(NFTA_REDIR_FLAGS, NF_NAT_RANGE_PROTO_SPECIFIED);
-                });
+                match_byte(m, NFT_META_L4PROTO, IPPROTO_TCP);
+                if let Some(keep) = plan.keep {
+                    match_payload(m, TCP_PORT, NFT_CMP_NEQ, &keep.to_be_bytes());
+                }
+                redirect_to(m, plan.port);
+            });
+        },
+    );
+    b.member(
+        NFT_MSG_NEWRULE,
+        NLM_F_CREATE | NLM_F_APPEND,
+        "add the probe rule",
+        |m| {
+            m.str(NFTA_RULE_TABLE, TABLE);
+            m.str(NFTA_RULE_CHAIN, PROBE_CHAIN);
+            m.nest(NFTA_RULE_EXPRESSIONS, |m| {
+                match_byte(m, NFT_META_NFPROTO, NFPROTO_IPV4);
+                match_payload(m, IPV4_DADDR, NFT_CMP_EQ, &[127, 0, 0, 1]);
+                match_byte(m, NFT_META_L4PROTO, IPPROTO_TCP);
+                match_payload(m, TCP_PORT, NFT_CMP_EQ, &PROBE_PORT.to_be_bytes());
+                redirect_to(m, plan.port);
             });
         },
     );
     b.end()
+}
+
+/// A base chain of type nat on `hook` at the dstnat priority, accepting by default.
+fn add_nat_chain(b: &mut Batch, name: &str, hook: u32, step: &'static str) {
+    b.member(NFT_MSG_NEWCHAIN, NLM_F_CREATE, step, |m| {
+        m.str(NFTA_CHAIN_TABLE, TABLE);
+        m.str(NFTA_CHAIN_NAME, name);
+        m.str(NFTA_CHAIN_TYPE, "nat");
+        m.u32(NFTA_CHAIN_POLICY, NF_ACCEPT);
+        m.nest(NFTA_CHAIN_HOOK, |m| {
+            m.u32(NFTA_HOOK_HOOKNUM, hook);
+            m.u32(NFTA_HOOK_PRIORITY, NF_IP_PRI_NAT_DST as u32);
+        });
+    });
+}
+
+/// `meta load KEY => reg 1; cmp eq reg 1 VALUE`: l4proto or nfproto, one byte each.
+fn match_byte(m: &mut Msg, key: u32, value: u8) {
+    m.expr("meta", |m| {
+        m.u32(NFTA_META_KEY, key);
+        m.u32(NFTA_META_DREG, NFT_REG_1);
+    });
+    compare(m, NFT_CMP_EQ, &[value]);
+}
+
+/// A header field: its base and its offset in that header.
+struct Field {
+    base: u32,
+    offset: u32,
+}
+
+const TCP_PORT: Field = Field {
+    base: NFT_PAYLOAD_TRANSPORT_HEADER,
+    offset: TCP_DPORT_OFFSET,
+};
+const IPV4_DADDR: Field = Field {
+    base: NFT_PAYLOAD_NETWORK_HEADER,
+    offset: IPV4_DADDR_OFFSET,
+};
+
+/// `payload load LEN @ BASE + OFFSET => reg 1; cmp OP reg 1 VALUE` (network byte order).
+fn match_payload(m: &mut Msg, field: Field, op: u32, value: &[u8]) {
+    m.expr("payload", |m| {
+        m.u32(NFTA_PAYLOAD_DREG, NFT_REG_1);
+        m.u32(NFTA_PAYLOAD_BASE, field.base);
+        m.u32(NFTA_PAYLOAD_OFFSET, field.offset);
+        m.u32(NFTA_PAYLOAD_LEN, value.len() as u32);
+    });
+    compare(m, op, value);
+}
+
+fn compare(m: &mut Msg, op: u32, value: &[u8]) {
+    m.expr("cmp", |m| {
+        m.u32(NFTA_CMP_SREG, NFT_REG_1);
+        m.u32(NFTA_CMP_OP, op);
+        m.nest(NFTA_CMP_DATA, |m| m.bytes(NFTA_DATA_VALUE, value));
+    });
+}
+
+/// `immediate reg 1 PORT; redir proto_min reg 1`.
+fn redirect_to(m: &mut Msg, port: u16) {
+    m.expr("immediate", |m| {
+        m.u32(NFTA_IMMEDIATE_DREG, NFT_REG_1);
+        m.nest(NFTA_IMMEDIATE_DATA, |m| {
+            m.bytes(NFTA_DATA_VALUE, &port.to_be_bytes())
+        });
+    });
+    m.expr("redir", |m| {
+        m.u32(NFTA_REDIR_REG_PROTO_MIN, NFT_REG_1);
+        m.u32(NFTA_REDIR_FLAGS, NF_NAT_RANGE_PROTO_SPECIFIED);
+    });
 }
 
 /// The batch for `--remove-iptables`: add-then-delete, so a missing table is no error.
@@ -516,10 +620,10 @@ fn parse_replies(mut data: &[u8]) -> Result<Vec<Reply>, String> {
 mod tests {
     use super::*;
 
-    /// What `nft -f` sent for the plan in the module doc with port 10000 (captured with
-    /// `strace -e trace=sendmsg -e write=3 nft -f plan.nft` from nftables 1.0.6 on Linux
-    /// 6.18, sequence numbers starting at 0): begin, add table, delete table, add table,
-    /// add chain, add rule, end.
+    /// What `nft -f` sent for the plan in the module doc with port 10000 and no kept port
+    /// (captured with `strace -e trace=sendmsg -e write=all -xx nft -f plan.nft` from
+    /// nftables 1.0.6 on Linux 6.18, sequence numbers starting at 0): begin, add table,
+    /// delete table, add table, add the prerouting and output chains, add their rules, end.
     const NFT_SETUP_10000: &str = "\
         14000000100001000000000000000000\
         0000000a2c000000000a010001000000\
@@ -535,22 +639,131 @@ mod tests {
         6f7264000f000300707265726f757469\
         6e670000080007006e61740008000500\
         00000001140004800800010000000000\
-        08000200ffffff9cd8000000060a010c\
+        08000200ffffff9c54000000030a0104\
         05000000000000000100000010000100\
-        616d6261737361646f7264000f000200\
-        707265726f7574696e670000a4000480\
-        24000180090001006d65746100000000\
-        14000280080002000000001008000100\
-        000000012c00018008000100636d7000\
-        20000280080001000000000108000200\
-        000000000c0003800500010006000000\
-        2c0001800e000100696d6d6564696174\
-        65000000180002800800010000000001\
-        0c000280060001002710000024000180\
-        0a000100726564697200000014000280\
-        08000100000000010800030000000002\
-        14000000110001000600000000000000\
-        0000000a";
+        616d6261737361646f7264000b000300\
+        6f75747075740000080007006e617400\
+        08000500000000011400048008000100\
+        0000000308000200ffffff9cd8000000\
+        060a010c060000000000000001000000\
+        10000100616d6261737361646f726400\
+        0f000200707265726f7574696e670000\
+        a400048024000180090001006d657461\
+        00000000140002800800020000000010\
+        08000100000000012c00018008000100\
+        636d7000200002800800010000000001\
+        08000200000000000c00038005000100\
+        060000002c0001800e000100696d6d65\
+        64696174650000001800028008000100\
+        000000010c0002800600010027100000\
+        240001800a0001007265646972000000\
+        14000280080001000000000108000300\
+        00000002e4010000060a010c07000000\
+        000000000100000010000100616d6261\
+        737361646f7264000b0002006f757470\
+        75740000b40104802400018009000100\
+        6d657461000000001400028008000200\
+        0000000f08000100000000012c000180\
+        08000100636d70002000028008000100\
+        0000000108000200000000000c000380\
+        0500010002000000340001800c000100\
+        7061796c6f6164002400028008000100\
+        00000001080002000000000108000300\
+        0000001008000400000000042c000180\
+        08000100636d70002000028008000100\
+        0000000108000200000000000c000380\
+        080001007f0000012400018009000100\
+        6d657461000000001400028008000200\
+        0000001008000100000000012c000180\
+        08000100636d70002000028008000100\
+        0000000108000200000000000c000380\
+        0500010006000000340001800c000100\
+        7061796c6f6164002400028008000100\
+        00000001080002000000000208000300\
+        0000000208000400000000022c000180\
+        08000100636d70002000028008000100\
+        0000000108000200000000000c000380\
+        06000100000100002c0001800e000100\
+        696d6d65646961746500000018000280\
+        08000100000000010c00028006000100\
+        27100000240001800a00010072656469\
+        72000000140002800800010000000001\
+        08000300000000021400000011000100\
+        08000000000000000000000a";
+
+    /// The same plan keeping port 9090 out: `tcp dport != 9090 redirect to :10000`.
+    const NFT_SETUP_10000_KEEP_9090: &str = "\
+        14000000100001000000000000000000\
+        0000000a2c000000000a010001000000\
+        000000000100000010000100616d6261\
+        737361646f7264000800020000000000\
+        24000000020a01000200000000000000\
+        0100000010000100616d626173736164\
+        6f7264002c000000000a010003000000\
+        000000000100000010000100616d6261\
+        737361646f7264000800020000000000\
+        58000000030a01040400000000000000\
+        0100000010000100616d626173736164\
+        6f7264000f000300707265726f757469\
+        6e670000080007006e61740008000500\
+        00000001140004800800010000000000\
+        08000200ffffff9c54000000030a0104\
+        05000000000000000100000010000100\
+        616d6261737361646f7264000b000300\
+        6f75747075740000080007006e617400\
+        08000500000000011400048008000100\
+        0000000308000200ffffff9c38010000\
+        060a010c060000000000000001000000\
+        10000100616d6261737361646f726400\
+        0f000200707265726f7574696e670000\
+        0401048024000180090001006d657461\
+        00000000140002800800020000000010\
+        08000100000000012c00018008000100\
+        636d7000200002800800010000000001\
+        08000200000000000c00038005000100\
+        06000000340001800c0001007061796c\
+        6f616400240002800800010000000001\
+        08000200000000020800030000000002\
+        08000400000000022c00018008000100\
+        636d7000200002800800010000000001\
+        08000200000000010c00038006000100\
+        238200002c0001800e000100696d6d65\
+        64696174650000001800028008000100\
+        000000010c0002800600010027100000\
+        240001800a0001007265646972000000\
+        14000280080001000000000108000300\
+        00000002e4010000060a010c07000000\
+        000000000100000010000100616d6261\
+        737361646f7264000b0002006f757470\
+        75740000b40104802400018009000100\
+        6d657461000000001400028008000200\
+        0000000f08000100000000012c000180\
+        08000100636d70002000028008000100\
+        0000000108000200000000000c000380\
+        0500010002000000340001800c000100\
+        7061796c6f6164002400028008000100\
+        00000001080002000000000108000300\
+        0000001008000400000000042c000180\
+        08000100636d70002000028008000100\
+        0000000108000200000000000c000380\
+        080001007f0000012400018009000100\
+        6d657461000000001400028008000200\
+        0000001008000100000000012c000180\
+        08000100636d70002000028008000100\
+        0000000108000200000000000c000380\
+        0500010006000000340001800c000100\
+        7061796c6f6164002400028008000100\
+        00000001080002000000000208000300\
+        0000000208000400000000022c000180\
+        08000100636d70002000028008000100\
+        0000000108000200000000000c000380\
+        06000100000100002c0001800e000100\
+        696d6d65646961746500000018000280\
+        08000100000000010c00028006000100\
+        27100000240001800a00010072656469\
+        72000000140002800800010000000001\
+        08000300000000021400000011000100\
+        08000000000000000000000a";
 
     /// What `nft -f` sent for `table inet ambassadord; delete table inet ambassadord`.
     const NFT_REMOVE: &str = "\
@@ -591,10 +804,26 @@ mod tests {
     #[test]
     fn setup_batch_matches_nft() {
         let want = with_acks(unhex(NFT_SETUP_10000));
-        assert_eq!(want.len(), 468, "the capture is 468 bytes");
-        let got = setup_batch(10000, 0).bytes;
+        assert_eq!(want.len(), 1036, "the capture is 1036 bytes");
+        let got = setup_batch(PLAN, 0).bytes;
         assert_eq!(hex(&got), hex(&want));
     }
+
+    #[test]
+    fn setup_batch_keeping_a_port_matches_nft() {
+        let want = with_acks(unhex(NFT_SETUP_10000_KEEP_9090));
+        assert_eq!(want.len(), 1132, "the capture is 1132 bytes");
+        let plan = Plan {
+            keep: Some(9090),
+            ..PLAN
+        };
+        assert_eq!(hex(&setup_batch(plan, 0).bytes), hex(&want));
+    }
+
+    const PLAN: Plan = Plan {
+        port: 10000,
+        keep: None,
+    };
 
     #[test]
     fn remove_batch_matches_nft() {
@@ -602,21 +831,28 @@ mod tests {
         assert_eq!(hex(&remove_batch(0).bytes), hex(&want));
     }
 
-    /// The port goes into the immediate in network byte order; nothing else changes.
+    /// The port goes into both immediates in network byte order; nothing else changes.
     #[test]
     fn port_is_big_endian_in_the_immediate() {
-        let base = setup_batch(10000, 0).bytes;
+        let base = setup_batch(PLAN, 0).bytes;
+        let immediate = [0x06, 0x00, 0x01, 0x00, 0x27, 0x10];
+        let at: Vec<usize> = (0..base.len() - 6)
+            .filter(|&i| base[i..i + 6] == immediate)
+            .map(|i| i + 4)
+            .collect();
+        assert_eq!(at.len(), 2, "one immediate per rule");
         for (port, be) in [
             (80u16, [0x00, 0x50]),
             (15001, [0x3a, 0x99]),
             (65535, [0xff, 0xff]),
         ] {
-            let got = setup_batch(port, 0).bytes;
+            let got = setup_batch(Plan { port, keep: None }, 0).bytes;
             assert_eq!(got.len(), base.len());
             let diff: Vec<usize> = (0..got.len()).filter(|&i| got[i] != base[i]).collect();
-            assert!(diff.len() <= 2, "port {port}: {diff:?}");
-            let at = find(&base, &[0x06, 0x00, 0x01, 0x00, 0x27, 0x10]).unwrap() + 4;
-            assert_eq!(&got[at..at + 2], &be, "port {port}");
+            assert!(diff.len() <= 4, "port {port}: {diff:?}");
+            for &at in &at {
+                assert_eq!(&got[at..at + 2], &be, "port {port}");
+            }
         }
     }
 
@@ -624,13 +860,18 @@ mod tests {
     /// (not begin/end) is expected to be ACKed.
     #[test]
     fn sequence_numbers_and_acks() {
-        let b = setup_batch(10000, 41);
+        let b = setup_batch(PLAN, 41);
         let seqs: Vec<u32> = b.steps.iter().map(|s| s.0).collect();
-        assert_eq!(seqs, (41..48).collect::<Vec<_>>());
+        assert_eq!(seqs, (41..50).collect::<Vec<_>>());
         let acked: Vec<bool> = b.steps.iter().map(|s| s.2).collect();
-        assert_eq!(acked, [false, true, true, true, true, true, false]);
+        assert_eq!(
+            acked,
+            [false, true, true, true, true, true, true, true, false]
+        );
         assert_eq!(b.step(45), Some("create the nat prerouting chain"));
-        assert_eq!(b.step(46), Some("add the redirect rule"));
+        assert_eq!(b.step(46), Some("create the nat output chain"));
+        assert_eq!(b.step(47), Some("add the redirect rule"));
+        assert_eq!(b.step(48), Some("add the probe rule"));
     }
 
     /// NLMSG_ERROR replies decode to the errno (positive) and the sequence they answer;
@@ -682,10 +923,6 @@ mod tests {
         );
         assert!(s.contains("Linux 5.2"), "{s}");
         assert!(!s.contains('\n'));
-    }
-
-    fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-        hay.windows(needle.len()).position(|w| w == needle)
     }
 
     fn hex(b: &[u8]) -> String {

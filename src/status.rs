@@ -14,7 +14,8 @@ pub trait View: Send + Sync + 'static {
     /// Every route and what it is doing now.
     fn status(&self) -> Status;
     /// `Ok` once listeners are bound and every route's discovery has its first result
-    /// (and from then on); else the listen addresses still waiting.
+    /// (and from then on), while every omni route's redirect is in place; else why not,
+    /// one reason per entry.
     fn readiness(&self) -> Result<(), Vec<String>>;
 }
 
@@ -45,8 +46,22 @@ pub struct RouteStatus {
     pub discovery_errors: u64,
     /// Whether discovery has produced a first result (omni: the index is loaded).
     pub discovered: bool,
+    /// Omni mode: whether this namespace's incoming TCP is redirected to the listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<RedirectState>,
     #[serde(flatten)]
     pub target: TargetStatus,
+}
+
+/// Omni mode: whether this namespace's incoming TCP is redirected to the listener
+/// (src/redirect.rs probes it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedirectState {
+    /// Not probed yet, or cannot be: the listener does not accept on loopback.
+    Unknown,
+    InPlace,
+    Missing,
 }
 
 /// What a route forwards to.

@@ -23,7 +23,7 @@ use super::types::{ConfigError, CopyMode, DEFAULT_ADMIN, LogFormat};
         ambassadord etcd://127.0.0.1:2379/services/redis    the key's children (or value); listens on 10000\n  \
         ambassadord consul://127.0.0.1:8500/services/redis  the same from Consul KV\n  \
         ambassadord --links                             one listener per Docker link port (docker run --link)\n  \
-        ambassadord --omnimode                          one per host: each container's BACKEND_<port> says where its\n                                                  connections go (with --setup-iptables in its network namespace)\n  \
+        ambassadord --omnimode                          one per host: each container's BACKEND_<port> says where its\n                                                  connections go; given CAP_NET_ADMIN (docker run --cap-add NET_ADMIN)\n                                                  it redirects its namespace's incoming TCP itself at every start\n  \
         ambassadord healthcheck                         exit 0 if the admin endpoint says ready (Docker HEALTHCHECK)"
 )]
 pub(super) struct Cli {
@@ -32,7 +32,8 @@ pub(super) struct Cli {
     pub(super) backend: Option<String>,
 
     /// Omni mode: route each connection by the connecting container's BACKEND_<port> env
-    /// var (or ambassadord.backend.<port> label); listens on 10000
+    /// var (or ambassadord.backend.<port> label); listens on 10000, and with CAP_NET_ADMIN
+    /// in a container of its own installs the redirect of incoming TCP to it at start
     #[arg(long, env = "AMBASSADORD_OMNIMODE")]
     pub(super) omnimode: bool,
 
@@ -126,7 +127,7 @@ pub(super) struct Cli {
     )]
     pub(super) log_format: LogFormat,
 
-    /// Redirect every incoming TCP connection in this network namespace to --port (default 10000) with an nf_tables nat rule, then exit; needs CAP_NET_ADMIN, no BACKEND
+    /// Redirect every incoming TCP connection in this network namespace to --port (default 10000) with an nf_tables nat rule, then exit; needs CAP_NET_ADMIN, no BACKEND. Give it the omni ambassador's --admin so a non-loopback admin port is kept out. (--omnimode with CAP_NET_ADMIN does this itself at start)
     #[arg(
         long,
         env = "AMBASSADORD_SETUP_IPTABLES",

@@ -514,7 +514,10 @@ fn redirect(cli: &Cli, layers: &Layers, env: &Environment) -> Result<Command, St
                 Err(_) => Err("not a port number (1-65535)".to_string()),
             })?,
     };
-    Ok(Command::SetupRedirect { port, log })
+    // The admin address the ambassador in this namespace is given (same flag, same
+    // environment): its port stays out of the redirect when it listens beyond loopback.
+    let keep = admin(cli, &FileConfig::default(), layers)?.and_then(|a| a.kept_from_redirect());
+    Ok(Command::SetupRedirect { port, keep, log })
 }
 
 #[cfg(test)]

@@ -176,6 +176,25 @@ fn redirect_actions() {
         matches!(c, Command::SetupRedirect { port: 15001, .. }),
         "{c:?}"
     );
+    // The omni ambassador's admin port stays out of the redirect only beyond loopback.
+    for (admin, keep) in [
+        ("0.0.0.0:10001", Some(10001)),
+        ("[::]:9100", Some(9100)),
+        ("172.17.0.2:10001", Some(10001)),
+        ("127.0.0.1:10001", None),
+        ("off", None),
+    ] {
+        let c = command(&["--setup-iptables", "--admin", admin]).unwrap();
+        assert!(
+            matches!(c, Command::SetupRedirect { keep: k, .. } if k == keep),
+            "{admin}: {c:?}"
+        );
+    }
+    let c = command(&["--setup-iptables"]).unwrap();
+    assert!(
+        matches!(c, Command::SetupRedirect { keep: None, .. }),
+        "{c:?}"
+    );
     let c = command(&["--remove-iptables"]).unwrap();
     assert!(matches!(c, Command::RemoveRedirect { .. }), "{c:?}");
     let c = command(&["a:1"]).unwrap();

@@ -16,7 +16,7 @@ pub const EXIT_USAGE: u8 = 64;
 
 /// Where the admin endpoint listens unless told otherwise: loopback only, so metrics and
 /// route details are not exposed to the network by default.
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:9090";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:10001";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -33,8 +33,13 @@ pub enum LogFormat {
 pub enum Command {
     /// Listen and forward until shut down.
     Serve(Config),
-    /// `--setup-iptables`: redirect incoming TCP in this network namespace to `port`, exit.
-    SetupRedirect { port: u16, log: LogConfig },
+    /// `--setup-iptables`: redirect incoming TCP in this network namespace to `port`
+    /// (but connections to `keep`, the admin port when it listens beyond loopback), exit.
+    SetupRedirect {
+        port: u16,
+        keep: Option<u16>,
+        log: LogConfig,
+    },
     /// `--remove-iptables`: remove that redirect, exit.
     RemoveRedirect { log: LogConfig },
     /// `ambassadord healthcheck`: ask the admin endpoint at `admin` whether the
@@ -114,6 +119,16 @@ pub struct Admin {
     /// Asked for by the user (a failure to bind is then fatal), rather than the default
     /// (a failure is a warning, so a second ambassador on one host still starts).
     pub explicit: bool,
+}
+
+impl Admin {
+    /// The port the omni redirect leaves alone: the admin port, when the endpoint listens
+    /// beyond loopback (a scraper on the network must reach it). On loopback only it is
+    /// reached from inside the namespace, which the redirect never touches.
+    pub fn kept_from_redirect(&self) -> Option<u16> {
+        let port = self.addr.port();
+        (!self.addr.ip().is_loopback() && port != 0).then_some(port)
+    }
 }
 
 /// The port omni mode listens on, and so where --setup-iptables redirects by default.

@@ -79,7 +79,7 @@ pub(super) fn parse_admin(s: &str) -> Result<Option<SocketAddr>, String> {
         s => s
             .parse::<SocketAddr>()
             .map(Some)
-            .map_err(|_| "not IP:PORT or off (e.g. 127.0.0.1:9090)".to_string()),
+            .map_err(|_| "not IP:PORT or off (e.g. 127.0.0.1:10001)".to_string()),
     }
 }
 

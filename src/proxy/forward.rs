@@ -144,9 +144,18 @@ async fn serve(
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     let _ = client.set_nodelay(true);
     let metrics = &route.metrics;
-    let _open = metrics.accepted();
     // Taken once: a reload that changes the route affects only later connections.
     let active = route.active();
+    // Omni's own redirect probe (src/redirect.rs) proves the table by arriving; it is
+    // no client, so it is neither counted nor logged. Only loopback peers can be one.
+    if let Target::Omni(_) = &active.target
+        && peer.ip().is_loopback()
+        && super::omni::original_port(&client, peer.ip())
+            .is_ok_and(|port| crate::redirect::is_probe(peer.ip(), port))
+    {
+        return;
+    }
+    let _open = metrics.accepted();
 
     let refused = |reason: &dyn std::fmt::Display, label: &str| {
         metrics.refused();

@@ -20,6 +20,8 @@ use crate::config::{DockerHost, RouteConfig, RouteTarget};
 use crate::discovery::Discovery;
 use crate::docker::index::{ContainerIndex, DockerError};
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::netfilter::Plan;
+use crate::redirect::Redirect;
 use crate::spec::Spec;
 use crate::status::{ContainerStatus, EndpointState, EndpointStatus, RouteStatus, TargetStatus};
 
@@ -53,6 +55,8 @@ pub struct Active {
     pub target: Target,
     pub config: RouteTarget,
     pub kind: &'static str,
+    /// Omni mode's redirect of this namespace's incoming TCP to the listener.
+    pub redirect: Option<Arc<Redirect>>,
     stop: CancellationToken,
 }
 
@@ -75,13 +79,19 @@ pub struct Targets {
     /// `--docker-host`, for omni targets; `None` while no route is in omni mode.
     pub docker_host: Option<DockerHost>,
     pub metrics: Arc<Metrics>,
+    /// The admin port, if the endpoint is on (it does not stop omni installing its
+    /// redirect), and whether the redirect must keep it out.
+    pub admin_port: Option<u16>,
+    pub keep_from_redirect: Option<u16>,
 }
 
 impl Targets {
-    /// Starts what serves `rc`'s target: its discovery, or omni mode's container index.
-    pub fn start(&self, rc: &RouteConfig) -> Result<Arc<Active>, TargetError> {
+    /// Starts what serves `rc`'s target (bound at `listen`): its discovery, or omni
+    /// mode's container index and redirect.
+    pub fn start(&self, rc: &RouteConfig, listen: SocketAddr) -> Result<Arc<Active>, TargetError> {
         let target = &rc.target;
         let stop = CancellationToken::new();
+        let mut redirect = None;
         let (t, kind) = match target {
             RouteTarget::Spec(spec) => {
                 if let Spec::Srv(name) = spec {
@@ -106,6 +116,14 @@ impl Targets {
                     self.metrics.clone(),
                     stop.child_token(),
                 );
+                let plan = Plan {
+                    port: listen.port(),
+                    keep: self.keep_from_redirect,
+                };
+                let ours = std::iter::once(listen.port())
+                    .chain(self.admin_port)
+                    .collect();
+                redirect = Some(Redirect::start(plan, listen, ours, stop.child_token()));
                 (Target::Omni(omni), "omni")
             }
         };
@@ -113,6 +131,7 @@ impl Targets {
             target: t,
             config: target.clone(),
             kind,
+            redirect,
             stop,
         }))
     }
@@ -155,6 +174,17 @@ impl Route {
             Target::Fixed(b) => b.current().is_some(),
             Target::Omni(o) => o.index().loaded(),
         }
+    }
+
+    /// Why incoming connections do not reach it, if they do not: omni mode's redirect is
+    /// missing. Not latched like discovery: a redirect removed later shows.
+    pub fn redirect_problem(&self) -> Option<String> {
+        let active = self.active();
+        let redirect = active.redirect.as_ref()?;
+        redirect
+            .check()
+            .err()
+            .map(|why| format!("{}: {why}", self.listen))
     }
 
     /// The route as the admin endpoint shows it.
@@ -240,6 +270,7 @@ impl Route {
                     .sum(),
             },
             discovered,
+            redirect: active.redirect.as_ref().map(|r| r.state()),
             target,
         }
     }

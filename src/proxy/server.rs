@@ -85,7 +85,7 @@ impl State {
 impl View for State {
     fn status(&self) -> Status {
         Status {
-            ready: self.ready(),
+            ready: self.readiness().is_ok(),
             uptime_seconds: self.started.elapsed().as_secs(),
             routes: self
                 .routes()
@@ -96,17 +96,21 @@ impl View for State {
     }
 
     /// Listeners are bound (they are before the state exists) and every route's source
-    /// has its first result. Once ready, stays ready.
+    /// has its first result (once ready in that, ready for good), and no omni route's
+    /// redirect is missing (checked every time).
     fn readiness(&self) -> Result<(), Vec<String>> {
-        if self.ready() {
-            return Ok(());
+        let routes = self.routes();
+        let mut why: Vec<String> = Vec::new();
+        if !self.ready() {
+            let waiting: Vec<String> = routes
+                .iter()
+                .filter(|r| !r.ready())
+                .map(|r| r.listen.to_string())
+                .collect();
+            why.push(format!("waiting for discovery on {}", waiting.join(", ")));
         }
-        Err(self
-            .routes()
-            .iter()
-            .filter(|r| !r.ready())
-            .map(|r| r.listen.to_string())
-            .collect())
+        why.extend(routes.iter().filter_map(|r| r.redirect_problem()));
+        if why.is_empty() { Ok(()) } else { Err(why) }
     }
 }
 
@@ -137,6 +141,8 @@ impl Server {
             )),
             docker_host: config.docker_host.clone(),
             metrics: metrics.clone(),
+            admin_port: config.admin.map(|a| a.addr.port()),
+            keep_from_redirect: config.admin.and_then(|a| a.kept_from_redirect()),
         };
         let threads = config.threads.unwrap_or_else(Workers::default_count);
         let mut pending = Vec::with_capacity(config.routes.len());
@@ -290,6 +296,8 @@ impl Server {
                     discovery: self.targets.discovery.clone(),
                     docker_host: Some(host.clone()),
                     metrics: self.targets.metrics.clone(),
+                    admin_port: self.targets.admin_port,
+                    keep_from_redirect: self.targets.keep_from_redirect,
                 };
                 &with_docker
             }
@@ -310,7 +318,7 @@ impl Server {
             if let Some(route) = current.get(&rc.listen.to_string())
                 && route.active().config != rc.target
             {
-                changed.push((route.clone(), targets.start(rc)?));
+                changed.push((route.clone(), targets.start(rc, route.listen)?));
             }
         }
         let first_results = futures_util::future::join_all(changed.iter().map(|(_, a)| async {
@@ -412,7 +420,7 @@ fn bind_route(rc: &RouteConfig, threads: usize, targets: &Targets) -> Result<Bou
     } else {
         rc.listen.to_string()
     };
-    let active = targets.start(rc)?;
+    let active = targets.start(rc, listen)?;
     let route = Arc::new(Route::new(listen, key, active, &targets.metrics));
     Ok((listeners, route))
 }

@@ -13,6 +13,7 @@ mod discovery_etcd;
 mod discovery_srv;
 mod docker_links;
 mod docker_omni;
+mod docker_redirect;
 mod faults;
 mod netfilter;
 mod operations;

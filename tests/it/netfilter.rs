@@ -54,30 +54,60 @@ fn assert_ok(out: &Output, what: &str) {
     );
 }
 
-/// Asserts the table holds exactly the plan: one nat chain hooked at prerouting with
-/// dstnat priority, and one rule redirecting TCP to `port`.
-fn assert_one_redirect(ns: &Netns, port: u16) {
+/// Asserts the table holds exactly the plan: a nat chain hooked at prerouting with the
+/// one rule redirecting TCP to `port` (but to `keep`), and a nat output chain with the
+/// one probe rule (the ambassador's own 127.0.0.1:1 to `port`), both at dstnat priority.
+fn assert_one_redirect(ns: &Netns, port: u16, keep: Option<u16>) {
     let (chains, rules) = ours(ns);
-    assert_eq!(chains.len(), 1, "chains: {chains:?}");
-    let c = &chains[0]["chain"];
-    assert_eq!(
-        (&c["name"], &c["type"], &c["hook"], &c["prio"], &c["policy"]),
+    let chain = |name: &str| {
+        let found: Vec<&Value> = chains
+            .iter()
+            .filter(|c| c["chain"]["name"] == name)
+            .collect();
+        assert_eq!(found.len(), 1, "chain {name}: {chains:?}");
+        let c = &found[0]["chain"];
         (
-            &Value::from("prerouting"),
-            &Value::from("nat"),
-            &Value::from("prerouting"),
-            &Value::from(-100),
-            &Value::from("accept")
-        ),
-        "{c}"
-    );
-    assert_eq!(rules.len(), 1, "rules: {rules:?}");
-    let expr = &rules[0]["rule"]["expr"];
-    let want: Value = serde_json::json!([
-        {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+            c["type"].clone(),
+            c["hook"].clone(),
+            c["prio"].clone(),
+            c["policy"].clone(),
+        )
+    };
+    let nat = |hook: &str| {
+        (
+            Value::from("nat"),
+            Value::from(hook),
+            Value::from(-100),
+            Value::from("accept"),
+        )
+    };
+    assert_eq!(chains.len(), 2, "chains: {chains:?}");
+    assert_eq!(chain("prerouting"), nat("prerouting"));
+    assert_eq!(chain("output"), nat("output"));
+    assert_eq!(rules.len(), 2, "rules: {rules:?}");
+    let rule = |chain: &str| {
+        rules
+            .iter()
+            .find(|r| r["rule"]["chain"] == chain)
+            .map(|r| r["rule"]["expr"].clone())
+            .unwrap_or_else(|| panic!("no rule in {chain}: {rules:?}"))
+    };
+    let tcp_dport = |op: &str, p: u16| serde_json::json!({"match": {"op": op, "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": p}});
+    // nft shows `meta l4proto tcp` + `tcp dport != P` as the dport match alone.
+    let mut want = match keep {
+        None => vec![
+            serde_json::json!({"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}}),
+        ],
+        Some(k) => vec![tcp_dport("!=", k)],
+    };
+    want.push(serde_json::json!({"redirect": {"port": port}}));
+    assert_eq!(rule("prerouting"), Value::from(want));
+    let probe = serde_json::json!([
+        {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": "127.0.0.1"}},
+        tcp_dport("==", 1),
         {"redirect": {"port": port}}
     ]);
-    assert_eq!(expr, &want);
+    assert_eq!(rule("output"), probe);
 }
 
 /// `--setup-iptables --port P` installs exactly one redirect to P; running it again (same
@@ -89,17 +119,17 @@ fn setup_installs_one_redirect_and_running_again_keeps_one() {
         &ns.ambassadord(&["--setup-iptables", "--port", "15001"]),
         "setup",
     );
-    assert_one_redirect(&ns, 15001);
+    assert_one_redirect(&ns, 15001, None);
     assert_ok(
         &ns.ambassadord(&["--setup-iptables", "--port", "15001"]),
         "setup again",
     );
-    assert_one_redirect(&ns, 15001);
+    assert_one_redirect(&ns, 15001, None);
     assert_ok(
         &ns.ambassadord(&["--setup-iptables"]),
         "setup with the default port",
     );
-    assert_one_redirect(&ns, 10000);
+    assert_one_redirect(&ns, 10000, None);
 }
 
 /// `--remove-iptables` removes the table, succeeds when there is nothing to remove, and
@@ -251,6 +281,51 @@ fn redirected_connection_reaches_the_omni_port_with_its_original_destination() {
         let e = TcpStream::connect_timeout(&to, DEADLINE).expect_err("redirect removed");
         assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{to}: {e}");
     }
+}
+
+/// Given the omni ambassador's admin address beyond loopback, `--setup-iptables` keeps
+/// that port out of the redirect: a connection to it reaches the admin listener itself,
+/// any other port still goes to the omni port. An admin address on loopback keeps
+/// nothing (nothing from outside can reach it anyway).
+#[test]
+fn a_non_loopback_admin_port_is_kept_out_of_the_redirect() {
+    let mut ns = Netns::new();
+    let (v4, _) = ns.veth();
+    let omni = 15003;
+    let admin = 15004;
+    let l_omni = listen_inside(&ns, Ipv4Addr::UNSPECIFIED.into(), omni);
+    let l_admin = listen_inside(&ns, Ipv4Addr::UNSPECIFIED.into(), admin);
+    let (port, admin_at) = (omni.to_string(), format!("0.0.0.0:{admin}"));
+    assert_ok(
+        &ns.ambassadord(&["--setup-iptables", "--port", &port, "--admin", &admin_at]),
+        "setup keeping the admin port",
+    );
+    assert_one_redirect(&ns, omni, Some(admin));
+    let to_admin = SocketAddr::new(v4.into(), admin);
+    assert_eq!(connect_through(&l_admin, to_admin), to_admin);
+    let other = SocketAddr::new(v4.into(), 6379);
+    assert_eq!(connect_through(&l_omni, other), other);
+
+    // The environment the omni container has works the same.
+    let out = ns.exec(
+        "env",
+        &[
+            &format!("AMBASSADORD_ADMIN=[::]:{admin}"),
+            env!("CARGO_BIN_EXE_ambassadord"),
+            "--setup-iptables",
+            "--port",
+            &port,
+        ],
+    );
+    assert_ok(&out, "setup with AMBASSADORD_ADMIN");
+    assert_one_redirect(&ns, omni, Some(admin));
+
+    let loopback = format!("127.0.0.1:{admin}");
+    assert_ok(
+        &ns.ambassadord(&["--setup-iptables", "--port", &port, "--admin", &loopback]),
+        "setup with a loopback admin",
+    );
+    assert_one_redirect(&ns, omni, None);
 }
 
 /// Omni mode listens on one dual-stack socket ([::] accepting IPv4 too, as
