@@ -4,10 +4,11 @@
 //! message read in a container log points straight at the typo.
 //!
 //! ```text
-//! spec    = static | srv | kv
+//! spec    = static | srv | kv | docker
 //! static  = hostport *( "," hostport )    ; listens on the first port
 //! srv     = dns-name                      ; SRV records; listens on 10000
 //! kv      = ("etcd" | "consul") "://" host [":" port] path    ; listens on 10000
+//! docker  = "docker://" (name | "label=" key ["=" value]) ":" port  ; listens on port
 //! hostport= host ":" port | "[" ipv6 "]" ":" port
 //! host    = ipv4 | dns-name               ; letters, digits, '-', '_' and dots
 //! port    = 1..65535
@@ -35,6 +36,26 @@ pub enum Spec {
     Etcd(KvSpec),
     /// Backends from Consul's KV store.
     Consul(KvSpec),
+    /// Running Docker containers, by name or by label, followed through the engine's
+    /// events.
+    Docker(DockerSpec),
+}
+
+/// `docker://NAME:PORT` or `docker://label=KEY[=VALUE]:PORT`: the addresses of the
+/// running containers selected, on `port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DockerSpec {
+    pub select: Select,
+    pub port: u16,
+}
+
+/// Which running containers a `docker://` spec means.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Select {
+    /// The container with this name (without Docker's leading '/').
+    Name(String),
+    /// Every container with this label; with this value, if given.
+    Label { key: String, value: Option<String> },
 }
 
 /// Where a KV store is and which key holds the backends: the values of the key's
@@ -85,9 +106,10 @@ impl Spec {
             let (make, default_port): (fn(KvSpec) -> Spec, u16) = match scheme {
                 "etcd" => (Spec::Etcd, ETCD_DEFAULT_PORT),
                 "consul" => (Spec::Consul, CONSUL_DEFAULT_PORT),
+                "docker" => return DockerSpec::parse(rest).map(Spec::Docker).map_err(fail),
                 _ => {
                     return Err(fail(format!(
-                        "unsupported scheme '{scheme}://' (use etcd:// or consul://, or HOST:PORT)"
+                        "unsupported scheme '{scheme}://' (use etcd://, consul:// or docker://, or HOST:PORT)"
                     )));
                 }
             };
@@ -121,6 +143,7 @@ impl Spec {
     pub fn default_listen_port(&self) -> u16 {
         match self {
             Spec::Static(list) => list[0].port,
+            Spec::Docker(d) => d.port,
             Spec::Srv(_) | Spec::Etcd(_) | Spec::Consul(_) => DISCOVERY_LISTEN_PORT,
         }
     }
@@ -133,6 +156,7 @@ impl Spec {
             Spec::Srv(_) => "dns-srv",
             Spec::Etcd(_) => "etcd",
             Spec::Consul(_) => "consul",
+            Spec::Docker(_) => "docker",
         }
     }
 }
@@ -152,6 +176,77 @@ impl fmt::Display for Spec {
             Spec::Srv(name) => f.write_str(name),
             Spec::Etcd(kv) => write!(f, "etcd://{}{}", kv.server, kv.path),
             Spec::Consul(kv) => write!(f, "consul://{}{}", kv.server, kv.path),
+            Spec::Docker(d) => write!(f, "docker://{d}"),
+        }
+    }
+}
+
+impl DockerSpec {
+    /// Parses what follows `docker://`: `NAME:PORT` or `label=KEY[=VALUE]:PORT`.
+    fn parse(rest: &str) -> Result<DockerSpec, String> {
+        const FORMS: &str = "docker://NAME:PORT or docker://label=KEY=VALUE:PORT";
+        let Some((select, port)) = rest.rsplit_once(':') else {
+            return Err(format!("missing ':PORT' ({FORMS})"));
+        };
+        let port = parse_port(port)?;
+        let select = match select.strip_prefix("label=") {
+            Some(label) => {
+                let (key, value) = match label.split_once('=') {
+                    Some((k, v)) => (k, Some(v)),
+                    None => (label, None),
+                };
+                if key.is_empty() {
+                    return Err(format!("the label key is empty ({FORMS})"));
+                }
+                if let Some(c) = key
+                    .chars()
+                    .find(|c| c.is_whitespace() || c.is_control() || *c == ',')
+                {
+                    return Err(format!("the label key '{key}' contains {c:?}"));
+                }
+                if value.is_some_and(|v| v.chars().any(char::is_control)) {
+                    return Err("the label value contains a control character".into());
+                }
+                Select::Label {
+                    key: key.to_string(),
+                    value: value.map(str::to_string),
+                }
+            }
+            None => {
+                // Docker's own rule for container names: [a-zA-Z0-9][a-zA-Z0-9_.-]*.
+                let mut chars = select.chars();
+                match chars.next() {
+                    None => return Err(format!("the container name is empty ({FORMS})")),
+                    Some(c) if !c.is_ascii_alphanumeric() => {
+                        return Err(format!(
+                            "container name '{select}' must start with a letter or digit"
+                        ));
+                    }
+                    _ => {}
+                }
+                if let Some(c) =
+                    chars.find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+                {
+                    return Err(format!(
+                        "container name '{select}' contains {c:?} (Docker names use letters, digits, '_', '.' and '-')"
+                    ));
+                }
+                Select::Name(select.to_string())
+            }
+        };
+        Ok(DockerSpec { select, port })
+    }
+}
+
+impl fmt::Display for DockerSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.select {
+            Select::Name(name) => write!(f, "{name}:{}", self.port),
+            Select::Label { key, value: None } => write!(f, "label={key}:{}", self.port),
+            Select::Label {
+                key,
+                value: Some(v),
+            } => write!(f, "label={key}={v}:{}", self.port),
         }
     }
 }
@@ -342,6 +437,70 @@ mod tests {
                 Ok(Spec::Static(want.clone())),
                 "input {input}"
             );
+        }
+    }
+
+    /// `docker://` selects by name or label, listens on its port, and shows as written.
+    #[test]
+    fn docker_specs() {
+        let cases: &[(&str, Select, u16)] = &[
+            ("docker://redis:6379", Select::Name("redis".into()), 6379),
+            (
+                "docker://proj_web.1-a:80",
+                Select::Name("proj_web.1-a".into()),
+                80,
+            ),
+            (
+                "docker://label=app=web:8080",
+                Select::Label {
+                    key: "app".into(),
+                    value: Some("web".into()),
+                },
+                8080,
+            ),
+            (
+                "docker://label=com.example.tier=a=b:c:80",
+                Select::Label {
+                    key: "com.example.tier".into(),
+                    value: Some("a=b:c".into()),
+                },
+                80,
+            ),
+            (
+                "docker://label=traefik.enable:80",
+                Select::Label {
+                    key: "traefik.enable".into(),
+                    value: None,
+                },
+                80,
+            ),
+        ];
+        for (input, select, port) in cases {
+            let spec = Spec::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(
+                spec,
+                Spec::Docker(DockerSpec {
+                    select: select.clone(),
+                    port: *port
+                }),
+                "{input}"
+            );
+            assert_eq!(spec.to_string(), *input);
+            assert_eq!(spec.default_listen_port(), *port);
+            assert_eq!(spec.kind(), "docker");
+        }
+        for (input, want) in [
+            ("docker://redis", "missing ':PORT'"),
+            ("docker://:80", "the container name is empty"),
+            ("docker://redis:0", "port 0"),
+            ("docker://-x:80", "must start with a letter or digit"),
+            ("docker://a/b:80", "contains '/'"),
+            ("docker://label=:80", "the label key is empty"),
+            ("docker://label=a b=c:80", "contains ' '"),
+        ] {
+            let e = Spec::parse(input).unwrap_err().to_string();
+            assert!(e.contains(want), "{input}: {e}");
+            assert!(e.starts_with(&format!("backend '{input}'")), "{e}");
         }
     }
 

@@ -22,12 +22,14 @@ use super::types::{ConfigError, CopyMode, DEFAULT_ADMIN, LogFormat};
         ambassadord redis.service.consul                DNS SRV records (Consul's DNS); listens on 10000\n  \
         ambassadord etcd://127.0.0.1:2379/services/redis    the key's children (or value); listens on 10000\n  \
         ambassadord consul://127.0.0.1:8500/services/redis  the same from Consul KV\n  \
+        ambassadord docker://redis:6379                 the container named redis, followed through Docker's events\n  \
+        ambassadord docker://label=app=web:80           every running container labelled app=web\n  \
         ambassadord --links                             one listener per Docker link port (docker run --link)\n  \
         ambassadord --omnimode                          one per host: each container's BACKEND_<port> says where its\n                                                  connections go; given CAP_NET_ADMIN (docker run --cap-add NET_ADMIN)\n                                                  it redirects its namespace's incoming TCP itself at every start\n  \
         ambassadord healthcheck                         exit 0 if the admin endpoint says ready (Docker HEALTHCHECK)"
 )]
 pub(super) struct Cli {
-    /// Where to forward: HOST:PORT[,HOST:PORT...], an SRV name, etcd://HOST:PORT/PATH or consul://HOST:PORT/PATH
+    /// Where to forward: HOST:PORT[,HOST:PORT...], an SRV name, etcd://HOST:PORT/PATH, consul://HOST:PORT/PATH, docker://NAME:PORT or docker://label=KEY=VALUE:PORT
     #[arg(value_name = "BACKEND", env = "AMBASSADORD_BACKEND")]
     pub(super) backend: Option<String>,
 
@@ -37,7 +39,7 @@ pub(super) struct Cli {
     #[arg(long, env = "AMBASSADORD_OMNIMODE")]
     pub(super) omnimode: bool,
 
-    /// Docker Engine API for omni mode (read-only use): unix:///path or tcp://HOST:PORT
+    /// Docker Engine API for omni mode and docker:// specs (read-only use): unix:///path or tcp://HOST:PORT
     #[arg(
         long,
         value_name = "URL",

@@ -408,16 +408,21 @@ fn dns(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<Option<SocketAdd
         .transpose()
 }
 
-/// `--docker-host`, when a route is in omni mode. Checked wherever it is used, so a bad
-/// value is bad usage at start rather than a failure once omni mode first asks Docker;
-/// not read otherwise, since DOCKER_HOST is often set for other tools.
+/// `--docker-host`, when a route is in omni mode or uses a `docker://` spec. Checked
+/// wherever it is used, so a bad value is bad usage at start rather than a failure once
+/// Docker is first asked; not read otherwise, since DOCKER_HOST is often set for other
+/// tools.
 fn docker_host(
     cli: &Cli,
     file: &FileConfig,
     layers: &Layers,
     routes: &[RouteConfig],
 ) -> Result<Option<DockerHost>, String> {
-    if !routes.iter().any(|r| r.target == RouteTarget::Omni) {
+    let needs_docker = |r: &RouteConfig| match &r.target {
+        RouteTarget::Omni => true,
+        RouteTarget::Spec(spec) => matches!(spec, Spec::Docker(_)),
+    };
+    if !routes.iter().any(needs_docker) {
         return Ok(None);
     }
     let host = layers.pick(

@@ -8,6 +8,7 @@
 
 pub mod consul;
 pub mod dns;
+pub mod docker;
 pub mod etcd;
 pub mod hosts;
 pub mod http;
@@ -85,6 +86,9 @@ pub enum SourceError {
     /// A host name in a list built without a resolver.
     #[error("no resolver for '{0}'")]
     NoResolver(String),
+    /// A `docker://` spec's containers cannot be read.
+    #[error("{0}")]
+    Docker(String),
 }
 
 /// What went wrong talking to a store, before the source says where: the store
@@ -245,6 +249,9 @@ pub struct Discovery {
     consul_token: Option<crate::config::Secret>,
     /// Where each source's reads and errors are counted.
     metrics: Arc<Metrics>,
+    /// The running containers `docker://` specs choose from, once the Docker side has
+    /// been set up (see [`Discovery::provide_containers`]).
+    containers: std::sync::OnceLock<Arc<dyn docker::Containers>>,
 }
 
 impl Discovery {
@@ -259,7 +266,14 @@ impl Discovery {
             resolver: std::sync::OnceLock::new(),
             runtime: tokio::runtime::Handle::try_current().ok(),
             metrics,
+            containers: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Gives `docker://` sources their containers; the first call wins (there is one
+    /// container index per process).
+    pub fn provide_containers(&self, containers: Arc<dyn docker::Containers>) {
+        let _ = self.containers.set(containers);
     }
 
     fn resolver(&self) -> dns::Resolver {
@@ -308,6 +322,13 @@ impl Discovery {
                 let lists = drive.spawn(name.clone(), store);
                 drive.spawn(name, kv::Resolving::new(lists, self.resolver()))
             }
+            Spec::Docker(d) => match self.containers.get() {
+                Some(containers) => drive.spawn(
+                    name,
+                    docker::DockerSource::new(d.clone(), containers.clone()),
+                ),
+                None => drive.spawn(name, docker::NoDocker),
+            },
         };
         Endpoints { sets, failing }
     }

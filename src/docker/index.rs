@@ -1,5 +1,6 @@
-//! The omni-mode container index: which container owns each IP address, and what it
-//! declares, kept current from the Docker Engine API.
+//! The container index: which container owns each IP address, what it declares and
+//! which labels it carries, kept current from the Docker Engine API. Omni mode routes by
+//! it; `docker://` specs choose their backends from it (one index per process).
 //!
 //! Read-only API use: events, container list, container inspect. The index subscribes to
 //! events first (from a point in time just before the list, so nothing falls in the gap),
@@ -10,7 +11,7 @@
 //! reconnects with backoff, and re-lists on reconnect. A lookup miss does one targeted
 //! refresh with a deadline; nothing else on the connection path calls Docker.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -28,7 +29,9 @@ use tracing::{debug, info, warn};
 use super::declare::{Declarations, declarations};
 use crate::config::DockerHost;
 use crate::discovery::Backoff;
+use crate::discovery::docker::Containers;
 use crate::logsafe::outside;
+use crate::spec::Select;
 
 /// How long a connection from an unknown address may wait for the targeted refresh.
 pub const MISS_DEADLINE: Duration = Duration::from_secs(2);
@@ -47,6 +50,8 @@ pub struct Container {
     /// The declarations it makes that are not usable, each with why (already naming the
     /// container): shown on the status page, warned about once.
     pub problems: Vec<String>,
+    /// Its labels, for `docker://label=…` specs.
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Container {
@@ -92,6 +97,7 @@ impl Container {
             .and_then(|cfg| cfg.labels.clone())
             .unwrap_or_default();
         let (declarations, problems) = declarations(&name, &env, &labels);
+        let labels: BTreeMap<String, String> = labels.into_iter().collect();
         let mut ips = Vec::new();
         let networks = c
             .network_settings
@@ -122,7 +128,19 @@ impl Container {
             ips,
             declarations,
             problems,
+            labels,
         })
+    }
+
+    /// Whether a `docker://` spec's selector chooses this container.
+    pub fn chosen_by(&self, select: &Select) -> bool {
+        match select {
+            Select::Name(name) => self.name == *name,
+            Select::Label { key, value } => self
+                .labels
+                .get(key)
+                .is_some_and(|v| value.as_ref().is_none_or(|want| v == want)),
+        }
     }
 }
 
@@ -531,6 +549,25 @@ impl ContainerIndex {
             }
             _ => {}
         }
+    }
+}
+
+impl Containers for ContainerIndex {
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn loaded(&self) -> bool {
+        ContainerIndex::loaded(self)
+    }
+
+    fn select(&self, select: &Select) -> Vec<(String, Vec<IpAddr>)> {
+        self.read()
+            .by_id
+            .values()
+            .filter(|c| c.chosen_by(select))
+            .map(|c| (c.name.clone(), c.ips.clone()))
+            .collect()
     }
 }
 

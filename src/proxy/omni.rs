@@ -57,15 +57,14 @@ pub struct Omni {
 }
 
 impl Omni {
-    /// Starts following the Docker engine and returns the router. Everything it starts
-    /// ends when `stop` fires.
+    /// The router over `index` (which the server keeps following the engine).
+    /// Everything it starts ends when `stop` fires.
     pub fn start(
         index: Arc<ContainerIndex>,
         discovery: Arc<Discovery>,
         metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) -> Arc<Omni> {
-        tokio::spawn(index.clone().run(stop.clone()));
         let omni = Arc::new(Omni {
             index,
             discovery,

@@ -31,8 +31,8 @@ pub enum TargetError {
     /// Omni mode's Docker client could not be set up.
     #[error(transparent)]
     Docker(#[from] DockerError),
-    /// An omni route without a Docker host (config gives one to every omni route).
-    #[error("omni mode needs a Docker host (--docker-host)")]
+    /// An omni or docker:// route without a Docker host (config gives one to both).
+    #[error("omni mode and docker:// need a Docker host (--docker-host)")]
     NoDockerHost,
 }
 
@@ -76,9 +76,10 @@ pub enum Target {
 /// What starting a target needs.
 pub struct Targets {
     pub discovery: Arc<Discovery>,
-    /// `--docker-host`, for omni targets; `None` while no route is in omni mode.
-    pub docker_host: Option<DockerHost>,
     pub metrics: Arc<Metrics>,
+    /// The one container index (omni routes, `docker://` specs), made on first need
+    /// from the Docker host config gave, and following the engine until the server ends.
+    pub index: std::sync::OnceLock<(Arc<ContainerIndex>, tokio_util::sync::DropGuard)>,
     /// The admin port, if the endpoint is on (it does not stop omni installing its
     /// redirect), and whether the redirect must keep it out.
     pub admin_port: Option<u16>,
@@ -86,14 +87,53 @@ pub struct Targets {
 }
 
 impl Targets {
+    pub fn new(
+        discovery: Arc<Discovery>,
+        metrics: Arc<Metrics>,
+        admin_port: Option<u16>,
+        keep_from_redirect: Option<u16>,
+    ) -> Targets {
+        Targets {
+            discovery,
+            metrics,
+            index: std::sync::OnceLock::new(),
+            admin_port,
+            keep_from_redirect,
+        }
+    }
+
+    /// The container index, made and started on first need: it then also serves every
+    /// `docker://` source.
+    fn index(&self, host: Option<&DockerHost>) -> Result<Arc<ContainerIndex>, TargetError> {
+        if let Some((index, _)) = self.index.get() {
+            return Ok(index.clone());
+        }
+        // Config gives a Docker host whenever a route is in omni mode or uses docker://.
+        let host = host.ok_or(TargetError::NoDockerHost)?;
+        let index = ContainerIndex::new(host)?;
+        let stop = CancellationToken::new();
+        tokio::spawn(index.clone().run(stop.clone()));
+        self.discovery.provide_containers(index.clone());
+        let made = self.index.get_or_init(|| (index, stop.drop_guard()));
+        Ok(made.0.clone())
+    }
+
     /// Starts what serves `rc`'s target (bound at `listen`): its discovery, or omni
-    /// mode's container index and redirect.
-    pub fn start(&self, rc: &RouteConfig, listen: SocketAddr) -> Result<Arc<Active>, TargetError> {
+    /// mode's router and redirect. `docker_host` is the configuration's.
+    pub fn start(
+        &self,
+        rc: &RouteConfig,
+        listen: SocketAddr,
+        docker_host: Option<&DockerHost>,
+    ) -> Result<Arc<Active>, TargetError> {
         let target = &rc.target;
         let stop = CancellationToken::new();
         let mut redirect = None;
         let (t, kind) = match target {
             RouteTarget::Spec(spec) => {
+                if let Spec::Docker(_) = spec {
+                    self.index(docker_host)?;
+                }
                 if let Spec::Srv(name) = spec {
                     // `redis` with its port forgotten is an SRV name too: say so.
                     info!(
@@ -107,9 +147,7 @@ impl Targets {
                 (Target::Fixed(Arc::new(balancer)), spec.kind())
             }
             RouteTarget::Omni => {
-                // Config gives a Docker host whenever a route is in omni mode.
-                let host = self.docker_host.as_ref().ok_or(TargetError::NoDockerHost)?;
-                let index = ContainerIndex::new(host)?;
+                let index = self.index(docker_host)?;
                 let omni = Omni::start(
                     index,
                     self.discovery.clone(),

@@ -133,21 +133,25 @@ impl Server {
     /// be bound or a target cannot be started.
     pub async fn bind(config: Config, metrics: Arc<Metrics>) -> Result<Server, StartError> {
         let started_with = config.clone();
-        let targets = Targets {
-            discovery: Arc::new(Discovery::new(
+        let targets = Targets::new(
+            Arc::new(Discovery::new(
                 config.dns,
                 config.consul_token.clone(),
                 metrics.clone(),
             )),
-            docker_host: config.docker_host.clone(),
-            metrics: metrics.clone(),
-            admin_port: config.admin.map(|a| a.addr.port()),
-            keep_from_redirect: config.admin.and_then(|a| a.kept_from_redirect()),
-        };
+            metrics.clone(),
+            config.admin.map(|a| a.addr.port()),
+            config.admin.and_then(|a| a.kept_from_redirect()),
+        );
         let threads = config.threads.unwrap_or_else(Workers::default_count);
         let mut pending = Vec::with_capacity(config.routes.len());
         for rc in &config.routes {
-            pending.push(bind_route(rc, threads, &targets)?);
+            pending.push(bind_route(
+                rc,
+                threads,
+                &targets,
+                config.docker_host.as_ref(),
+            )?);
         }
         let workers = Workers::start(threads).map_err(StartError::Threads)?;
         // Said once every route is bound: a start that fails says only why.
@@ -287,29 +291,17 @@ impl Server {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        // Started without an omni route, the server has no Docker host: a reload that
-        // adds one uses the reloaded configuration's.
-        let with_docker;
-        let targets = match (&self.targets.docker_host, &config.docker_host) {
-            (None, Some(host)) => {
-                with_docker = Targets {
-                    discovery: self.targets.discovery.clone(),
-                    docker_host: Some(host.clone()),
-                    metrics: self.targets.metrics.clone(),
-                    admin_port: self.targets.admin_port,
-                    keep_from_redirect: self.targets.keep_from_redirect,
-                };
-                &with_docker
-            }
-            _ => &self.targets,
-        };
+        // The container index is made on first need with the Docker host of the
+        // configuration that first needs it; a later change of host is restart-only.
+        let targets = &self.targets;
+        let docker_host = config.docker_host.as_ref();
         let mut added = Vec::new();
         for rc in config
             .routes
             .iter()
             .filter(|rc| !current.contains_key(&rc.listen.to_string()))
         {
-            added.push(bind_route(rc, threads, targets)?);
+            added.push(bind_route(rc, threads, targets, docker_host)?);
         }
         // A changed route switches once its new source has a first result (bounded), so
         // connections arriving during the switch are not refused for want of backends.
@@ -318,7 +310,7 @@ impl Server {
             if let Some(route) = current.get(&rc.listen.to_string())
                 && route.active().config != rc.target
             {
-                changed.push((route.clone(), targets.start(rc, route.listen)?));
+                changed.push((route.clone(), targets.start(rc, route.listen, docker_host)?));
             }
         }
         let first_results = futures_util::future::join_all(changed.iter().map(|(_, a)| async {
@@ -384,8 +376,8 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         }
     };
     check("dns", running.dns != new.dns);
-    // A server that started with no omni route has no Docker host yet: the first
-    // reload that adds one brings its own (see `Server::reload`).
+    // A server that started with no omni or docker:// route has no Docker host yet:
+    // the first reload that adds one brings its own (see `Server::reload`).
     check(
         "docker_host",
         running.docker_host.is_some()
@@ -403,7 +395,12 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
 }
 
 /// Binds a route's sockets (one per data thread) and starts its target.
-fn bind_route(rc: &RouteConfig, threads: usize, targets: &Targets) -> Result<Bound, StartError> {
+fn bind_route(
+    rc: &RouteConfig,
+    threads: usize,
+    targets: &Targets,
+    docker_host: Option<&crate::config::DockerHost>,
+) -> Result<Bound, StartError> {
     let bind_error = |source| StartError::Bind {
         addr: rc.listen.to_string(),
         source,
@@ -420,7 +417,7 @@ fn bind_route(rc: &RouteConfig, threads: usize, targets: &Targets) -> Result<Bou
     } else {
         rc.listen.to_string()
     };
-    let active = targets.start(rc, listen)?;
+    let active = targets.start(rc, listen, docker_host)?;
     let route = Arc::new(Route::new(listen, key, active, &targets.metrics));
     Ok((listeners, route))
 }

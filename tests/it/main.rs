@@ -11,6 +11,7 @@ mod copy_modes;
 mod discovery_consul;
 mod discovery_etcd;
 mod discovery_srv;
+mod docker_backends;
 mod docker_links;
 mod docker_omni;
 mod docker_redirect;
