@@ -32,6 +32,10 @@ LABEL org.opencontainers.image.title="ambassadord" \
 # Standard mode's port for discovered backends and omni mode's port; --links and static
 # backends listen on their own ports (docker run --expose them).
 EXPOSE 10000
+# Once every listener is bound (and omni's redirect installed), the process switches to
+# nobody, keeping the Docker socket's group where it reads one; AMBASSADORD_RUN_AS=0
+# keeps it root.
+ENV AMBASSADORD_RUN_AS=65534:65534
 # Healthy once every route's discovery has its first result (the admin endpoint's
 # /readyz; it must be on, and AMBASSADORD_ADMIN must name it if it is not the default).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \

@@ -24,6 +24,7 @@ pub mod limits;
 pub mod logsafe;
 pub mod metrics;
 pub mod netfilter;
+pub mod privilege;
 pub mod proxy;
 pub mod redirect;
 pub mod spec;
@@ -60,6 +61,11 @@ pub async fn run_with_reloads(
     let mut registry = Registry::with_prefix("ambassadord");
     let metrics = Metrics::new(&mut registry);
     let admin_config = config.admin;
+    let run_as = config.run_as;
+    let docker_socket = match &config.docker_host {
+        Some(config::DockerHost::Unix(path)) => Some(path.clone()),
+        _ => None,
+    };
     // Before anything opens a descriptor; said once the start has succeeded.
     let limit = limits::raise_descriptor_limit();
     let server = Server::bind(config, metrics.clone()).await?;
@@ -69,6 +75,17 @@ pub async fn run_with_reloads(
         None => None,
         Some(admin) => bind_admin(admin)?,
     };
+    // Everything that needed root is done: every listener is bound and omni's redirect
+    // installed (both in Server::bind).
+    if let Some(ids) = run_as {
+        match privilege::run_as(ids, docker_socket.as_deref()) {
+            Ok(privilege::Outcome::Switched { uid, gid, groups }) => {
+                info!(uid, gid, groups = ?groups, "switched to an unprivileged user (--run-as)")
+            }
+            Ok(privilege::Outcome::NotRoot | privilege::Outcome::StayRoot) => {}
+            Err(e) => warn!("{e}"),
+        }
+    }
     let scrape_state = state.clone();
     registry.register_collector(Box::new(ScrapeTime {
         metrics,

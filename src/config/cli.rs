@@ -115,6 +115,10 @@ pub(super) struct Cli {
     #[arg(long, value_name = "IP[:PORT]", env = "AMBASSADORD_DNS")]
     pub(super) dns: Option<String>,
 
+    /// Once listening (and omni's redirect installed), a process started as root switches to this numeric user and group, keeping the Docker socket's group when it uses one; 0 stays root. The image sets 65534:65534 [default: stay as started]
+    #[arg(long, value_name = "UID[:GID]", env = "AMBASSADORD_RUN_AS")]
+    pub(super) run_as: Option<String>,
+
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives [default: RUST_LOG, else info]
     #[arg(long, value_name = "FILTER", env = "AMBASSADORD_LOG_LEVEL")]
     pub(super) log_level: Option<String>,

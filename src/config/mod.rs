@@ -145,7 +145,18 @@ fn serve(cli: &Cli, layers: &Layers, env: &Environment) -> Result<Config, String
     let dns = dns(cli, &file, layers)?;
     let docker_host = docker_host(cli, &file, layers, &routes)?;
     let admin = admin(cli, &file, layers)?;
+    let run_as = layers
+        .pick(
+            "run_as",
+            cli.run_as.clone(),
+            file.run_as.as_deref(),
+            some_text,
+        )?
+        .transpose()
+        .map(|v| v.trimmed().parse(values::parse_run_as))
+        .transpose()?;
     Ok(Config {
+        run_as,
         routes,
         dns,
         docker_host,

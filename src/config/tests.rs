@@ -436,6 +436,47 @@ fn docker_host_is_checked_when_omni_mode_uses_it() {
     );
 }
 
+/// A docker:// route needs the Docker host as omni mode does; `--run-as` is UID or
+/// UID:GID, numbers, from the flag or the file, and a bad one names its origin
+/// (the image's AMBASSADORD_RUN_AS is tested against the real engine).
+#[test]
+fn docker_specs_and_run_as() {
+    let c = parse(&["docker://web:80"]).unwrap();
+    assert_eq!(
+        c.docker_host,
+        Some(DockerHost::Unix("/var/run/docker.sock".into()))
+    );
+    let err = parse(&["--docker-host", "ftp://x", "docker://web:80"]).unwrap_err();
+    assert!(err.starts_with("--docker-host 'ftp://x'"), "{err}");
+
+    assert_eq!(parse(&["a:1"]).unwrap().run_as, None);
+    for (given, uid, gid) in [
+        ("65534", 65534, 65534),
+        ("1000:100", 1000, 100),
+        (" 0 ", 0, 0),
+    ] {
+        let c = parse(&["--run-as", given, "a:1"]).unwrap();
+        assert_eq!(c.run_as, Some(RunAs { uid, gid }), "{given}");
+    }
+    let err = parse(&["--run-as", "nobody", "a:1"]).unwrap_err();
+    assert!(
+        err.starts_with("--run-as 'nobody': user 'nobody' is not a number"),
+        "{err}"
+    );
+    let err = parse(&["--run-as", "", "a:1"]).unwrap_err();
+    assert!(
+        err.starts_with("--run-as '': user '' is not a number"),
+        "{err}"
+    );
+    let path = file("run_as = \"1:x\"\n");
+    let p = path.to_str().unwrap();
+    let err = parse(&["--config", p, "a:1"]).unwrap_err();
+    assert!(
+        err.contains(&format!("{p}: run_as '1:x': group 'x'")),
+        "{err}"
+    );
+}
+
 /// A copy mode in the file is taken in any case; as a flag clap takes it exactly, and
 /// its error names the flag and the value.
 #[test]

@@ -71,6 +71,15 @@ pub struct Config {
     pub threads: Option<usize>,
     /// CONSUL_HTTP_TOKEN (unless empty): sent by every consul:// source as its ACL token.
     pub consul_token: Option<Secret>,
+    /// `--run-as`: who a process started as root becomes once it listens.
+    pub run_as: Option<RunAs>,
+}
+
+/// A numeric user and group (a FROM-scratch image has no names for them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A value that must not reach a log or an error message: `Debug` prints `***`.

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::types::{DockerHost, Listen};
+use super::types::{DockerHost, Listen, RunAs};
 
 /// A duration such as `5s`, `250ms`, `2m`, `1h` or `1.5s`; a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -81,6 +81,23 @@ pub(super) fn parse_admin(s: &str) -> Result<Option<SocketAddr>, String> {
             .map(Some)
             .map_err(|_| "not IP:PORT or off (e.g. 127.0.0.1:10001)".to_string()),
     }
+}
+
+/// `--run-as`: `UID` or `UID:GID`, numbers (the group defaults to the user's number).
+pub(super) fn parse_run_as(s: &str) -> Result<RunAs, String> {
+    let number = |part: &str, what: &str| {
+        part.parse::<u32>().map_err(|_| {
+            format!("{what} '{part}' is not a number (give UID or UID:GID, e.g. 65534:65534)")
+        })
+    };
+    let (uid, gid) = match s.split_once(':') {
+        Some((u, g)) => (number(u, "user")?, number(g, "group")?),
+        None => {
+            let uid = number(s, "user")?;
+            (uid, uid)
+        }
+    };
+    Ok(RunAs { uid, gid })
 }
 
 /// `--docker-host`: `unix:///PATH`, or `tcp://HOST:PORT` or `http://HOST:PORT` (the

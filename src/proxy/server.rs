@@ -389,6 +389,7 @@ fn restart_only_changes(running: &Config, new: &Config) -> Vec<&'static str> {
         running.admin.map(|a| a.addr) != new.admin.map(|a| a.addr),
     );
     check("threads", running.threads != new.threads);
+    check("run_as", running.run_as != new.run_as);
     check("log_level", running.log.filter != new.log.filter);
     check("log_format", running.log.format != new.log.format);
     changed

@@ -406,3 +406,59 @@ fn dockerfile_and_build_image_build_the_same_image() {
         );
     }
 }
+
+/// The image runs as nobody where the mode allows: a standard-mode container binds its
+/// port (80 here, below 1024) as root, then switches to uid/gid 65534 with no
+/// capability and no supplementary group, and still forwards. `AMBASSADORD_RUN_AS=0`
+/// keeps it root.
+#[test]
+fn the_image_runs_as_nobody_once_it_listens() {
+    let engine = engine();
+    let image = engine.ambassadord_image();
+    let web = engine.container(
+        "web",
+        &[
+            engine.busybox_image(),
+            "sh",
+            "-c",
+            "mkdir -p /www && echo unprivileged > /www/answer && exec httpd -f -p 80 -h /www",
+        ],
+    );
+    web.wait_for_exec(
+        "the backend's httpd",
+        &["wget", "-qO-", "http://127.0.0.1/answer"],
+    );
+    let spec = format!("{}:80", web.ip());
+    let amb = engine.container("unprivileged", &[image, &spec]);
+    let line = amb.wait_for_log("switched to an unprivileged user");
+    assert!(
+        line.contains("uid=65534") && line.contains("gid=65534"),
+        "{line}"
+    );
+    let (uid, gid, groups, caps) = crate::docker_redirect::process_ids(engine, &amb);
+    assert_eq!(
+        (uid.as_str(), gid.as_str(), groups.as_str(), caps.as_str()),
+        (
+            "65534 65534 65534 65534",
+            "65534 65534 65534 65534",
+            "",
+            "0000000000000000"
+        ),
+        "{}",
+        amb.logs()
+    );
+    let fetch = format!("timeout 10 wget -qO- http://{}:80/answer", amb.ip());
+    let out = engine.run(&[engine.busybox_image(), "sh", "-c", &fetch]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "unprivileged",
+        "{out:?}\n{}",
+        amb.logs()
+    );
+
+    let root = engine.container("root", &["-e", "AMBASSADORD_RUN_AS=0", image, &spec]);
+    root.wait_for_log("listening");
+    let (uid, ..) = crate::docker_redirect::process_ids(engine, &root);
+    assert_eq!(uid, "0 0 0 0", "{}", root.logs());
+    assert!(!root.logs().contains("switched to an unprivileged user"));
+}

@@ -93,6 +93,22 @@ fn wait_health(engine: &Engine, c: &Container, want: &str) {
     );
 }
 
+/// The `Uid:`, `Gid:`, `Groups:` and `CapEff:` lines of the container's main process,
+/// read on the host from /proc.
+pub fn process_ids(engine: &Engine, c: &Container) -> (String, String, String, String) {
+    let pid = engine.docker_ok(&["inspect", "--format", "{{.State.Pid}}", &c.name]);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status of {}: {e}", c.name));
+    let line = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    (line("Uid:"), line("Gid:"), line("Groups:"), line("CapEff:"))
+}
+
 fn count(logs: &str, needle: &str) -> usize {
     logs.lines().filter(|l| l.contains(needle)).count()
 }
@@ -124,6 +140,23 @@ fn with_net_admin_the_redirect_is_installed_at_every_start() {
     );
     assert_eq!(scrape("/readyz").trim(), "ready");
     wait_health(engine, &amb, "healthy");
+    // The image's AMBASSADORD_RUN_AS: nobody, with no capability left, keeping the
+    // socket's group so the index can reconnect.
+    let socket_gid = std::fs::metadata(engine.socket_path().unwrap())
+        .map(|m| std::os::unix::fs::MetadataExt::gid(&m).to_string())
+        .unwrap();
+    let (uid, gid, groups, caps) = process_ids(engine, &amb);
+    assert_eq!(
+        (uid.as_str(), gid.as_str(), groups.as_str(), caps.as_str()),
+        (
+            "65534 65534 65534 65534",
+            "65534 65534 65534 65534",
+            socket_gid.as_str(),
+            "0000000000000000"
+        ),
+        "{}",
+        amb.logs()
+    );
 
     engine.docker_ok(&["restart", &amb.name]);
     wait_until(
