@@ -146,6 +146,12 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
     response
 }
 
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -227,11 +233,22 @@ th{{color:#5b6475;font-weight:600}}
                 } else {
                     h.push_str("<table><tr><th>backend</th><th>from</th><th>priority</th><th>weight</th><th>state</th></tr>");
                     for e in endpoints {
-                        let (class, state) = match e.state {
-                            EndpointState::Up => ("ok", "up"),
-                            EndpointState::CoolingDown => ("bad", "cooling down"),
-                            EndpointState::Failing => ("bad", "failing"),
+                        let (class, mut state) = match e.state {
+                            EndpointState::Up => ("ok", "up".to_string()),
+                            EndpointState::CoolingDown => ("bad", "cooling down".to_string()),
+                            EndpointState::Ejected => ("bad", "ejected".to_string()),
+                            EndpointState::Failing => ("bad", "failing".to_string()),
                         };
+                        if let Some(until) = e.until {
+                            let left = (until - unix_now()).max(0.0).ceil();
+                            state.push_str(&format!(" for {left}s more"));
+                        }
+                        if e.failures_in_a_row > 0 {
+                            state.push_str(&format!(
+                                " ({} failed connects in a row)",
+                                e.failures_in_a_row
+                            ));
+                        }
                         let _ = write!(
                             h,
                             r#"<tr><td class="spec">{}</td><td>{}</td><td>{}</td><td>{}</td><td class="{class}">{state}</td></tr>"#,

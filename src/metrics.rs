@@ -75,6 +75,7 @@ pub struct Metrics {
     discovery_errors: Family<SourceLabels, Counter>,
     discovery_endpoints: Family<SourceLabels, Gauge>,
     omni_lookups: Family<ResultLabels, Counter>,
+    ejections: Family<BackendLabels, Counter>,
     sources: Mutex<HashMap<String, SourceHealth>>,
     /// Running drivers per source name: a source's series go when its last driver stops
     /// (a route switched to another spec), so stale counts do not linger.
@@ -147,6 +148,11 @@ impl Metrics {
             m.discovery_endpoints.clone(),
         );
         registry.register(
+            "backend_ejections",
+            "Backends ejected after failed connects in a row (--eject-after), by route and backend",
+            m.ejections.clone(),
+        );
+        registry.register(
             "omni_lookups",
             "Omni-mode routing lookups: hit (in the index), miss (needed a refresh), refused (no container or no declaration)",
             m.omni_lookups.clone(),
@@ -173,6 +179,7 @@ impl Metrics {
             refused: Counter::default(),
             backends: RwLock::default(),
             failures: RwLock::default(),
+            ejected: RwLock::default(),
             departed: Departed::default(),
             metrics: self.clone(),
         }
@@ -269,6 +276,8 @@ pub struct RouteMetrics {
     backends: RwLock<HashMap<SocketAddr, Arc<BackendMetrics>>>,
     /// `connect_failures` by (backend, reason); the backend is empty for `no_backend`.
     failures: RwLock<Vec<(String, &'static str, Counter)>>,
+    /// Backends with a `backend_ejections` series, so pruning can remove theirs too.
+    ejected: RwLock<HashSet<SocketAddr>>,
     /// What the series of backends that left (and were removed) had counted, so the
     /// route's totals do not go down when a backend goes away.
     departed: Departed,
@@ -356,6 +365,18 @@ impl RouteMetrics {
         }
     }
 
+    /// Counts an ejection of `backend` (rare: a family lookup is fine).
+    pub fn ejected(&self, backend: SocketAddr) {
+        self.metrics
+            .ejections
+            .get_or_create(&BackendLabels {
+                route: self.label.clone(),
+                backend: backend.to_string(),
+            })
+            .inc();
+        write(&self.ejected).insert(backend);
+    }
+
     /// The series of connections to `backend`.
     pub fn backend(&self, backend: SocketAddr) -> Arc<BackendMetrics> {
         if let Some(s) = read(&self.backends).get(&backend) {
@@ -429,6 +450,16 @@ impl RouteMetrics {
             }
             removed += 1;
             false
+        });
+        write(&self.ejected).retain(|addr| {
+            let keep = live.contains(addr);
+            if !keep {
+                m.ejections.remove(&BackendLabels {
+                    route: self.label.clone(),
+                    backend: addr.to_string(),
+                });
+            }
+            keep
         });
         write(&self.failures).retain(|(backend, reason, counter)| {
             let Ok(addr) = backend.parse::<SocketAddr>() else {

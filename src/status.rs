@@ -85,6 +85,11 @@ pub struct EndpointStatus {
     pub priority: u16,
     pub weight: u16,
     pub state: EndpointState,
+    /// Failed connects since its last success.
+    pub failures_in_a_row: u32,
+    /// When a cool-down or ejection ends, as seconds since the Unix epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<f64>,
 }
 
 /// What the balancer knows of an endpoint.
@@ -94,6 +99,9 @@ pub enum EndpointState {
     Up,
     /// Its last connect failed; tried only after the others until the cool-down ends.
     CoolingDown,
+    /// Several connects in a row failed (`--eject-after`): tried only if no other
+    /// backend answers, until the endpoint's `until`.
+    Ejected,
     /// Its cool-down is over but no connect has succeeded since it failed.
     Failing,
 }

@@ -74,6 +74,16 @@ pub(super) struct Cli {
     )]
     pub(super) connect_timeout: String,
 
+    /// Eject a backend after this many failed connects in a row (0: never): it is then tried only if no other answers, for 5s doubling to 5m while it keeps failing
+    #[arg(
+        long,
+        value_name = "N",
+        env = "AMBASSADORD_EJECT_AFTER",
+        default_value = "3",
+        value_parser = clap::value_parser!(u32).range(0..=1000)
+    )]
+    pub(super) eject_after: u32,
+
     /// Close a connection after this long with no bytes either way; "off" never does
     #[arg(
         long,

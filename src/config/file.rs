@@ -17,6 +17,7 @@ pub(super) struct FileConfig {
     pub(super) log_format: Option<String>,
     pub(super) copy: Option<String>,
     pub(super) threads: Option<i64>,
+    pub(super) eject_after: Option<i64>,
     pub(super) run_as: Option<String>,
     #[serde(default)]
     pub(super) route: Vec<FileRoute>,

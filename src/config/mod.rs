@@ -385,11 +385,25 @@ fn settings(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<Settings, S
             s.parse::<CopyMode>().map_err(|e| e.to_string())
         })?
         .value;
+    let eject_after = layers
+        .pick(
+            "eject_after",
+            cli.eject_after,
+            file.eject_after.as_ref(),
+            |n| {
+                u32::try_from(*n)
+                    .ok()
+                    .filter(|n| *n <= 1000)
+                    .ok_or_else(|| "not a count of failures (0-1000; 0: never eject)".to_string())
+            },
+        )?
+        .value;
     Ok(Settings {
         connect_timeout,
         idle_timeout,
         shutdown_grace,
         copy,
+        eject_after,
     })
 }
 

@@ -477,6 +477,26 @@ fn docker_specs_and_run_as() {
     );
 }
 
+/// `--eject-after` defaults to 3, 0 turns ejection off, and the file's value is checked.
+#[test]
+fn eject_after_from_flag_and_file() {
+    assert_eq!(parse(&["a:1"]).unwrap().settings.eject_after, 3);
+    let c = parse(&["--eject-after", "0", "a:1"]).unwrap();
+    assert_eq!(c.settings.eject_after, 0);
+    let err = parse(&["--eject-after", "x", "a:1"]).unwrap_err();
+    assert!(err.contains("--eject-after"), "{err}");
+    let path = file("eject_after = 5\n");
+    let p = path.to_str().unwrap();
+    assert_eq!(
+        parse(&["--config", p, "a:1"]).unwrap().settings.eject_after,
+        5
+    );
+    let path = file("eject_after = -1\n");
+    let p = path.to_str().unwrap();
+    let err = parse(&["--config", p, "a:1"]).unwrap_err();
+    assert!(err.contains(&format!("{p}: eject_after '-1'")), "{err}");
+}
+
 /// A copy mode in the file is taken in any case; as a flag clap takes it exactly, and
 /// its error names the flag and the value.
 #[test]

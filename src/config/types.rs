@@ -150,6 +150,8 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
     pub shutdown_grace: Duration,
     pub copy: CopyMode,
+    /// `--eject-after`: failed connects in a row that eject a backend (0: never).
+    pub eject_after: u32,
 }
 
 impl Default for Settings {
@@ -159,6 +161,7 @@ impl Default for Settings {
             idle_timeout: None,
             shutdown_grace: Duration::from_secs(8),
             copy: CopyMode::default(),
+            eject_after: 3,
         }
     }
 }

@@ -10,6 +10,11 @@
 //! trial); every other connection keeps it at the end until the trial succeeds (the
 //! endpoint is healthy again) or fails (another cool-down). So a backend that is still
 //! dead costs one attempt per cool-down, not one per concurrent connection.
+//!
+//! Outlier ejection: after `eject_after` consecutive failed connects (3 by default) the
+//! demotion becomes an ejection, 5 s doubling with every further failure up to 5 min,
+//! and a success ends it. A demoted (cooling down or ejected) backend stays in the order,
+//! last: a client is never refused while any backend might answer.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,6 +30,10 @@ use crate::endpoint::{Endpoint, EndpointSet};
 
 /// How long an endpoint that refused or timed out is tried only after the others.
 pub const COOL_DOWN: Duration = Duration::from_secs(5);
+/// The longest ejection: an ejection doubles from [`COOL_DOWN`] up to this.
+pub const MAX_EJECTION: Duration = Duration::from_secs(300);
+/// Consecutive failed connects after which a backend is ejected, unless configured.
+pub const EJECT_AFTER: u32 = 3;
 
 /// Why no backend could be tried at all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,28 +195,61 @@ impl Balancer {
         let _ = rx.wait_for(|set| set.is_some()).await;
     }
 
-    /// What the balancer knows of `addr`: up, cooling down after a failed connect, or
-    /// failing (its last connect failed and its cool-down is over, but no connect has
-    /// succeeded since).
+    /// What the balancer knows of `addr`: up, cooling down after a failed connect,
+    /// ejected after several in a row, or failing (its last connect failed and its
+    /// cool-down or ejection is over, but no connect has succeeded since).
     pub fn state(&self, addr: SocketAddr) -> BackendState {
+        self.health(addr).state
+    }
+
+    /// [`Balancer::state`], with the failures in a row and what is left of a demotion.
+    pub fn health(&self, addr: SocketAddr) -> BackendHealth {
+        let up = BackendHealth {
+            state: BackendState::Up,
+            failures_in_a_row: 0,
+            remaining: None,
+        };
         if !self.health.any.load(Ordering::Acquire) {
-            return BackendState::Up;
+            return up;
         }
         let failed = self.health.lock();
-        match failed.get(&addr) {
-            None => BackendState::Up,
-            Some(f) if f.until > Instant::now() => BackendState::CoolingDown,
-            Some(_) => BackendState::Failing,
+        let now = Instant::now();
+        let Some(f) = failed.get(&addr) else {
+            return up;
+        };
+        let remaining = (f.until > now).then(|| f.until - now);
+        BackendHealth {
+            state: match (remaining, f.ejected) {
+                (Some(_), true) => BackendState::Ejected,
+                (Some(_), false) => BackendState::CoolingDown,
+                (None, _) => BackendState::Failing,
+            },
+            failures_in_a_row: f.consecutive,
+            remaining,
         }
     }
 
-    /// A connect to `addr` failed (`why`): it cools down, and going down is logged.
-    pub fn connect_failed(&self, addr: SocketAddr, why: &dyn std::fmt::Display) {
-        if self.health.failed(addr, || self.current()) && self.log_transition(addr, true) {
+    /// A connect to `addr` failed (`why`): it cools down, or after `eject_after` in a
+    /// row (0: never) is ejected; going down, and each ejection, is logged. Returns
+    /// whether this failure ejected it.
+    pub fn connect_failed(
+        &self,
+        addr: SocketAddr,
+        why: &dyn std::fmt::Display,
+        eject_after: u32,
+    ) -> bool {
+        let outcome = self.health.failed(addr, eject_after, || self.current());
+        if outcome.was_up && self.log_transition(addr, true) {
             warn!(backend = %addr, route = %self.name, error = %why,
                 "backend DOWN: connect failed; connections go to the others, and it is tried again after {}s",
                 COOL_DOWN.as_secs());
         }
+        if let Some(ejection) = outcome.ejected_for {
+            warn!(backend = %addr, route = %self.name, error = %why, failures = outcome.consecutive,
+                "backend EJECTED for {}s after {} connect failures in a row; tried only if no other backend answers, then by one connection when the time is up",
+                ejection.as_secs(), outcome.consecutive);
+        }
+        outcome.ejected_for.is_some()
     }
 
     pub fn connect_succeeded(&self, addr: SocketAddr) {
@@ -255,8 +297,19 @@ pub enum BackendState {
     Up,
     /// Its last connect failed: tried only after the others until the cool-down ends.
     CoolingDown,
+    /// Several connects in a row failed: tried only after the others for a while.
+    Ejected,
     /// Its cool-down is over, but no connect has succeeded since it failed.
     Failing,
+}
+
+/// A backend's state, how many connects to it failed in a row, and how long its
+/// cool-down or ejection still lasts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackendHealth {
+    pub state: BackendState,
+    pub failures_in_a_row: u32,
+    pub remaining: Option<Duration>,
 }
 
 /// A backend going DOWN is logged at most this often (a flapping one says so once).
@@ -306,6 +359,33 @@ struct Failed {
     until: Instant,
     /// The plan that holds its one trial, once the cool-down is over.
     trial: Option<u64>,
+    /// Failed connects since its last success.
+    consecutive: u32,
+    /// Whether `until` is an ejection rather than a cool-down.
+    ejected: bool,
+}
+
+/// What one failed connect did to a backend.
+struct FailOutcome {
+    /// It had not been failing until now.
+    was_up: bool,
+    consecutive: u32,
+    /// Ejected by this failure, for this long.
+    ejected_for: Option<Duration>,
+}
+
+/// How long a backend with `consecutive` failures in a row is demoted: a cool-down
+/// below `eject_after` (or with ejection off, 0), else an ejection doubling from the
+/// cool-down up to [`MAX_EJECTION`].
+fn demotion(consecutive: u32, eject_after: u32) -> (Duration, bool) {
+    if eject_after == 0 || consecutive < eject_after {
+        return (COOL_DOWN, false);
+    }
+    let doublings = (consecutive - eject_after).min(16);
+    (
+        COOL_DOWN.saturating_mul(1 << doublings).min(MAX_EJECTION),
+        true,
+    )
 }
 
 /// Failures remembered before the entries of addresses no longer in the set are dropped.
@@ -316,17 +396,31 @@ impl Health {
         self.failed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a failed connect; true if `addr` was up until now.
-    fn failed(&self, addr: SocketAddr, current: impl FnOnce() -> Option<EndpointSet>) -> bool {
+    /// Records a failed connect.
+    fn failed(
+        &self,
+        addr: SocketAddr,
+        eject_after: u32,
+        current: impl FnOnce() -> Option<EndpointSet>,
+    ) -> FailOutcome {
         let mut failed = self.lock();
-        let was_up = !failed.contains_key(&addr);
+        let before = failed.get(&addr).map_or(0, |f| f.consecutive);
+        let consecutive = before.saturating_add(1);
+        let (demoted_for, ejected) = demotion(consecutive, eject_after);
         failed.insert(
             addr,
             Failed {
-                until: Instant::now() + COOL_DOWN,
+                until: Instant::now() + demoted_for,
                 trial: None,
+                consecutive,
+                ejected,
             },
         );
+        let outcome = FailOutcome {
+            was_up: before == 0,
+            consecutive,
+            ejected_for: ejected.then_some(demoted_for),
+        };
         // Failed endpoints are kept until they succeed; forget those discovery dropped,
         // so churning addresses cannot grow the map without bound.
         if failed.len() > PRUNE_ABOVE
@@ -337,7 +431,7 @@ impl Health {
             failed.retain(|a, _| live.contains(a));
         }
         self.any.store(true, Ordering::Release);
-        was_up
+        outcome
     }
 
     /// Records a successful connect; true if `addr` had been failing.
@@ -473,7 +567,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failed_endpoints_cool_down_at_the_end() {
         let (b, _tx) = balancer(vec![ep("10.0.0.1:1", 0, 1), ep("10.0.0.2:1", 0, 1)]);
-        b.connect_failed("10.0.0.1:1".parse().unwrap(), &"refused");
+        b.connect_failed("10.0.0.1:1".parse().unwrap(), &"refused", EJECT_AFTER);
         for _ in 0..3 {
             assert_eq!(order(&b), ["10.0.0.2:1", "10.0.0.1:1"]);
         }
@@ -489,7 +583,7 @@ mod tests {
     async fn a_cooled_down_backend_is_tried_by_one_connection_not_a_herd() {
         let (b, _tx) = balancer(vec![ep("10.0.0.1:1", 0, 1), ep("10.0.0.2:1", 0, 1)]);
         let dead: SocketAddr = "10.0.0.1:1".parse().unwrap();
-        b.connect_failed(dead, &"refused");
+        b.connect_failed(dead, &"refused", EJECT_AFTER);
         tokio::time::advance(COOL_DOWN + Duration::from_millis(1)).await;
         let first = |p: &Plan| p.iter().next().unwrap().addr;
         // Turn 0 starts at the dead one: this plan holds the trial.
@@ -508,7 +602,7 @@ mod tests {
         let again = b.plan().unwrap();
         assert_eq!(first(&again), dead);
         // The trial fails: a new cool-down, so it is last for everyone again.
-        b.connect_failed(dead, &"refused");
+        b.connect_failed(dead, &"refused", EJECT_AFTER);
         drop(again);
         for _ in 0..4 {
             assert_eq!(b.plan().unwrap().iter().last().unwrap().addr, dead);
@@ -522,18 +616,68 @@ mod tests {
         let (b, _tx) = balancer(vec![ep("10.0.0.1:1", 0, 1)]);
         for i in 0..300u16 {
             let addr: SocketAddr = ([10, 1, (i >> 8) as u8, i as u8], 1).into();
-            b.connect_failed(addr, &"refused");
+            b.connect_failed(addr, &"refused", EJECT_AFTER);
             b.connect_succeeded(addr);
         }
         tokio::time::advance(TRANSITION_LOG_EVERY + Duration::from_secs(1)).await;
-        b.connect_failed("10.0.0.1:1".parse().unwrap(), &"refused");
+        b.connect_failed("10.0.0.1:1".parse().unwrap(), &"refused", EJECT_AFTER);
         assert_eq!(b.transitions.lock().unwrap().len(), 1);
+    }
+
+    /// The demotion after each failure in a row: cool-downs, then an ejection doubling
+    /// from 5 s to at most 5 min; with ejection off, cool-downs only.
+    #[test]
+    fn ejections_double_up_to_five_minutes() {
+        let secs = |n, after| {
+            let (d, ejected) = demotion(n, after);
+            (d.as_secs(), ejected)
+        };
+        assert_eq!(secs(1, 3), (5, false));
+        assert_eq!(secs(2, 3), (5, false));
+        assert_eq!(secs(3, 3), (5, true));
+        assert_eq!(secs(4, 3), (10, true));
+        assert_eq!(secs(5, 3), (20, true));
+        assert_eq!(secs(9, 3), (300, true));
+        assert_eq!(secs(u32::MAX, 3), (300, true));
+        assert_eq!(secs(1, 1), (5, true));
+        assert_eq!(secs(50, 0), (5, false));
+    }
+
+    /// Three failures in a row eject (reported once, by the failure that ejects), the
+    /// ejected backend stays in the order but last, a further failure doubles the
+    /// ejection, and a success ends it and resets the count.
+    #[tokio::test(start_paused = true)]
+    async fn failures_in_a_row_eject_and_a_success_resets() {
+        let (b, _tx) = balancer(vec![ep("10.0.0.1:1", 0, 1), ep("10.0.0.2:1", 0, 1)]);
+        let dead: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        let ejected: Vec<bool> = (0..3)
+            .map(|_| b.connect_failed(dead, &"timeout", 3))
+            .collect();
+        assert_eq!(ejected, [false, false, true]);
+        let h = b.health(dead);
+        assert_eq!(h.state, BackendState::Ejected);
+        assert_eq!(h.failures_in_a_row, 3);
+        assert_eq!(h.remaining, Some(COOL_DOWN));
+        for _ in 0..4 {
+            assert_eq!(order(&b), ["10.0.0.2:1", "10.0.0.1:1"]);
+        }
+        assert!(b.connect_failed(dead, &"timeout", 3));
+        assert_eq!(b.health(dead).remaining, Some(COOL_DOWN * 2));
+        tokio::time::advance(COOL_DOWN * 2 + Duration::from_millis(1)).await;
+        assert_eq!(b.state(dead), BackendState::Failing);
+        b.connect_succeeded(dead);
+        assert_eq!(b.health(dead).failures_in_a_row, 0);
+        assert!(
+            !b.connect_failed(dead, &"timeout", 3),
+            "the count starts again"
+        );
+        assert_eq!(b.state(dead), BackendState::CoolingDown);
     }
 
     #[test]
     fn success_clears_a_failure() {
         let (b, _tx) = balancer(vec![ep("10.0.0.1:1", 0, 1), ep("10.0.0.2:1", 0, 1)]);
-        b.connect_failed("10.0.0.1:1".parse().unwrap(), &"refused");
+        b.connect_failed("10.0.0.1:1".parse().unwrap(), &"refused", EJECT_AFTER);
         b.connect_succeeded("10.0.0.1:1".parse().unwrap());
         let firsts: Vec<String> = (0..2).map(|_| order(&b)[0].clone()).collect();
         assert!(firsts.contains(&"10.0.0.1:1".to_string()), "{firsts:?}");

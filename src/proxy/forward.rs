@@ -270,14 +270,18 @@ async fn connect(
                     "error"
                 };
                 metrics.connect_failed(Some(endpoint.addr), reason);
-                balancer.connect_failed(endpoint.addr, &e);
+                if balancer.connect_failed(endpoint.addr, &e, settings.eject_after) {
+                    metrics.ejected(endpoint.addr);
+                }
                 failures.push(format!("{endpoint}: {e}"));
             }
             Err(_) => {
                 debug!(backend = %endpoint, timeout = ?settings.connect_timeout, "connect timed out; trying the next backend");
                 metrics.connect_failed(Some(endpoint.addr), "timeout");
                 let why = format!("connect timed out after {:?}", settings.connect_timeout);
-                balancer.connect_failed(endpoint.addr, &why);
+                if balancer.connect_failed(endpoint.addr, &why, settings.eject_after) {
+                    metrics.ejected(endpoint.addr);
+                }
                 failures.push(format!("{endpoint}: {why}"));
             }
         }

@@ -25,6 +25,13 @@ use crate::redirect::Redirect;
 use crate::spec::Spec;
 use crate::status::{ContainerStatus, EndpointState, EndpointStatus, RouteStatus, TargetStatus};
 
+/// Now as seconds since the Unix epoch, for the view's timestamps.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// A route's target could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
@@ -237,16 +244,20 @@ impl Route {
                 let endpoints = set.as_ref().map_or_else(Vec::new, |set| {
                     set.as_slice()
                         .iter()
-                        .map(|e| EndpointStatus {
+                        .map(|e| (e, balancer.health(e.addr)))
+                        .map(|(e, health)| EndpointStatus {
                             addr: e.addr.to_string(),
                             origin: e.origin.as_deref().map(String::from),
                             priority: e.priority,
                             weight: e.weight,
-                            state: match balancer.state(e.addr) {
+                            state: match health.state {
                                 BackendState::Up => EndpointState::Up,
                                 BackendState::CoolingDown => EndpointState::CoolingDown,
+                                BackendState::Ejected => EndpointState::Ejected,
                                 BackendState::Failing => EndpointState::Failing,
                             },
+                            failures_in_a_row: health.failures_in_a_row,
+                            until: health.remaining.map(|left| unix_now() + left.as_secs_f64()),
                         })
                         .collect()
                 });

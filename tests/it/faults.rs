@@ -499,3 +499,154 @@ async fn departed_backends_lose_their_metric_series() {
     assert!(metrics.contains(&series_of(backends[0].addr)), "{metrics}");
     assert_eq!(sent_before(&admin::get_ok(admin_addr, "/routes")), totals);
 }
+
+/// The `/routes` entry of `backend` in the first route.
+fn endpoint_status(admin_addr: std::net::SocketAddr, backend: &str) -> serde_json::Value {
+    let routes: serde_json::Value =
+        serde_json::from_str(&admin::get_ok(admin_addr, "/routes")).expect("/routes is JSON");
+    routes["routes"][0]["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["addr"] == backend)
+        .cloned()
+        .unwrap_or_else(|| panic!("{backend} not in /routes: {routes}"))
+}
+
+/// Outlier ejection: a black-holed backend costs at most `--eject-after` (here 2)
+/// connect timeouts (the first, then one trial when its cool-down ends), is then ejected
+/// (one log line, /routes says until when, the ejection counter counts it) and costs
+/// nothing until the ejection ends, while a client connecting continuously is served by
+/// the healthy backend throughout; when it ends, one trial fails and the ejection
+/// doubles.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_black_holed_backend_costs_at_most_n_timeouts_then_none_while_ejected() {
+    let (dead, _fillers, _socket) = black_hole();
+    let healthy = named_backend("127.0.0.1:0", "healthy").await;
+    let spec = format!("{dead},{}", healthy.addr);
+    let mut amb = Ambassador::on_loopback(&[
+        "--connect-timeout",
+        "300ms",
+        "--eject-after",
+        "2",
+        "--admin",
+        "127.0.0.1:0",
+        &spec,
+    ]);
+    let admin_addr = amb.admin_addr();
+    let proxy = amb.addr;
+    let metric = move |name: &str, extra: &str| {
+        let series = format!("{name}{{route=\"{proxy}\",backend=\"{dead}\"{extra}}}");
+        admin::sample(&admin::get_ok(admin_addr, "/metrics"), &series).unwrap_or(0.0)
+    };
+    let timeouts = move || metric("ambassadord_connect_failures_total", ",reason=\"timeout\"");
+    // One client, connecting again and again, until the backend is ejected.
+    let served = |who: Option<String>| assert_eq!(who.as_deref(), Some("healthy"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while amb.count_log("backend EJECTED") == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ejected: {:#?}",
+            amb.log()
+        );
+        served(served_by(proxy).await);
+    }
+    let at_ejection = timeouts();
+    assert!(
+        (1.0..=2.0).contains(&at_ejection),
+        "{at_ejection} timeouts before the ejection"
+    );
+    let line = amb.wait_for_log("backend EJECTED");
+    assert!(
+        line.contains("for 5s after 2 connect failures in a row"),
+        "{line}"
+    );
+    assert_eq!(metric("ambassadord_backend_ejections_total", ""), 1.0);
+    let status = endpoint_status(admin_addr, &dead.to_string());
+    assert_eq!(status["state"], "ejected", "{status}");
+    assert_eq!(status["failures_in_a_row"], 2, "{status}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let left = status["until"].as_f64().expect("until") - now;
+    assert!(
+        (4.0..=5.1).contains(&left),
+        "{left} s of ejection left: {status}"
+    );
+
+    // Until the ejection ends (less a margin), not one connection pays the timeout.
+    let quiet_until = tokio::time::Instant::now() + Duration::from_secs_f64(left - 0.5);
+    let mut count = 0;
+    while tokio::time::Instant::now() < quiet_until {
+        served(served_by(proxy).await);
+        count += 1;
+    }
+    assert!(count > 20, "only {count} connections while ejected");
+    assert_eq!(
+        timeouts(),
+        at_ejection,
+        "a connection paid the timeout while it was ejected"
+    );
+
+    // Then one trial, which fails: ejected again, for twice as long.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while amb.count_log("backend EJECTED") < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no trial after the ejection: {:#?}",
+            amb.log()
+        );
+        served(served_by(proxy).await);
+    }
+    assert_eq!(timeouts(), at_ejection + 1.0);
+    let again = amb
+        .log()
+        .into_iter()
+        .filter(|l| l.contains("backend EJECTED"))
+        .nth(1)
+        .unwrap();
+    assert!(
+        again.contains("for 10s after 3 connect failures in a row"),
+        "{again}"
+    );
+}
+
+/// Ejected backends are still tried when no other is left: with both backends refusing
+/// and ejected, a connection still tries both (the refusals keep being counted), and
+/// when one comes back the very next connection is served by it, however long its
+/// ejection had left.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_every_backend_ejected_clients_are_still_tried_against_them() {
+    let a = crate::support::etcd::free_port();
+    let b = std::iter::repeat_with(crate::support::etcd::free_port)
+        .find(|&p| p != a)
+        .unwrap();
+    let spec = format!("127.0.0.1:{a},127.0.0.1:{b}");
+    let mut amb = Ambassador::on_loopback(&["--eject-after", "1", "--admin", "127.0.0.1:0", &spec]);
+    let admin_addr = amb.admin_addr();
+    let proxy = amb.addr;
+    let refusals = move |port: u16| {
+        let series = format!(
+            "ambassadord_connect_failures_total{{route=\"{proxy}\",backend=\"127.0.0.1:{port}\",reason=\"refused\"}}"
+        );
+        admin::sample(&admin::get_ok(admin_addr, "/metrics"), &series).unwrap_or(0.0)
+    };
+    assert_eq!(served_by(proxy).await, None);
+    amb.wait_for_log_where("both ejected", |l| {
+        l.contains("backend EJECTED") && l.contains(&format!(":{b}"))
+    });
+    for port in [a, b] {
+        let status = endpoint_status(admin_addr, &format!("127.0.0.1:{port}"));
+        assert_eq!(status["state"], "ejected", "{status}");
+    }
+    let before = (refusals(a), refusals(b));
+    assert_eq!(served_by(proxy).await, None);
+    assert_eq!(
+        (refusals(a), refusals(b)),
+        (before.0 + 1.0, before.1 + 1.0),
+        "both tried while ejected"
+    );
+    let _back = named_backend(&format!("127.0.0.1:{b}"), "back").await;
+    assert_eq!(served_by(proxy).await.as_deref(), Some("back"));
+}
