@@ -235,6 +235,8 @@ th{{color:#5b6475;font-weight:600}}
                     for e in endpoints {
                         let (class, mut state) = match e.state {
                             EndpointState::Up => ("ok", "up".to_string()),
+                            EndpointState::Checking => ("warn", "checking".to_string()),
+                            EndpointState::Down => ("bad", "down by check".to_string()),
                             EndpointState::CoolingDown => ("bad", "cooling down".to_string()),
                             EndpointState::Ejected => ("bad", "ejected".to_string()),
                             EndpointState::Failing => ("bad", "failing".to_string()),
@@ -249,6 +251,10 @@ th{{color:#5b6475;font-weight:600}}
                                 e.failures_in_a_row
                             ));
                         }
+                        if let Some(why) = &e.check_error {
+                            state.push_str(&format!(": {why}"));
+                        }
+                        let state = esc(&state);
                         let _ = write!(
                             h,
                             r#"<tr><td class="spec">{}</td><td>{}</td><td>{}</td><td>{}</td><td class="{class}">{state}</td></tr>"#,

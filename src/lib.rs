@@ -86,10 +86,11 @@ pub async fn run_with_reloads(
             Err(e) => warn!("{e}"),
         }
     }
-    let scrape_state = state.clone();
+    let (scrape_state, backend_state) = (state.clone(), state.clone());
     registry.register_collector(Box::new(ScrapeTime {
         metrics,
         omni_index_containers: move || scrape_state.omni_containers(),
+        backends_up: move || backend_state.backends_up(),
     }));
     // The admin endpoint closes when shutdown begins, as the listeners do.
     let stop_admin = CancellationToken::new();

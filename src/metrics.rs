@@ -43,6 +43,12 @@ struct CloseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    backend: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabels {
     source: String,
 }
@@ -76,6 +82,7 @@ pub struct Metrics {
     discovery_endpoints: Family<SourceLabels, Gauge>,
     omni_lookups: Family<ResultLabels, Counter>,
     ejections: Family<BackendLabels, Counter>,
+    checks: Family<CheckLabels, Counter>,
     sources: Mutex<HashMap<String, SourceHealth>>,
     /// Running drivers per source name: a source's series go when its last driver stops
     /// (a route switched to another spec), so stale counts do not linger.
@@ -153,6 +160,11 @@ impl Metrics {
             m.ejections.clone(),
         );
         registry.register(
+            "backend_checks",
+            "Active health checks (--check), by backend and result (passed, failed)",
+            m.checks.clone(),
+        );
+        registry.register(
             "omni_lookups",
             "Omni-mode routing lookups: hit (in the index), miss (needed a refresh), refused (no container or no declaration)",
             m.omni_lookups.clone(),
@@ -182,6 +194,26 @@ impl Metrics {
             ejected: RwLock::default(),
             departed: Departed::default(),
             metrics: self.clone(),
+        }
+    }
+
+    /// Counts one active check of `backend`.
+    pub fn backend_check(&self, backend: SocketAddr, passed: bool) {
+        self.checks
+            .get_or_create(&CheckLabels {
+                backend: backend.to_string(),
+                result: if passed { "passed" } else { "failed" }.to_string(),
+            })
+            .inc();
+    }
+
+    /// Removes `backend`'s check series once nothing checks it any more.
+    pub fn forget_checks(&self, backend: SocketAddr) {
+        for result in ["passed", "failed"] {
+            self.checks.remove(&CheckLabels {
+                backend: backend.to_string(),
+                result: result.to_string(),
+            });
         }
     }
 
@@ -516,19 +548,26 @@ impl Drop for OpenGuard<'_> {
 
 /// The values computed when `/metrics` is read, not written by anyone beforehand: how
 /// long ago each source last read successfully, and the containers in the omni index.
-pub struct ScrapeTime<F> {
+pub struct ScrapeTime<F, B> {
     pub metrics: Arc<Metrics>,
     /// Containers in every omni route's index, in all.
     pub omni_index_containers: F,
+    /// Every (route, backend) of the current sets, and whether it is up (not cooling
+    /// down, ejected or down by check).
+    pub backends_up: B,
 }
 
-impl<F> std::fmt::Debug for ScrapeTime<F> {
+impl<F, B> std::fmt::Debug for ScrapeTime<F, B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ScrapeTime")
     }
 }
 
-impl<F: Fn() -> usize + Send + Sync + 'static> Collector for ScrapeTime<F> {
+impl<F, B> Collector for ScrapeTime<F, B>
+where
+    F: Fn() -> usize + Send + Sync + 'static,
+    B: Fn() -> Vec<(String, String, bool)> + Send + Sync + 'static,
+{
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let ages: Vec<(String, f64)> = lock(&self.metrics.sources)
             .iter()
@@ -552,6 +591,16 @@ impl<F: Fn() -> usize + Send + Sync + 'static> Collector for ScrapeTime<F> {
             containers.metric_type(),
         )?;
         containers.encode(gauge)?;
+        let mut family = encoder.encode_descriptor(
+            "backend_up",
+            "1 while a backend of a route's current set is up (or not checked yet), 0 while it cools down, is ejected or is down by check",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (route, backend, up) in (self.backends_up)() {
+            let labels = BackendLabels { route, backend };
+            ConstGauge::new(i64::from(up)).encode(family.encode_family(&labels)?)?;
+        }
         Ok(())
     }
 }
@@ -647,6 +696,12 @@ mod tests {
             omni_index_containers: move || {
                 count.load(std::sync::atomic::Ordering::Relaxed) as usize
             },
+            backends_up: || {
+                vec![
+                    ("r:1".to_string(), "10.0.0.1:1".to_string(), true),
+                    ("r:1".to_string(), "10.0.0.2:1".to_string(), false),
+                ]
+            },
         }));
         let _guard = metrics.source_started("a:1");
         metrics.source_ok("a:1", Some(1), true);
@@ -657,6 +712,11 @@ mod tests {
         );
         assert!(
             text.contains("ambassadord_discovery_seconds_since_good_update{source=\"a:1\"} "),
+            "{text}"
+        );
+        assert!(
+            text.contains("ambassadord_backend_up{route=\"r:1\",backend=\"10.0.0.1:1\"} 1")
+                && text.contains("ambassadord_backend_up{route=\"r:1\",backend=\"10.0.0.2:1\"} 0"),
             "{text}"
         );
         containers.store(5, Ordering::Relaxed);

@@ -90,6 +90,9 @@ pub struct EndpointStatus {
     /// When a cool-down or ejection ends, as seconds since the Unix epoch.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub until: Option<f64>,
+    /// Why the last active check failed, while down by check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check_error: Option<String>,
 }
 
 /// What the balancer knows of an endpoint.
@@ -97,6 +100,10 @@ pub struct EndpointStatus {
 #[serde(rename_all = "snake_case")]
 pub enum EndpointState {
     Up,
+    /// Active checks are on and have not passed yet; served meanwhile.
+    Checking,
+    /// Down by active check (`fall` failed in a row): tried only if no other answers.
+    Down,
     /// Its last connect failed; tried only after the others until the cool-down ends.
     CoolingDown,
     /// Several connects in a row failed (`--eject-after`): tried only if no other

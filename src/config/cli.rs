@@ -74,6 +74,42 @@ pub(super) struct Cli {
     )]
     pub(super) connect_timeout: String,
 
+    /// Active health checks of every backend: "tcp" (a connect within --connect-timeout, on the control runtime, never on a connection's path) or "off"
+    #[arg(
+        long,
+        value_name = "tcp|off",
+        env = "AMBASSADORD_CHECK",
+        default_value = "off"
+    )]
+    pub(super) check: String,
+
+    /// How often each backend is checked (jittered by ±10%)
+    #[arg(
+        long,
+        value_name = "DURATION",
+        env = "AMBASSADORD_CHECK_INTERVAL",
+        default_value = "2s"
+    )]
+    pub(super) check_interval: String,
+
+    /// Failed checks in a row that take a backend down
+    #[arg(long, value_name = "N", env = "AMBASSADORD_CHECK_FALL", default_value = "3",
+        value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub(super) check_fall: u32,
+
+    /// Passing checks in a row that bring a down backend back
+    #[arg(long, value_name = "N", env = "AMBASSADORD_CHECK_RISE", default_value = "2",
+        value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub(super) check_rise: u32,
+
+    /// Bytes a check sends once connected (escapes: \r \n \t \\ \xHH), e.g. 'PING\r\n' for Redis
+    #[arg(long, value_name = "TEXT", env = "AMBASSADORD_CHECK_SEND")]
+    pub(super) check_send: Option<String>,
+
+    /// What the reply must start with for the check to pass (same escapes), e.g. '+PONG'
+    #[arg(long, value_name = "TEXT", env = "AMBASSADORD_CHECK_EXPECT")]
+    pub(super) check_expect: Option<String>,
+
     /// Eject a backend after this many failed connects in a row (0: never): it is then tried only if no other answers, for 5s doubling to 5m while it keeps failing
     #[arg(
         long,

@@ -18,6 +18,12 @@ pub(super) struct FileConfig {
     pub(super) copy: Option<String>,
     pub(super) threads: Option<i64>,
     pub(super) eject_after: Option<i64>,
+    pub(super) check: Option<String>,
+    pub(super) check_interval: Option<String>,
+    pub(super) check_fall: Option<i64>,
+    pub(super) check_rise: Option<i64>,
+    pub(super) check_send: Option<String>,
+    pub(super) check_expect: Option<String>,
     pub(super) run_as: Option<String>,
     #[serde(default)]
     pub(super) route: Vec<FileRoute>,
@@ -31,7 +37,44 @@ pub(super) struct FileRoute {
     pub(super) backend: Option<String>,
     #[serde(default)]
     pub(super) omni: bool,
+    pub(super) check: Option<String>,
+    pub(super) check_interval: Option<String>,
+    pub(super) check_fall: Option<i64>,
+    pub(super) check_rise: Option<i64>,
+    pub(super) check_send: Option<String>,
+    pub(super) check_expect: Option<String>,
 }
+
+/// The check options as one place (the file's top level, or a route) gives them.
+/// Bytes are TOML strings, with TOML's own escapes ("PING\r\n").
+#[derive(Debug, Default, Clone)]
+pub(super) struct FileCheck {
+    pub(super) check: Option<String>,
+    pub(super) check_interval: Option<String>,
+    pub(super) check_fall: Option<i64>,
+    pub(super) check_rise: Option<i64>,
+    pub(super) check_send: Option<String>,
+    pub(super) check_expect: Option<String>,
+}
+
+macro_rules! file_check {
+    ($t:ty) => {
+        impl $t {
+            pub(super) fn check_options(&self) -> FileCheck {
+                FileCheck {
+                    check: self.check.clone(),
+                    check_interval: self.check_interval.clone(),
+                    check_fall: self.check_fall,
+                    check_rise: self.check_rise,
+                    check_send: self.check_send.clone(),
+                    check_expect: self.check_expect.clone(),
+                }
+            }
+        }
+    };
+}
+file_check!(FileConfig);
+file_check!(FileRoute);
 
 /// Reads and parses the `--config` file; errors name the file and, from the TOML
 /// parser, the line and the unknown or malformed key.

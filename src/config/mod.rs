@@ -26,7 +26,7 @@ mod values;
 pub use types::*;
 
 use cli::Cli;
-use file::{FileConfig, FileRoute};
+use file::{FileCheck, FileConfig, FileRoute};
 use layer::{Layers, at, some_text, text};
 pub use values::parse_duration;
 
@@ -182,10 +182,13 @@ fn routes(
     layers: &Layers,
     env: &Environment,
 ) -> Result<(Vec<RouteConfig>, Vec<String>), String> {
+    let checks = check_defaults(cli, file, layers)?;
     let mut routes = Vec::new();
     for (i, r) in file.route.iter().enumerate() {
         let place = format!("{}: route {}", layers.file_name(), i + 1);
-        routes.push(file_route(r, &place)?);
+        let mut route = file_route(r, &place)?;
+        route.check = route_check(&checks, &r.check_options(), &place)?;
+        routes.push(route);
     }
     let ip = match &cli.bind {
         None => None,
@@ -197,10 +200,15 @@ fn routes(
             return Err("--links and --omnimode cannot be combined: choose one mode".into());
         }
         let (links, skipped) = link_routes(ip, env)?;
-        routes.extend(links);
+        routes.extend(links.into_iter().map(|mut r| {
+            r.check = checks.on.then(|| checks.config.clone());
+            r
+        }));
         warnings.extend(skipped);
     } else if let Some(target) = cli_target(cli, layers)? {
-        routes.push(cli_route(cli, layers, ip, target)?);
+        let mut route = cli_route(cli, layers, ip, target)?;
+        route.check = checks.on.then(|| checks.config.clone());
+        routes.push(route);
     }
     check_routes(&routes, layers.file_name())?;
     Ok((routes, warnings))
@@ -229,6 +237,7 @@ fn link_routes(
             target: RouteTarget::Spec(Spec::Static(vec![link.target])),
             // Docker writes the alias upper-cased into the variable names.
             name: Some(link.alias.to_ascii_lowercase()),
+            check: None,
         })
         .collect();
     Ok((routes, skipped))
@@ -280,6 +289,7 @@ fn cli_route(
         listen: Listen { ip, port },
         target,
         name: None,
+        check: None,
     })
 }
 
@@ -348,7 +358,111 @@ fn file_route(r: &FileRoute, place: &str) -> Result<RouteConfig, String> {
         listen,
         target,
         name: None,
+        check: None,
     })
+}
+
+/// The check options every route starts from: flags and environment over the file's
+/// top level over the defaults, and whether checks are on.
+struct CheckDefaults {
+    on: bool,
+    config: CheckConfig,
+}
+
+fn check_defaults(cli: &Cli, file: &FileConfig, layers: &Layers) -> Result<CheckDefaults, String> {
+    let f = file.check_options();
+    let on = layers
+        .pick("check", cli.check.clone(), f.check.as_deref(), text)?
+        .trimmed()
+        .parse(values::parse_check)?;
+    let interval = layers
+        .pick(
+            "check_interval",
+            cli.check_interval.clone(),
+            f.check_interval.as_deref(),
+            text,
+        )?
+        .parse(values::parse_check_interval)?;
+    let count = |n: &i64| {
+        u32::try_from(*n)
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .ok_or_else(|| "not a count of checks (1-100)".to_string())
+    };
+    let fall = layers
+        .pick("check_fall", cli.check_fall, f.check_fall.as_ref(), count)?
+        .value;
+    let rise = layers
+        .pick("check_rise", cli.check_rise, f.check_rise.as_ref(), count)?
+        .value;
+    let bytes = |id: &str, given: &Option<String>, in_file: &Option<String>| {
+        let from_cli = match given {
+            None => None,
+            Some(s) => Some(layers.cli(id, s.clone()).parse(values::unescape)?),
+        };
+        let raw = |s: &str| Ok(Some(s.as_bytes().to_vec()));
+        Ok::<_, String>(layers.pick(id, from_cli, in_file.as_deref(), raw)?.value)
+    };
+    let send = bytes("check_send", &cli.check_send, &f.check_send)?;
+    let expect = bytes("check_expect", &cli.check_expect, &f.check_expect)?;
+    Ok(CheckDefaults {
+        on,
+        config: CheckConfig {
+            interval,
+            fall,
+            rise,
+            send,
+            expect,
+        },
+    })
+}
+
+/// A `[[route]]`'s checks: its own options over the defaults.
+fn route_check(
+    defaults: &CheckDefaults,
+    r: &FileCheck,
+    place: &str,
+) -> Result<Option<CheckConfig>, String> {
+    fn value<T>(
+        place: &str,
+        key: &str,
+        v: &str,
+        parse: fn(&str) -> Result<T, String>,
+    ) -> Result<T, String> {
+        parse(v).map_err(|why| at(&format!("{place}: {key}"), v, &why))
+    }
+    let on = match &r.check {
+        None => defaults.on,
+        Some(v) => value(place, "check", v.trim(), values::parse_check)?,
+    };
+    let mut config = defaults.config.clone();
+    if let Some(v) = &r.check_interval {
+        config.interval = value(place, "check_interval", v, values::parse_check_interval)?;
+    }
+    for (key, given, slot) in [
+        ("check_fall", r.check_fall, &mut config.fall),
+        ("check_rise", r.check_rise, &mut config.rise),
+    ] {
+        if let Some(n) = given {
+            *slot = u32::try_from(n)
+                .ok()
+                .filter(|n| (1..=100).contains(n))
+                .ok_or_else(|| {
+                    at(
+                        &format!("{place}: {key}"),
+                        &n.to_string(),
+                        "not a count of checks (1-100)",
+                    )
+                })?;
+        }
+    }
+    if let Some(v) = &r.check_send {
+        config.send = Some(v.as_bytes().to_vec());
+    }
+    if let Some(v) = &r.check_expect {
+        config.expect = Some(v.as_bytes().to_vec());
+    }
+    Ok(on.then_some(config))
 }
 
 /// The behaviour every route shares: timeouts and the copy mode.

@@ -477,6 +477,81 @@ fn docker_specs_and_run_as() {
     );
 }
 
+/// Checks are off unless asked; the flags set every route's, a `[[route]]` overrides
+/// the file's top level for itself, escapes work on the command line, and bad values
+/// name their origin.
+#[test]
+fn check_options() {
+    assert_eq!(parse(&["a:1"]).unwrap().routes[0].check, None);
+    let c = parse(&[
+        "--check",
+        "tcp",
+        "--check-interval",
+        "500ms",
+        "--check-fall",
+        "4",
+        "--check-rise",
+        "1",
+        "--check-send",
+        "PING\\r\\n",
+        "--check-expect",
+        "+PONG",
+        "a:1",
+    ])
+    .unwrap();
+    assert_eq!(
+        c.routes[0].check,
+        Some(CheckConfig {
+            interval: Duration::from_millis(500),
+            fall: 4,
+            rise: 1,
+            send: Some(b"PING\r\n".to_vec()),
+            expect: Some(b"+PONG".to_vec()),
+        })
+    );
+    let path = file(
+        "check = \"tcp\"\ncheck_interval = \"1s\"\n\
+         [[route]]\nbackend = \"a:1\"\n\
+         [[route]]\nbackend = \"b:2\"\ncheck_fall = 5\ncheck_send = \"PING\\r\\n\"\n\
+         [[route]]\nbackend = \"c:3\"\ncheck = \"off\"\n",
+    );
+    let p = path.to_str().unwrap();
+    let c = parse(&["--config", p]).unwrap();
+    let checks: Vec<_> = c.routes.iter().map(|r| r.check.clone()).collect();
+    let first = checks[0].clone().expect("on from the top level");
+    assert_eq!(
+        (first.interval, first.fall, first.rise),
+        (Duration::from_secs(1), 3, 2)
+    );
+    let second = checks[1].clone().expect("on");
+    assert_eq!(
+        (second.fall, second.send.as_deref()),
+        (5, Some(&b"PING\r\n"[..]))
+    );
+    assert_eq!(checks[2], None);
+    for (args, want) in [
+        (
+            &["--check", "http", "a:1"][..],
+            "--check 'http': not a check kind: tcp or off",
+        ),
+        (
+            &["--check-interval", "10ms", "a:1"][..],
+            "--check-interval '10ms': must be at least 100ms",
+        ),
+        (
+            &["--check-send", "a\\q", "a:1"][..],
+            "--check-send 'a\\q': unknown escape",
+        ),
+    ] {
+        let err = parse(args).unwrap_err();
+        assert!(err.starts_with(want), "{args:?}: {err}");
+    }
+    let path = file("[[route]]\nbackend = \"a:1\"\ncheck_rise = 0\n");
+    let p = path.to_str().unwrap();
+    let err = parse(&["--config", p]).unwrap_err();
+    assert!(err.contains("route 1: check_rise '0'"), "{err}");
+}
+
 /// `--eject-after` defaults to 3, 0 turns ejection off, and the file's value is checked.
 #[test]
 fn eject_after_from_flag_and_file() {

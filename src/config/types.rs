@@ -182,6 +182,19 @@ pub struct RouteConfig {
     /// What the route is called in logs when not its spec: a `--links` route's link
     /// alias (`redis`).
     pub name: Option<String>,
+    /// Active health checks of its backends (`--check tcp`), or `None` (`off`).
+    pub check: Option<CheckConfig>,
+}
+
+/// An active TCP check: how often, how many results in a row change a backend's state,
+/// and optionally bytes to send and the start of the reply to expect.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CheckConfig {
+    pub interval: Duration,
+    pub fall: u32,
+    pub rise: u32,
+    pub send: Option<Vec<u8>>,
+    pub expect: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -83,6 +83,58 @@ pub(super) fn parse_admin(s: &str) -> Result<Option<SocketAddr>, String> {
     }
 }
 
+/// `--check`: `tcp` (on) or `off`.
+pub(super) fn parse_check(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "tcp" => Ok(true),
+        "off" | "none" => Ok(false),
+        _ => Err("not a check kind: tcp or off".to_string()),
+    }
+}
+
+/// `--check-interval`: a duration of at least 100 ms (a check more often than that
+/// would only load the backends).
+pub(super) fn parse_check_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(100) {
+        return Err("must be at least 100ms".to_string());
+    }
+    Ok(d)
+}
+
+/// Bytes from text with `\r`, `\n`, `\t`, `\\` and `\xHH` escapes (`--check-send`).
+pub(super) fn unescape(s: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b != b'\\' {
+            out.push(b);
+            continue;
+        }
+        match bytes.next() {
+            Some(b'r') => out.push(b'\r'),
+            Some(b'n') => out.push(b'\n'),
+            Some(b't') => out.push(b'\t'),
+            Some(b'\\') => out.push(b'\\'),
+            Some(b'x') => {
+                let hex: Vec<u8> = bytes.by_ref().take(2).collect();
+                let v = std::str::from_utf8(&hex)
+                    .ok()
+                    .filter(|h| h.len() == 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or_else(|| "\\x needs two hex digits".to_string())?;
+                out.push(v);
+            }
+            Some(c) => return Err(format!("unknown escape '\\{}'", c as char)),
+            None => return Err("ends with a lone '\\'".to_string()),
+        }
+    }
+    if out.is_empty() {
+        return Err("empty".to_string());
+    }
+    Ok(out)
+}
+
 /// `--run-as`: `UID` or `UID:GID`, numbers (the group defaults to the user's number).
 pub(super) fn parse_run_as(s: &str) -> Result<RunAs, String> {
     let number = |part: &str, what: &str| {

@@ -25,6 +25,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::check::{Checked, Checks};
 use crate::discovery::Endpoints;
 use crate::endpoint::{Endpoint, EndpointSet};
 
@@ -64,6 +65,8 @@ pub struct Balancer {
     unavailable: AtomicBool,
     /// When each backend's last DOWN was logged, and whether it is still down.
     transitions: Mutex<HashMap<SocketAddr, (Instant, bool)>>,
+    /// Active health checks of its endpoints, when the route has them on.
+    checks: Option<Arc<Checks>>,
 }
 
 /// The order one connection tries endpoints in.
@@ -107,7 +110,19 @@ impl Balancer {
             health: Arc::default(),
             unavailable: AtomicBool::new(false),
             transitions: Mutex::default(),
+            checks: None,
         }
+    }
+
+    /// The same, with active checks deciding which endpoints are down.
+    pub fn with_checks(mut self, checks: Arc<Checks>) -> Self {
+        self.checks = Some(checks);
+        self
+    }
+
+    /// The endpoints' sets, for whoever follows them (the checks).
+    pub fn sets(&self) -> tokio::sync::watch::Receiver<Option<EndpointSet>> {
+        self.endpoints.sets.clone()
     }
 
     pub fn name(&self) -> &str {
@@ -181,6 +196,16 @@ impl Balancer {
             base += tier.len();
         }
         let trials = self.health.demote_cooling(&set, &mut order);
+        // Down by check: last too, after the cooling ones (a stable partition keeps
+        // the rotation of both groups).
+        if let Some(checks) = &self.checks
+            && checks.any_down()
+        {
+            let down = |i: &usize| checks.state(set.as_slice()[*i].addr) == Checked::Down;
+            let (mut up, down): (Vec<usize>, Vec<usize>) = order.iter().partition(|i| !down(i));
+            up.extend(down);
+            order = up;
+        }
         Ok(Plan {
             set,
             order,
@@ -203,11 +228,31 @@ impl Balancer {
     }
 
     /// [`Balancer::state`], with the failures in a row and what is left of a demotion.
+    /// Active checks, when on, come first: a backend down by check is `Down` (with the
+    /// check's error), and one not checked yet is `Checking` while nothing failed.
     pub fn health(&self, addr: SocketAddr) -> BackendHealth {
+        let mut health = self.passive_health(addr);
+        if let Some(checks) = &self.checks {
+            match checks.state(addr) {
+                Checked::Down => {
+                    health.state = BackendState::Down;
+                    health.check_error = checks.last_error(addr);
+                }
+                Checked::Checking if health.state == BackendState::Up => {
+                    health.state = BackendState::Checking;
+                }
+                _ => {}
+            }
+        }
+        health
+    }
+
+    fn passive_health(&self, addr: SocketAddr) -> BackendHealth {
         let up = BackendHealth {
             state: BackendState::Up,
             failures_in_a_row: 0,
             remaining: None,
+            check_error: None,
         };
         if !self.health.any.load(Ordering::Acquire) {
             return up;
@@ -226,6 +271,7 @@ impl Balancer {
             },
             failures_in_a_row: f.consecutive,
             remaining,
+            check_error: None,
         }
     }
 
@@ -295,6 +341,10 @@ impl Balancer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendState {
     Up,
+    /// Checks are on and have not passed yet: served meanwhile.
+    Checking,
+    /// `fall` active checks in a row failed: tried only if no other backend answers.
+    Down,
     /// Its last connect failed: tried only after the others until the cool-down ends.
     CoolingDown,
     /// Several connects in a row failed: tried only after the others for a while.
@@ -303,13 +353,22 @@ pub enum BackendState {
     Failing,
 }
 
+impl BackendState {
+    /// Whether new connections go to it in its turn (rather than last).
+    pub fn is_up(self) -> bool {
+        matches!(self, BackendState::Up | BackendState::Checking)
+    }
+}
+
 /// A backend's state, how many connects to it failed in a row, and how long its
 /// cool-down or ejection still lasts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendHealth {
     pub state: BackendState,
     pub failures_in_a_row: u32,
     pub remaining: Option<Duration>,
+    /// Why the last active check failed, while it is down by check.
+    pub check_error: Option<String>,
 }
 
 /// A backend going DOWN is logged at most this often (a flapping one says so once).

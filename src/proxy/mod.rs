@@ -10,6 +10,7 @@
 //!   [`workers`] (the data threads).
 
 pub mod balance;
+pub mod check;
 pub mod copy;
 pub mod forward;
 pub mod listen;

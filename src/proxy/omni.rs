@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::balance::Balancer;
+use super::check::Checker;
+use crate::config::CheckConfig;
 use crate::discovery::Discovery;
 use crate::docker::index::ContainerIndex;
 use crate::metrics::Metrics;
@@ -53,6 +55,8 @@ pub struct Omni {
     discovery: Arc<Discovery>,
     metrics: Arc<Metrics>,
     sources: Mutex<HashMap<Spec, Shared>>,
+    /// The route's active checks, applied to every source it starts.
+    checks: Option<(Arc<Checker>, CheckConfig)>,
     stop: CancellationToken,
 }
 
@@ -63,6 +67,7 @@ impl Omni {
         index: Arc<ContainerIndex>,
         discovery: Arc<Discovery>,
         metrics: Arc<Metrics>,
+        checks: Option<(Arc<Checker>, CheckConfig)>,
         stop: CancellationToken,
     ) -> Arc<Omni> {
         let omni = Arc::new(Omni {
@@ -70,6 +75,7 @@ impl Omni {
             discovery,
             metrics,
             sources: Mutex::new(HashMap::new()),
+            checks,
             stop,
         });
         tokio::spawn(omni.clone().prune_unused());
@@ -119,7 +125,12 @@ impl Omni {
         }
         let stop = self.stop.child_token();
         let endpoints = self.discovery.spawn(spec, stop.clone());
-        let balancer = Arc::new(Balancer::new(spec.to_string(), endpoints));
+        let mut balancer = Balancer::new(spec.to_string(), endpoints);
+        if let Some((checker, check)) = &self.checks {
+            let checks = checker.follow(check.clone(), balancer.sets(), stop.child_token());
+            balancer = balancer.with_checks(checks);
+        }
+        let balancer = Arc::new(balancer);
         debug!(spec = %spec, "source started");
         sources.insert(
             spec.clone(),

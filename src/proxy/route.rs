@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::balance::{BackendState, Balancer};
+use super::check::Checker;
 use super::omni::Omni;
 use crate::config::{DockerHost, RouteConfig, RouteTarget};
 use crate::discovery::Discovery;
@@ -64,6 +65,8 @@ pub struct Active {
     pub kind: &'static str,
     /// Omni mode's redirect of this namespace's incoming TCP to the listener.
     pub redirect: Option<Arc<Redirect>>,
+    /// The active checks it was started with (a reload that changes them restarts it).
+    pub check: Option<crate::config::CheckConfig>,
     stop: CancellationToken,
 }
 
@@ -87,6 +90,8 @@ pub struct Targets {
     /// The one container index (omni routes, `docker://` specs), made on first need
     /// from the Docker host config gave, and following the engine until the server ends.
     pub index: std::sync::OnceLock<(Arc<ContainerIndex>, tokio_util::sync::DropGuard)>,
+    /// The active checks of every route that has them on.
+    pub checker: Arc<Checker>,
     /// The admin port, if the endpoint is on (it does not stop omni installing its
     /// redirect), and whether the redirect must keep it out.
     pub admin_port: Option<u16>,
@@ -99,9 +104,11 @@ impl Targets {
         metrics: Arc<Metrics>,
         admin_port: Option<u16>,
         keep_from_redirect: Option<u16>,
+        connect_timeout: std::time::Duration,
     ) -> Targets {
         Targets {
             discovery,
+            checker: Checker::new(connect_timeout, metrics.clone()),
             metrics,
             index: std::sync::OnceLock::new(),
             admin_port,
@@ -150,15 +157,23 @@ impl Targets {
                 let endpoints = self.discovery.spawn(spec, stop.child_token());
                 // A link route is known by its alias in the access log.
                 let name = rc.name.clone().unwrap_or_else(|| spec.to_string());
-                let balancer = Balancer::new(name, endpoints);
+                let mut balancer = Balancer::new(name, endpoints);
+                if let Some(check) = &rc.check {
+                    let checks =
+                        self.checker
+                            .follow(check.clone(), balancer.sets(), stop.child_token());
+                    balancer = balancer.with_checks(checks);
+                }
                 (Target::Fixed(Arc::new(balancer)), spec.kind())
             }
             RouteTarget::Omni => {
                 let index = self.index(docker_host)?;
+                let checks = rc.check.clone().map(|c| (self.checker.clone(), c));
                 let omni = Omni::start(
                     index,
                     self.discovery.clone(),
                     self.metrics.clone(),
+                    checks,
                     stop.child_token(),
                 );
                 let plan = Plan {
@@ -177,6 +192,7 @@ impl Targets {
             config: target.clone(),
             kind,
             redirect,
+            check: rc.check.clone(),
             stop,
         }))
     }
@@ -252,12 +268,15 @@ impl Route {
                             weight: e.weight,
                             state: match health.state {
                                 BackendState::Up => EndpointState::Up,
+                                BackendState::Checking => EndpointState::Checking,
+                                BackendState::Down => EndpointState::Down,
                                 BackendState::CoolingDown => EndpointState::CoolingDown,
                                 BackendState::Ejected => EndpointState::Ejected,
                                 BackendState::Failing => EndpointState::Failing,
                             },
                             failures_in_a_row: health.failures_in_a_row,
                             until: health.remaining.map(|left| unix_now() + left.as_secs_f64()),
+                            check_error: health.check_error,
                         })
                         .collect()
                 });
@@ -334,6 +353,25 @@ impl Route {
         match &self.active().target {
             Target::Fixed(b) => addrs(b).into_iter().collect(),
             Target::Omni(o) => o.balancers().iter().flat_map(|b| addrs(b)).collect(),
+        }
+    }
+
+    /// Each backend of its current set(s) (every running source, in omni mode) and its
+    /// state.
+    pub fn backend_states(&self) -> Vec<(SocketAddr, BackendState)> {
+        let of = |b: &Balancer| {
+            b.current()
+                .map(|set| {
+                    set.as_slice()
+                        .iter()
+                        .map(|e| (e.addr, b.state(e.addr)))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        };
+        match &self.active().target {
+            Target::Fixed(b) => of(b),
+            Target::Omni(o) => o.balancers().iter().flat_map(|b| of(b)).collect(),
         }
     }
 

@@ -76,6 +76,21 @@ impl State {
         now
     }
 
+    /// Every (route, backend) of the routes' current sets and whether it is up, for
+    /// `ambassadord_backend_up` (read at scrape time).
+    pub fn backends_up(&self) -> Vec<(String, String, bool)> {
+        // An omni route's sources may share a backend: one series each, up if every
+        // source that has it sees it up.
+        let mut up: BTreeMap<(String, String), bool> = BTreeMap::new();
+        for r in self.routes() {
+            let route = r.listen.to_string();
+            for (addr, state) in r.backend_states() {
+                *up.entry((route.clone(), addr.to_string())).or_insert(true) &= state.is_up();
+            }
+        }
+        up.into_iter().map(|((r, b), up)| (r, b, up)).collect()
+    }
+
     /// Containers in every omni route's index, in all (read at scrape time).
     pub fn omni_containers(&self) -> usize {
         self.routes().iter().map(|r| r.omni_containers()).sum()
@@ -142,6 +157,7 @@ impl Server {
             metrics.clone(),
             config.admin.map(|a| a.addr.port()),
             config.admin.and_then(|a| a.kept_from_redirect()),
+            config.settings.connect_timeout,
         );
         let threads = config.threads.unwrap_or_else(Workers::default_count);
         let mut pending = Vec::with_capacity(config.routes.len());
@@ -308,7 +324,7 @@ impl Server {
         let mut changed = Vec::new();
         for rc in &config.routes {
             if let Some(route) = current.get(&rc.listen.to_string())
-                && route.active().config != rc.target
+                && (route.active().config != rc.target || route.active().check != rc.check)
             {
                 changed.push((route.clone(), targets.start(rc, route.listen, docker_host)?));
             }

@@ -16,6 +16,7 @@ mod docker_links;
 mod docker_omni;
 mod docker_redirect;
 mod faults;
+mod health_checks;
 mod netfilter;
 mod operations;
 mod shutdown;
