@@ -12,6 +12,7 @@ mod discovery_consul;
 mod discovery_etcd;
 mod discovery_srv;
 mod docker_backends;
+mod docker_compose;
 mod docker_links;
 mod docker_omni;
 mod docker_redirect;
