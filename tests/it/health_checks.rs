@@ -118,8 +118,10 @@ async fn a_stopped_backend_is_taken_out_by_its_checks_and_returns_after_rise() {
         admin_addr,
         &format!("ambassadord_backend_checks_total{{backend=\"{c_addr}\",result=\"failed\"}}"),
     );
+    // At least `rise` passed since the restart and `fall` failed before it (the kill may
+    // have come before its first check).
     assert!(
-        passed >= 3.0 && failed >= 3.0,
+        passed >= 2.0 && failed >= 3.0,
         "passed {passed}, failed {failed}"
     );
 }
@@ -231,8 +233,10 @@ async fn routes_that_share_a_backend_share_its_check() {
     let start = checks();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let during = checks() - start;
+    // One probe: about 20 (a loaded machine's timers may run late, so fewer); two
+    // would make about 40.
     assert!(
-        (12.0..=26.0).contains(&during),
+        (5.0..=28.0).contains(&during),
         "{during} checks in 2 s at 100 ms for two routes"
     );
     assert_eq!(endpoint_state(admin_addr, other.addr)["state"], "up");
