@@ -1,6 +1,9 @@
-//! Consul KV discovery: lists the keys under a path over Consul's HTTP API and watches
-//! them with blocking queries, publishing the backend list the children-or-value rule
-//! gives.
+//! Consul discovery: reads what a spec watches over Consul's HTTP API and follows it
+//! with blocking queries, publishing a backend list.
+//!
+//! What is watched ([`Watched`]) decides the request and how a reply becomes a backend
+//! list: a KV prefix, whose keys the children-or-value rule reads. Everything else, the
+//! blocking-query loop below, is the same for all of them.
 //!
 //! One request does both jobs: `GET /v1/kv/<path>?recurse&index=N&wait=W` lists the
 //! same prefix it waits on, so no change can fall between a read and a watch. The loop
@@ -27,9 +30,9 @@ use tracing::{debug, info};
 use super::StoreProblem::{self, Exchange, Malformed, PermissionDenied, Rejected};
 use super::dns::Resolver;
 use super::http::{Body, ConnectError, Connection, Http};
-use super::kv::{BackendList, BadEntryLog, KvEntry, backends_from_entries};
+use super::kv::{BackendList, BadEntry, BadEntryLog, KvEntry, backends_from_entries};
 use super::{Source, SourceError};
-use crate::spec::KvSpec;
+use crate::spec::{HostPort, KvSpec};
 
 /// How long one blocking query may wait on the server. Short enough that a server that
 /// vanished without closing the connection is noticed within about a minute, long
@@ -45,9 +48,8 @@ const MIN_REQUEST_GAP: Duration = Duration::from_millis(100);
 const MAX_BODY: usize = 16 << 20;
 
 pub struct ConsulSource {
-    spec: KvSpec,
-    /// The Consul key: the spec's path without its leading '/'.
-    key: String,
+    server: HostPort,
+    watched: Watched,
     token: Option<String>,
     http: Http,
     wait: Duration,
@@ -55,26 +57,95 @@ pub struct ConsulSource {
     index: u64,
     conn: Option<Connection>,
     last_request: Option<Instant>,
-    bad: BadEntryLog,
+    /// How the source is named in log lines: its spec.
     name: String,
+}
+
+/// What a source watches: the request that reads (and blocks on) it, and how a reply
+/// becomes a backend list.
+enum Watched {
+    /// A KV prefix, read with `?recurse`.
+    Kv {
+        /// The Consul key: the spec's path without its leading '/'.
+        key: String,
+        bad: BadEntryLog,
+    },
+}
+
+impl Watched {
+    /// The request target without the blocking parameters.
+    fn target(&self) -> String {
+        match self {
+            Watched::Kv { key, .. } => format!("/v1/kv/{}?recurse", encode_path(key)),
+        }
+    }
+
+    /// What is watched, after the server in error messages.
+    fn what(&self) -> String {
+        match self {
+            Watched::Kv { key, .. } => format!("key '{key}'"),
+        }
+    }
+
+    /// Whether a 404 with an X-Consul-Index is an empty result rather than an error.
+    fn not_found_is_empty(&self) -> bool {
+        match self {
+            // Consul answers 404 for a prefix with no keys: no backends (yet), still
+            // watched.
+            Watched::Kv { .. } => true,
+        }
+    }
+
+    /// Reads the body of a good reply (200, or a 404 that means empty) into the backends
+    /// it lists and the entries skipped.
+    fn parse(&self, reply: &Reply) -> Result<(BackendList, Vec<BadEntry>), StoreProblem> {
+        match self {
+            Watched::Kv { key, .. } => {
+                let entries = match reply.status {
+                    StatusCode::NOT_FOUND => Vec::new(),
+                    _ => kv_entries(&reply.body)?,
+                };
+                Ok(backends_from_entries(key, &entries))
+            }
+        }
+    }
+
+    /// Warns about the skipped entries not warned about yet.
+    fn report(&mut self, source: &str, skipped: Vec<BadEntry>) {
+        match self {
+            Watched::Kv { bad, .. } => bad.report(source, skipped),
+        }
+    }
 }
 
 impl ConsulSource {
     /// A source for `spec`; `token` (CONSUL_HTTP_TOKEN) is sent as `X-Consul-Token`, and
     /// `resolver` finds a server given by name (the project's one resolver, `--dns`).
     pub fn new(spec: KvSpec, token: Option<String>, resolver: Resolver) -> Self {
-        let key = spec.path.trim_start_matches('/').to_string();
         let name = format!("consul://{}{}", spec.server, spec.path);
+        let watched = Watched::Kv {
+            key: spec.path.trim_start_matches('/').to_string(),
+            bad: BadEntryLog::default(),
+        };
+        Self::watching(spec.server, watched, name, token, resolver)
+    }
+
+    fn watching(
+        server: HostPort,
+        watched: Watched,
+        name: String,
+        token: Option<String>,
+        resolver: Resolver,
+    ) -> Self {
         ConsulSource {
-            http: Http::new(spec.server.clone(), resolver),
-            spec,
-            key,
+            http: Http::new(server.clone(), resolver),
+            server,
+            watched,
             token,
             wait: DEFAULT_WAIT,
             index: 0,
             conn: None,
             last_request: None,
-            bad: BadEntryLog::default(),
             name,
         }
     }
@@ -85,9 +156,9 @@ impl ConsulSource {
         self
     }
 
-    /// Where errors say they came from: the server and the key.
+    /// Where errors say they came from: the server and what is watched.
     fn context(&self) -> String {
-        format!("consul {} key '{}'", self.spec.server, self.key)
+        format!("consul {} {}", self.server, self.watched.what())
     }
 
     fn fail(&mut self, problem: StoreProblem) -> SourceError {
@@ -98,7 +169,7 @@ impl ConsulSource {
     }
 
     fn request_target(&self) -> String {
-        let mut target = format!("/v1/kv/{}?recurse", encode_path(&self.key));
+        let mut target = self.watched.target();
         if self.index > 0 {
             // Go duration syntax, as Consul parses it.
             let wait = match self.wait.subsec_millis() {
@@ -208,12 +279,13 @@ impl ConsulSource {
         Ok(())
     }
 
-    /// Turns a reply into the entries it lists, or says what is wrong with it.
-    fn entries(&self, reply: &Reply) -> Result<Vec<KvEntry>, StoreProblem> {
+    /// Turns a reply into the backends it lists and the entries skipped, or says what is
+    /// wrong with it.
+    fn backends(&self, reply: &Reply) -> Result<(BackendList, Vec<BadEntry>), StoreProblem> {
         match reply.status {
             StatusCode::OK => {}
-            // Consul answers 404 for a prefix with no keys: no backends (yet), still watched.
-            StatusCode::NOT_FOUND if reply.index.is_some() => return Ok(Vec::new()),
+            StatusCode::NOT_FOUND if reply.index.is_some() && self.watched.not_found_is_empty() => {
+            }
             StatusCode::FORBIDDEN => {
                 return Err(PermissionDenied(format!(
                     "permission denied (HTTP 403; is CONSUL_HTTP_TOKEN {}?): {}",
@@ -233,30 +305,7 @@ impl ConsulSource {
                 "the reply has no X-Consul-Index header (is this a Consul server?)".into(),
             ));
         }
-        let listed: Vec<ListedEntry> = serde_json::from_slice(&reply.body).map_err(|e| {
-            Malformed(format!(
-                "the reply is not a JSON list of keys ({e}): {}",
-                excerpt(&reply.body)
-            ))
-        })?;
-        listed
-            .into_iter()
-            .map(|e| {
-                let value = match &e.value {
-                    None => Vec::new(),
-                    Some(b64) => base64::engine::general_purpose::STANDARD
-                        .decode(b64)
-                        .map_err(|err| {
-                            Malformed(format!(
-                                "the reply's Value for key '{}' is not base64 ({err}): '{}'",
-                                e.key,
-                                excerpt(b64.as_bytes())
-                            ))
-                        })?,
-                };
-                Ok(KvEntry { key: e.key, value })
-            })
-            .collect()
+        self.watched.parse(reply)
     }
 
     /// Waits so that requests start at least [`MIN_REQUEST_GAP`] apart.
@@ -280,8 +329,8 @@ impl Source for ConsulSource {
                 Ok(reply) => reply,
                 Err(e) => return Err(self.fail(e)),
             };
-            let entries = match self.entries(&reply) {
-                Ok(entries) => entries,
+            let (list, skipped) = match self.backends(&reply) {
+                Ok(read) => read,
                 Err(e) => return Err(self.fail(e)),
             };
             // Consul's index is never 0 after a read; if a server says so, blocking on 0
@@ -303,8 +352,7 @@ impl Source for ConsulSource {
             } else {
                 index
             };
-            let (list, bad) = backends_from_entries(&self.key, &entries);
-            self.bad.report(&self.name, bad);
+            self.watched.report(&self.name, skipped);
             debug!(source = %self.name, index, backends = %list, "Consul read");
             return Ok(list);
         }
@@ -334,6 +382,34 @@ impl SendError {
             timed_out: false,
         }
     }
+}
+
+/// The entries a `GET /v1/kv/<prefix>?recurse` reply lists, values decoded.
+fn kv_entries(body: &[u8]) -> Result<Vec<KvEntry>, StoreProblem> {
+    let listed: Vec<ListedEntry> = serde_json::from_slice(body).map_err(|e| {
+        Malformed(format!(
+            "the reply is not a JSON list of keys ({e}): {}",
+            excerpt(body)
+        ))
+    })?;
+    listed
+        .into_iter()
+        .map(|e| {
+            let value = match &e.value {
+                None => Vec::new(),
+                Some(b64) => base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|err| {
+                        Malformed(format!(
+                            "the reply's Value for key '{}' is not base64 ({err}): '{}'",
+                            e.key,
+                            excerpt(b64.as_bytes())
+                        ))
+                    })?,
+            };
+            Ok(KvEntry { key: e.key, value })
+        })
+        .collect()
 }
 
 /// One element of `GET /v1/kv/<prefix>?recurse`; other fields are not needed.
