@@ -191,6 +191,364 @@ async fn emulator_restarts_on_the_same_port_and_restore_lowers_the_index() {
     assert_eq!((low.status, low.index), (200, Some(1)));
 }
 
+// ---- The emulator's catalog ----------------------------------------------------------
+
+/// The nodes and instance IDs a health reply lists, in order.
+fn listed(reply: &crate::support::consul::HttpReply) -> Vec<String> {
+    assert_eq!(reply.status, 200, "{reply:?}");
+    reply
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            format!(
+                "{}/{}",
+                e["Node"]["Node"].as_str().unwrap(),
+                e["Service"]["ID"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+async fn put_json(
+    consul: &ConsulEmulator,
+    path: &str,
+    body: serde_json::Value,
+) -> crate::support::consul::HttpReply {
+    http(consul.addr, "PUT", path, None, &body.to_string()).await
+}
+
+/// Registration over HTTP as Consul's catalog takes it, and the health endpoint's
+/// filters: every instance without `passing`; with it, only those whose every check
+/// (their own and their node's) passes, an instance with no checks included; `tag`
+/// (repeatable, any case) and the service name in any case; an unknown service is
+/// `200 []`; `dc` picks a datacenter, an unknown one is a 500.
+#[tokio::test(flavor = "multi_thread")]
+async fn emulator_health_lists_instances_by_checks_tags_and_datacenter() {
+    let consul = ConsulEmulator::start().await;
+    let ok = put_json(
+        &consul,
+        "/v1/catalog/register",
+        serde_json::json!({
+            "Node": "n1", "Address": "10.0.0.1",
+            "Service": {"ID": "redis-1", "Service": "redis", "Tags": ["primary", "v1"], "Port": 6379},
+            "Check": {"CheckID": "service:redis-1", "Name": "ping", "Status": "passing", "ServiceID": "redis-1"},
+        }),
+    )
+    .await;
+    assert_eq!((ok.status, ok.body.as_str()), (200, "true"));
+    consul.register(
+        "n2",
+        "10.0.0.2",
+        "redis-2",
+        "redis",
+        6380,
+        &["v1"],
+        "critical",
+    );
+    // No checks at all; Go decodes keys in any case.
+    let ok = put_json(
+        &consul,
+        "/v1/catalog/register",
+        serde_json::json!({"node": "n3", "address": "10.0.0.3", "service": {"service": "redis", "port": 6381}}),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    // Its own check passes, its node's does not.
+    consul.register(
+        "n4",
+        "10.0.0.4",
+        "redis-4",
+        "redis",
+        6382,
+        &["v1"],
+        "passing",
+    );
+    let ok = put_json(
+        &consul,
+        "/v1/catalog/register",
+        serde_json::json!({"Node": "n4", "Address": "10.0.0.4",
+            "Checks": [{"CheckID": "serfHealth", "Name": "Serf Health Status", "Status": "critical"}]}),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    consul.register("n5", "10.0.0.5", "web-1", "web", 80, &[], "passing");
+
+    let all = http(consul.addr, "GET", "/v1/health/service/redis", None, "").await;
+    assert_eq!(
+        listed(&all),
+        ["n1/redis-1", "n2/redis-2", "n3/redis", "n4/redis-4"]
+    );
+    let first = &all.json()[0];
+    assert_eq!(first["Node"]["Address"], "10.0.0.1");
+    assert_eq!(first["Node"]["Datacenter"], "dc1");
+    assert_eq!(first["Service"]["Service"], "redis");
+    assert_eq!(first["Service"]["Port"], 6379);
+    assert_eq!(first["Service"]["Address"], "");
+    assert_eq!(
+        first["Service"]["Tags"],
+        serde_json::json!(["primary", "v1"])
+    );
+    assert_eq!(first["Checks"][0]["Status"], "passing");
+    assert_eq!(first["Checks"][0]["ServiceName"], "redis");
+    let n4 = &all.json()[3];
+    let checks: Vec<&str> = n4["Checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["CheckID"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        checks,
+        ["serfHealth", "service:redis-4"],
+        "a node check is every instance's"
+    );
+    assert_eq!(n4["Checks"][0]["ServiceID"], "");
+    assert_eq!(all.json()[2]["Checks"], serde_json::json!([]));
+
+    let get = |target: &'static str| http(consul.addr, "GET", target, None, "");
+    assert_eq!(
+        listed(&get("/v1/health/service/redis?passing").await),
+        ["n1/redis-1", "n3/redis"]
+    );
+    assert_eq!(
+        listed(&get("/v1/health/service/redis?passing=true").await),
+        ["n1/redis-1", "n3/redis"]
+    );
+    assert_eq!(
+        listed(&get("/v1/health/service/redis?passing=false").await).len(),
+        4
+    );
+    assert_eq!(
+        listed(&get("/v1/health/service/redis?passing&tag=v1").await),
+        ["n1/redis-1"]
+    );
+    assert_eq!(
+        listed(&get("/v1/health/service/redis?tag=V1").await),
+        ["n1/redis-1", "n2/redis-2", "n4/redis-4"]
+    );
+    assert_eq!(
+        listed(&get("/v1/health/service/redis?tag=v1&tag=primary").await),
+        ["n1/redis-1"]
+    );
+    assert_eq!(
+        listed(&get("/v1/health/service/REDIS?passing").await),
+        ["n1/redis-1", "n3/redis"]
+    );
+    let unknown = get("/v1/health/service/nothing?passing").await;
+    assert_eq!((unknown.status, unknown.body.as_str()), (200, "[]"));
+    assert!(unknown.index.is_some(), "{unknown:?}");
+    let bad = get("/v1/health/service/redis?passing=maybe").await;
+    assert_eq!(
+        (bad.status, bad.body.as_str()),
+        (400, "Invalid value for ?passing")
+    );
+
+    let nowhere = get("/v1/health/service/redis?dc=dc2").await;
+    assert_eq!(
+        (nowhere.status, nowhere.body.as_str(), nowhere.index),
+        (500, "No path to datacenter", None)
+    );
+    let refused = put_json(
+        &consul,
+        "/v1/catalog/register",
+        serde_json::json!({"Datacenter": "dc2", "Node": "m1", "Address": "10.1.0.1",
+            "Service": {"Service": "redis", "Port": 6379}}),
+    )
+    .await;
+    assert_eq!(
+        (refused.status, refused.body.as_str()),
+        (500, "No path to datacenter")
+    );
+    consul.add_datacenter("dc2");
+    let ok = put_json(
+        &consul,
+        "/v1/catalog/register",
+        serde_json::json!({"Datacenter": "dc2", "Node": "m1", "Address": "10.1.0.1",
+            "Service": {"Service": "redis", "Port": 6379}}),
+    )
+    .await;
+    assert_eq!(ok.status, 200, "{ok:?}");
+    assert_eq!(
+        listed(&get("/v1/health/service/redis?dc=dc2").await),
+        ["m1/redis"]
+    );
+    assert_eq!(
+        listed(&get("/v1/health/service/redis?dc=dc1&passing").await),
+        ["n1/redis-1", "n3/redis"]
+    );
+}
+
+/// Registrations Consul refuses are refused with its message, and change nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn emulator_refuses_what_consul_refuses() {
+    let consul = ConsulEmulator::start().await;
+    consul.register("n1", "10.0.0.1", "redis-1", "redis", 6379, &[], "passing");
+    let before = (consul.index(), consul.service_index("redis"));
+    for (body, why) in [
+        (
+            serde_json::json!({"Address": "10.0.0.9"}),
+            "Must provide node",
+        ),
+        (
+            serde_json::json!({"Node": "n9", "Service": {"Service": "redis", "Port": 1}}),
+            "Must provide address if SkipNodeUpdate is not set",
+        ),
+        (
+            serde_json::json!({"Node": "n1", "Address": "10.0.0.1", "Service": {"ID": "x", "Port": 1}}),
+            "Must provide service name with ID",
+        ),
+        (
+            serde_json::json!({"Node": "n1", "Address": "10.0.0.1",
+                "Check": {"CheckID": "c", "Status": "passing", "ServiceID": "nope"}}),
+            "Missing service registration",
+        ),
+    ] {
+        let r = put_json(&consul, "/v1/catalog/register", body.clone()).await;
+        assert_eq!((r.status, r.body.as_str()), (500, why), "{body}");
+    }
+    let get = http(consul.addr, "GET", "/v1/catalog/register", None, "").await;
+    assert_eq!(get.status, 405);
+    let garbled = http(
+        consul.addr,
+        "PUT",
+        "/v1/catalog/register",
+        None,
+        "{not json",
+    )
+    .await;
+    assert_eq!(garbled.status, 400);
+    assert!(
+        garbled.body.starts_with("Request decode failed"),
+        "{garbled:?}"
+    );
+    assert_eq!((consul.index(), consul.service_index("redis")), before);
+}
+
+/// The health endpoint's index is the service's own: it moves with a change to one of
+/// its instances or their checks, not with another service's write nor with a write
+/// that changes nothing. A blocking query is held until it moves. When the last
+/// instance goes, the index is that removal's (and never goes backwards); an unknown
+/// service that never existed answers the catalog's index.
+#[tokio::test(flavor = "multi_thread")]
+async fn emulator_health_index_is_the_services_own_and_blocks_on_it() {
+    let consul = ConsulEmulator::start().await;
+    let registered = consul.register("n1", "10.0.0.1", "redis-1", "redis", 6379, &[], "critical");
+    let web = consul.register("n2", "10.0.0.2", "web-1", "web", 80, &[], "passing");
+    assert!(web > registered);
+    assert_eq!(consul.service_index("redis"), registered);
+    assert_eq!(
+        consul.service_index("never-was"),
+        web,
+        "the catalog's index"
+    );
+    // The same registration again takes a raft index but changes nothing.
+    let again = consul.register("n1", "10.0.0.1", "redis-1", "redis", 6379, &[], "critical");
+    assert!(again > web);
+    assert_eq!(consul.service_index("redis"), registered);
+
+    let addr = consul.addr;
+    let target = format!("/v1/health/service/redis?passing&index={registered}&wait=60s");
+    let query = tokio::spawn(async move { http(addr, "GET", &target, None, "").await });
+    let c = &consul;
+    eventually("the query to be held", || async move {
+        (c.waiting() == 1).then_some(())
+    })
+    .await;
+    consul.register("n2", "10.0.0.2", "web-2", "web", 81, &[], "passing");
+    // Still held: another service's write did not answer it (if it had, the reply below
+    // would have the old index and no instance).
+    assert_eq!(consul.waiting(), 1);
+    let passing = consul.set_check_status("n1", "service:redis-1", "passing");
+    let reply = query.await.unwrap();
+    assert_eq!(reply.index, Some(passing), "{reply:?}");
+    assert_eq!(listed(&reply), ["n1/redis-1"]);
+
+    let moved = consul.register("n1", "10.0.0.9", "other", "other", 1, &[], "passing");
+    assert_eq!(
+        consul.service_index("redis"),
+        moved,
+        "the node's address changed"
+    );
+    let gone = consul.deregister("n1", Some("redis-1"));
+    assert_eq!(consul.service_index("redis"), gone);
+    assert_eq!(
+        consul.service_index("never-was"),
+        gone,
+        "the last extinction"
+    );
+    let empty = http(consul.addr, "GET", "/v1/health/service/redis", None, "").await;
+    assert_eq!((empty.index, empty.body.as_str()), (Some(gone), "[]"));
+    consul.deregister("n2", None);
+    assert_eq!(
+        http(consul.addr, "GET", "/v1/health/service/web", None, "")
+            .await
+            .body,
+        "[]"
+    );
+}
+
+/// A restore lowers the catalog's indexes with the KV's and answers a held health
+/// query at once with the lower index; with ACLs on, an anonymous health read is
+/// answered with the instances left out and says so, a wrong token is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn emulator_health_restore_and_acls() {
+    let consul = ConsulEmulator::start_with_token("s3cret").await;
+    for i in 0..10 {
+        consul.register(
+            "n1",
+            "10.0.0.1",
+            "redis-1",
+            "redis",
+            6000 + i,
+            &[],
+            "passing",
+        );
+    }
+    let index = consul.service_index("redis");
+    let addr = consul.addr;
+    let query = tokio::spawn(async move {
+        let target = format!("/v1/health/service/redis?index={index}&wait=60s");
+        http(addr, "GET", &target, Some("s3cret"), "").await
+    });
+    let c = &consul;
+    eventually("the query to be held", || async move {
+        (c.waiting() == 1).then_some(())
+    })
+    .await;
+    consul.restore(4);
+    let reply = query.await.unwrap();
+    assert_eq!(reply.index, Some(4), "{reply:?}");
+    assert_eq!(listed(&reply), ["n1/redis-1"]);
+
+    let anonymous = http(consul.addr, "GET", "/v1/health/service/redis", None, "").await;
+    assert_eq!((anonymous.status, anonymous.body.as_str()), (200, "[]"));
+    assert_eq!(
+        anonymous
+            .headers
+            .get("X-Consul-Results-Filtered-By-ACLs")
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..])
+    );
+    let wrong = http(
+        consul.addr,
+        "GET",
+        "/v1/health/service/redis",
+        Some("nope"),
+        "",
+    )
+    .await;
+    assert_eq!((wrong.status, wrong.body.as_str()), (403, "ACL not found"));
+    let write = put_json(
+        &consul,
+        "/v1/catalog/deregister",
+        serde_json::json!({"Node": "n1"}),
+    )
+    .await;
+    assert_eq!(write.status, 403, "an anonymous write is refused");
+}
+
 // ---- The source's blocking-query loop ------------------------------------------------
 
 /// Waits that run out (even with the server's full wait/16 jitter) are neither returned
