@@ -287,6 +287,11 @@ impl ConsulEmulator {
         self.change(|s| s.delete(key, false))
     }
 
+    /// `consul-service://127.0.0.1:PORT/NAME[?QUERY]` for the ambassador's command line.
+    pub fn service_url(&self, name_and_query: &str) -> String {
+        format!("consul-service://{}/{name_and_query}", self.addr)
+    }
+
     fn catalog(&self, write: CatalogWrite, body: serde_json::Value) -> u64 {
         self.change(|s| s.catalog_write(write, &body))
             .unwrap_or_else(|Refused(why)| panic!("the emulator refused {body}: {why}"))
