@@ -4,23 +4,37 @@
 //! message read in a container log points straight at the typo.
 //!
 //! ```text
-//! spec    = static | srv | kv | docker
+//! spec    = static | srv | kv | service | docker
 //! static  = hostport *( "," hostport )    ; listens on the first port
 //! srv     = dns-name                      ; SRV records; listens on 10000
-//! kv      = ("etcd" | "consul") "://" host [":" port] path    ; listens on 10000
+//! kv      = ("etcd" | "consul") "://" server path    ; listens on 10000
+//! service = "consul-service://" server "/" name [ "?" query ]  ; listens on 10000
+//! query   = param [ "&" param ]           ; each key at most once, in any order
+//! param   = "tag=" tag | "dc=" dc
 //! docker  = "docker://" (name | "label=" key ["=" value]) ":" port  ; listens on port
+//! server  = host [":" port] | "[" ipv6 "]" [":" port]
 //! hostport= host ":" port | "[" ipv6 "]" ":" port
 //! host    = ipv4 | dns-name               ; letters, digits, '-', '_' and dots
 //! port    = 1..65535
 //! path    = "/" key                       ; etcd default port 2379, consul 8500
+//! name    = 1*( ALPHA / DIGIT / "-" / "_" / "." )   ; a Consul service name
+//! dc      = 1*( ALPHA / DIGIT / "-" / "_" / "." )   ; a Consul datacenter
+//! tag     = 1*( ALPHA / DIGIT / "-" / "_" / "." / ":" )
 //! ```
+//!
+//! A `consul-service://` spec is written without percent-encoding: its name, tag and
+//! datacenter are limited to the characters above, so what is written is what Consul
+//! is asked for. A tag with other characters (a space, '=', '/') cannot be selected; a
+//! query key other than `tag` and `dc`, a key given twice, an empty value or a '#' is
+//! refused at parse time. It is shown with `tag` before `dc`.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::logsafe::outside;
 
-/// The port standard mode listens on for discovered (SRV, etcd, Consul) backends.
+/// The port standard mode listens on for discovered (SRV, etcd, Consul KV and catalog)
+/// backends.
 pub const DISCOVERY_LISTEN_PORT: u16 = 10000;
 pub const ETCD_DEFAULT_PORT: u16 = 2379;
 pub const CONSUL_DEFAULT_PORT: u16 = 8500;
@@ -36,6 +50,8 @@ pub enum Spec {
     Etcd(KvSpec),
     /// Backends from Consul's KV store.
     Consul(KvSpec),
+    /// The instances of a service in Consul's catalog whose checks all pass.
+    ConsulService(ServiceSpec),
     /// Running Docker containers, by name or by label, followed through the engine's
     /// events.
     Docker(DockerSpec),
@@ -66,6 +82,17 @@ pub struct KvSpec {
     /// The key as written after the server, with its leading '/' and without a
     /// trailing one (e.g. `/path/to/backend/nodes`).
     pub path: String,
+}
+
+/// `consul-service://HOST[:PORT]/NAME[?tag=TAG][&dc=DC]`: the passing instances of the
+/// Consul service `name`, only those carrying `tag` if given, in datacenter `dc` if given
+/// (else the agent's own).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServiceSpec {
+    pub server: HostPort,
+    pub name: String,
+    pub tag: Option<String>,
+    pub dc: Option<String>,
 }
 
 /// A host (IP literal or DNS name) and a port.
@@ -106,10 +133,15 @@ impl Spec {
             let (make, default_port): (fn(KvSpec) -> Spec, u16) = match scheme {
                 "etcd" => (Spec::Etcd, ETCD_DEFAULT_PORT),
                 "consul" => (Spec::Consul, CONSUL_DEFAULT_PORT),
+                "consul-service" => {
+                    return ServiceSpec::parse(rest)
+                        .map(Spec::ConsulService)
+                        .map_err(fail);
+                }
                 "docker" => return DockerSpec::parse(rest).map(Spec::Docker).map_err(fail),
                 _ => {
                     return Err(fail(format!(
-                        "unsupported scheme '{scheme}://' (use etcd://, consul:// or docker://, or HOST:PORT)"
+                        "unsupported scheme '{scheme}://' (use etcd://, consul://, consul-service:// or docker://, or HOST:PORT)"
                     )));
                 }
             };
@@ -144,7 +176,9 @@ impl Spec {
         match self {
             Spec::Static(list) => list[0].port,
             Spec::Docker(d) => d.port,
-            Spec::Srv(_) | Spec::Etcd(_) | Spec::Consul(_) => DISCOVERY_LISTEN_PORT,
+            Spec::Srv(_) | Spec::Etcd(_) | Spec::Consul(_) | Spec::ConsulService(_) => {
+                DISCOVERY_LISTEN_PORT
+            }
         }
     }
 
@@ -156,6 +190,7 @@ impl Spec {
             Spec::Srv(_) => "dns-srv",
             Spec::Etcd(_) => "etcd",
             Spec::Consul(_) => "consul",
+            Spec::ConsulService(_) => "consul-service",
             Spec::Docker(_) => "docker",
         }
     }
@@ -176,8 +211,108 @@ impl fmt::Display for Spec {
             Spec::Srv(name) => f.write_str(name),
             Spec::Etcd(kv) => write!(f, "etcd://{}{}", kv.server, kv.path),
             Spec::Consul(kv) => write!(f, "consul://{}{}", kv.server, kv.path),
+            Spec::ConsulService(s) => write!(f, "consul-service://{s}"),
             Spec::Docker(d) => write!(f, "docker://{d}"),
         }
+    }
+}
+
+impl ServiceSpec {
+    /// Parses what follows `consul-service://`: `HOST[:PORT]/NAME[?tag=TAG][&dc=DC]`.
+    fn parse(rest: &str) -> Result<ServiceSpec, String> {
+        const FORM: &str = "consul-service://HOST[:PORT]/NAME[?tag=TAG][&dc=DC]";
+        if let Some(c) = rest.chars().find(|c| *c == '#' || c.is_whitespace()) {
+            return Err(format!("contains {c:?} ({FORM})"));
+        }
+        let Some((server, target)) = rest.split_once('/') else {
+            return Err(format!("missing '/NAME' after the server ({FORM})"));
+        };
+        if server.is_empty() {
+            return Err(format!(
+                "missing the server before the service name ({FORM})"
+            ));
+        }
+        let server = parse_server(server, CONSUL_DEFAULT_PORT)?;
+        let (name, query) = match target.split_once('?') {
+            Some((name, query)) => (name, Some(query)),
+            None => (target, None),
+        };
+        if name.is_empty() {
+            return Err(format!("the service name is empty ({FORM})"));
+        }
+        if let Some(c) = name.chars().find(|c| !is_name_char(*c)) {
+            return Err(format!(
+                "service name '{name}' contains {c:?} (Consul service names here use letters, digits, '-', '_' and '.')"
+            ));
+        }
+        let (mut tag, mut dc) = (None, None);
+        if let Some(query) = query {
+            if query.is_empty() {
+                return Err(format!("nothing after '?' ({FORM})"));
+            }
+            for param in query.split('&') {
+                let Some((key, value)) = param.split_once('=') else {
+                    return Err(match param {
+                        "" => format!("an empty parameter in '?{query}'"),
+                        _ => format!("query parameter '{param}' has no '=VALUE'"),
+                    });
+                };
+                let (slot, allowed): (&mut Option<String>, fn(char) -> bool) = match key {
+                    "tag" => (&mut tag, is_tag_char),
+                    "dc" => (&mut dc, is_name_char),
+                    _ => {
+                        return Err(format!(
+                            "unknown query parameter '{key}' (only tag and dc are understood)"
+                        ));
+                    }
+                };
+                if slot.is_some() {
+                    return Err(format!("'{key}' is given twice"));
+                }
+                if value.is_empty() {
+                    return Err(format!("'{key}=' has an empty value"));
+                }
+                if let Some(c) = value.chars().find(|c| !allowed(*c)) {
+                    let chars = match key {
+                        "tag" => "letters, digits, '-', '_', '.' and ':'",
+                        _ => "letters, digits, '-', '_' and '.'",
+                    };
+                    return Err(format!("{key} '{value}' contains {c:?} (use {chars})"));
+                }
+                *slot = Some(value.to_string());
+            }
+        }
+        Ok(ServiceSpec {
+            server,
+            name: name.to_string(),
+            tag,
+            dc,
+        })
+    }
+}
+
+/// A character of a service or datacenter name in a `consul-service://` spec.
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// A character of a tag in a `consul-service://` spec: a name's, and ':' (as in
+/// `env:prod`).
+fn is_tag_char(c: char) -> bool {
+    is_name_char(c) || c == ':'
+}
+
+impl fmt::Display for ServiceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.server, self.name)?;
+        let mut sep = '?';
+        for (key, value) in [("tag", &self.tag), ("dc", &self.dc)] {
+            if let Some(value) = value {
+                write!(f, "{sep}{key}={value}")?;
+                sep = '&';
+            }
+        }
+        Ok(())
     }
 }
 
@@ -274,25 +409,29 @@ impl KvSpec {
         if path.is_empty() {
             return Err("the key path is empty".into());
         }
-        let server = if server.ends_with(']') || !server.contains(':') {
-            let host = match server.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
-                Some(v6) => Host::Ip(IpAddr::V6(
-                    v6.parse()
-                        .map_err(|_| format!("'{v6}' is not an IPv6 address"))?,
-                )),
-                None => parse_host(server)?,
-            };
-            HostPort {
-                host,
-                port: default_port,
-            }
-        } else {
-            HostPort::parse(server)?
-        };
         Ok(KvSpec {
-            server,
+            server: parse_server(server, default_port)?,
             path: path.to_string(),
         })
+    }
+}
+
+/// A store's `HOST[:PORT]` or `[IPV6][:PORT]`, with `default_port` when none is given.
+fn parse_server(server: &str, default_port: u16) -> Result<HostPort, String> {
+    if server.ends_with(']') || !server.contains(':') {
+        let host = match server.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+            Some(v6) => Host::Ip(IpAddr::V6(
+                v6.parse()
+                    .map_err(|_| format!("'{v6}' is not an IPv6 address"))?,
+            )),
+            None => parse_host(server)?,
+        };
+        Ok(HostPort {
+            host,
+            port: default_port,
+        })
+    } else {
+        HostPort::parse(server)
     }
 }
 
@@ -504,6 +643,102 @@ mod tests {
         }
     }
 
+    /// `consul-service://` names a service, optionally a tag and a datacenter (in either
+    /// order, each once); it listens on 10000 and is shown with the tag first.
+    #[test]
+    fn consul_service_specs() {
+        let svc = |server: &str, name: &str, tag: Option<&str>, dc: Option<&str>| {
+            Spec::ConsulService(ServiceSpec {
+                server: HostPort::parse(server).unwrap(),
+                name: name.into(),
+                tag: tag.map(Into::into),
+                dc: dc.map(Into::into),
+            })
+        };
+        let cases: &[(&str, Spec, &str)] = &[
+            (
+                "consul-service://127.0.0.1:8500/redis",
+                svc("127.0.0.1:8500", "redis", None, None),
+                "consul-service://127.0.0.1:8500/redis",
+            ),
+            (
+                "consul-service://consul/redis",
+                svc("consul:8500", "redis", None, None),
+                "consul-service://consul:8500/redis",
+            ),
+            (
+                "consul-service://[::1]/web_1.v2?tag=primary",
+                svc("[::1]:8500", "web_1.v2", Some("primary"), None),
+                "consul-service://[::1]:8500/web_1.v2?tag=primary",
+            ),
+            (
+                "consul-service://h:1/api?dc=eu-west_1",
+                svc("h:1", "api", None, Some("eu-west_1")),
+                "consul-service://h:1/api?dc=eu-west_1",
+            ),
+            (
+                "consul-service://h:1/api?dc=dc2&tag=env:prod",
+                svc("h:1", "api", Some("env:prod"), Some("dc2")),
+                "consul-service://h:1/api?tag=env:prod&dc=dc2",
+            ),
+        ];
+        for (input, want, shown) in cases {
+            let spec = Spec::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(&spec, want, "{input}");
+            assert_eq!(spec.to_string(), *shown, "{input}");
+            assert_eq!(Spec::parse(shown).as_ref(), Ok(want), "{shown} round trip");
+            assert_eq!(spec.default_listen_port(), DISCOVERY_LISTEN_PORT);
+            assert_eq!(spec.kind(), "consul-service");
+        }
+        // The KV form keeps its meaning next to it.
+        assert!(matches!(
+            Spec::parse("consul://127.0.0.1:8500/redis"),
+            Ok(Spec::Consul(_))
+        ));
+        for (input, want) in [
+            ("consul-service://h", "missing '/NAME' after the server"),
+            ("consul-service:///redis", "missing the server"),
+            ("consul-service://h/", "the service name is empty"),
+            ("consul-service://h/?tag=a", "the service name is empty"),
+            ("consul-service://h:x/redis", "port 'x' is not a number"),
+            ("consul-service://h:0/redis", "port 0"),
+            (
+                "consul-service://h/redis/x",
+                "service name 'redis/x' contains '/'",
+            ),
+            ("consul-service://h/re%64is", "contains '%'"),
+            ("consul-service://h/re dis", "contains ' '"),
+            ("consul-service://h/redis#frag", "contains '#'"),
+            ("consul-service://h/redis?", "nothing after '?'"),
+            ("consul-service://h/redis?tag=", "'tag=' has an empty value"),
+            ("consul-service://h/redis?dc=", "'dc=' has an empty value"),
+            ("consul-service://h/redis?tag", "'tag' has no '=VALUE'"),
+            (
+                "consul-service://h/redis?color=red",
+                "unknown query parameter 'color' (only tag and dc",
+            ),
+            (
+                "consul-service://h/redis?passing",
+                "'passing' has no '=VALUE'",
+            ),
+            (
+                "consul-service://h/redis?tag=a&tag=b",
+                "'tag' is given twice",
+            ),
+            ("consul-service://h/redis?dc=a&dc=a", "'dc' is given twice"),
+            ("consul-service://h/redis?tag=a&", "an empty parameter"),
+            ("consul-service://h/redis?tag=a&&dc=b", "an empty parameter"),
+            ("consul-service://h/redis?tag=a=b", "tag 'a=b' contains '='"),
+            ("consul-service://h/redis?tag=a/b", "tag 'a/b' contains '/'"),
+            ("consul-service://h/redis?dc=dc:2", "dc 'dc:2' contains ':'"),
+            ("consul-service://h/redis?tag=a?b", "contains '?'"),
+        ] {
+            let e = Spec::parse(input).expect_err(input).to_string();
+            assert!(e.starts_with(&format!("backend '{input}': ")), "{e}");
+            assert!(e.contains(want), "{input}: got {e:?}, want {want:?}");
+        }
+    }
+
     #[test]
     fn invalid_specs_name_the_value() {
         let cases: &[(&str, &str)] = &[
@@ -522,6 +757,10 @@ mod tests {
             ("consul://h:x/path", "port 'x' is not a number"),
             ("consul://h/p?recurse", "contains '?'"),
             ("zk://h:1/p", "unsupported scheme 'zk://'"),
+            (
+                "consul-svc://h/p",
+                "use etcd://, consul://, consul-service:// or docker://",
+            ),
             ("redis:", "backend 'redis:': the port is empty"),
             (
                 "redis:abc",
@@ -614,6 +853,7 @@ mod tests {
             "redis.service.consul",
             "etcd://127.0.0.1:2379/a/b",
             "consul://[::1]:8500/a",
+            "consul-service://[::1]:8500/redis?tag=v1&dc=dc2",
         ] {
             assert_eq!(Spec::parse(s).unwrap().to_string(), s);
         }

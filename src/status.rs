@@ -33,7 +33,8 @@ pub struct RouteStatus {
     pub listen: String,
     /// The backend spec, or the omni description.
     pub spec: String,
-    /// `static`, `srv`, `etcd`, `consul` or `omni`.
+    /// What serves the route: `Spec::kind` (`static`, `dns-srv`, `etcd`, `consul`,
+    /// `consul-service`, `docker`, ...) or `omni`.
     pub kind: &'static str,
     pub open_connections: u64,
     pub accepted: u64,

@@ -22,6 +22,7 @@ use super::types::{ConfigError, CopyMode, DEFAULT_ADMIN, LogFormat};
         ambassadord redis.service.consul                DNS SRV records (Consul's DNS); listens on 10000\n  \
         ambassadord etcd://127.0.0.1:2379/services/redis    the key's children (or value); listens on 10000\n  \
         ambassadord consul://127.0.0.1:8500/services/redis  the same from Consul KV\n  \
+        ambassadord consul-service://127.0.0.1:8500/redis?tag=primary\n                                                  the service's instances in Consul's catalog whose\n                                                  checks all pass (optional tag and dc); listens on 10000\n  \
         ambassadord docker://redis:6379                 the container named redis, followed through Docker's events\n  \
         ambassadord docker://label=app=web:80           every running container labelled app=web\n  \
         ambassadord --links                             one listener per Docker link port (docker run --link)\n  \
@@ -29,7 +30,7 @@ use super::types::{ConfigError, CopyMode, DEFAULT_ADMIN, LogFormat};
         ambassadord healthcheck                         exit 0 if the admin endpoint says ready (Docker HEALTHCHECK)"
 )]
 pub(super) struct Cli {
-    /// Where to forward: HOST:PORT[,HOST:PORT...], an SRV name, etcd://HOST:PORT/PATH, consul://HOST:PORT/PATH, docker://NAME:PORT or docker://label=KEY=VALUE:PORT
+    /// Where to forward: HOST:PORT[,HOST:PORT...], an SRV name, etcd://HOST:PORT/PATH, consul://HOST:PORT/PATH, consul-service://HOST:PORT/NAME[?tag=TAG][&dc=DC], docker://NAME:PORT or docker://label=KEY=VALUE:PORT
     #[arg(value_name = "BACKEND", env = "AMBASSADORD_BACKEND")]
     pub(super) backend: Option<String>,
 

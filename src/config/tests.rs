@@ -588,3 +588,39 @@ fn copy_modes_in_the_file_and_as_flags() {
         "invalid value 'zerocopy' for '--copy <MODE>' (see --help)"
     );
 }
+
+/// A `consul-service://` route in a config file is a Consul catalog route listening on
+/// 10000 unless told otherwise; a bad one is refused naming the file, route and value.
+#[test]
+fn config_file_consul_service_routes() {
+    let path = file(
+        "[[route]]\nbackend = \"consul-service://127.0.0.1:8500/redis?tag=primary\"\n\n\
+         [[route]]\nlisten = \"127.0.0.1:7001\"\nbackend = \"consul-service://consul/web?dc=dc2\"\n",
+    );
+    let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+    assert_eq!(c.routes.len(), 2);
+    assert_eq!(c.routes[0].listen.port, 10000);
+    let RouteTarget::Spec(Spec::ConsulService(svc)) = &c.routes[0].target else {
+        panic!("not a consul-service route: {:?}", c.routes[0].target)
+    };
+    assert_eq!(
+        (svc.name.as_str(), svc.tag.as_deref(), svc.dc.as_deref()),
+        ("redis", Some("primary"), None)
+    );
+    assert_eq!(svc.server.to_string(), "127.0.0.1:8500");
+    let RouteTarget::Spec(web) = &c.routes[1].target else {
+        panic!("not a spec route")
+    };
+    assert_eq!(web.to_string(), "consul-service://consul:8500/web?dc=dc2");
+    assert_eq!(c.routes[1].listen.port, 7001);
+
+    let bad = file("[[route]]\nbackend = \"consul-service://127.0.0.1/redis?tag=\"\n");
+    let err = parse(&["--config", bad.to_str().unwrap()]).unwrap_err();
+    assert!(
+        err.contains(bad.to_str().unwrap())
+            && err.contains(
+                "route 1: backend 'consul-service://127.0.0.1/redis?tag=': 'tag=' has an empty value"
+            ),
+        "{err}"
+    );
+}

@@ -114,14 +114,23 @@ pub fn backends_from_entries(path: &str, entries: &[KvEntry]) -> (BackendList, V
 }
 
 /// Remembers which bad entries were already reported, so each is warned about once
-/// while it stays bad rather than on every read.
-#[derive(Debug, Default)]
-pub struct BadEntryLog {
-    reported: Vec<BadEntry>,
+/// while it stays bad rather than on every read. `T` is what a source skips: a KV
+/// store's [`BadEntry`], or a Consul catalog instance.
+#[derive(Debug)]
+pub struct BadEntryLog<T = BadEntry> {
+    reported: Vec<T>,
 }
 
-impl BadEntryLog {
-    pub fn report(&mut self, source: &str, mut bad: Vec<BadEntry>) {
+impl<T> Default for BadEntryLog<T> {
+    fn default() -> Self {
+        BadEntryLog {
+            reported: Vec::new(),
+        }
+    }
+}
+
+impl<T: Ord + fmt::Display> BadEntryLog<T> {
+    pub fn report(&mut self, source: &str, mut bad: Vec<T>) {
         bad.sort();
         for entry in &bad {
             if !self.reported.contains(entry) {

@@ -52,7 +52,7 @@ impl Endpoints {
 
 /// A source failed to read its backends. Every message names what was asked and of
 /// whom: a store's errors start with where (`etcd HOST:PORT: reading 'PATH'`, `consul
-/// HOST:PORT key 'KEY'`), then say what went wrong.
+/// HOST:PORT key 'KEY'`, `consul HOST:PORT service 'NAME'`), then say what went wrong.
 ///
 /// Causes are part of each message, so none is also a `source()`: a chain printed in
 /// full would say them twice.
@@ -245,7 +245,8 @@ pub struct Discovery {
     /// The runtime sources run on: the one that built this (the control runtime), also
     /// for a source started from a connection's task on a data thread (omni mode).
     runtime: Option<tokio::runtime::Handle>,
-    /// CONSUL_HTTP_TOKEN, as config read it, for every consul:// source.
+    /// CONSUL_HTTP_TOKEN, as config read it, for every consul:// and consul-service://
+    /// source.
     consul_token: Option<crate::config::Secret>,
     /// Where each source's reads and errors are counted.
     metrics: Arc<Metrics>,
@@ -319,6 +320,12 @@ impl Discovery {
             Spec::Consul(kv) => {
                 let token = self.consul_token.as_ref().map(|t| t.expose().to_string());
                 let store = consul::ConsulSource::new(kv.clone(), token, self.resolver());
+                let lists = drive.spawn(name.clone(), store);
+                drive.spawn(name, kv::Resolving::new(lists, self.resolver()))
+            }
+            Spec::ConsulService(service) => {
+                let token = self.consul_token.as_ref().map(|t| t.expose().to_string());
+                let store = consul::ConsulSource::service(service.clone(), token, self.resolver());
                 let lists = drive.spawn(name.clone(), store);
                 drive.spawn(name, kv::Resolving::new(lists, self.resolver()))
             }

@@ -48,6 +48,43 @@ fn malformed_backends_exit_64_naming_the_value() {
     }
 }
 
+/// A `consul-service://` spec whose query Consul would not be asked (an empty tag, a
+/// key other than tag and dc, a key twice, a '#') is bad usage at start, named in one
+/// line, before anything listens.
+#[test]
+fn consul_service_bad_query_exits_64_naming_the_spec() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "consul-service://127.0.0.1:8500/redis?tag=",
+            "backend 'consul-service://127.0.0.1:8500/redis?tag=': 'tag=' has an empty value",
+        ),
+        (
+            "consul-service://127.0.0.1:8500/redis?color=red",
+            "backend 'consul-service://127.0.0.1:8500/redis?color=red': unknown query parameter 'color' (only tag and dc are understood)",
+        ),
+        (
+            "consul-service://127.0.0.1:8500/redis?dc=a&dc=b",
+            "'dc' is given twice",
+        ),
+        (
+            "consul-service://127.0.0.1:8500/redis#x",
+            "backend 'consul-service://127.0.0.1:8500/redis#x': contains '#'",
+        ),
+        (
+            "consul-service://127.0.0.1:8500/",
+            "the service name is empty",
+        ),
+    ];
+    for (spec, needle) in cases {
+        assert_rejected(
+            &["--bind", "127.0.0.1", "--port", "0", spec],
+            &[],
+            64,
+            needle,
+        );
+    }
+}
+
 #[test]
 fn backend_from_the_environment_is_named_as_such() {
     assert_rejected(

@@ -9,10 +9,11 @@ use std::process::Command;
 use crate::support::etcd::{Etcd, free_port};
 use crate::support::netns::Netns;
 use crate::support::{
-    Ambassador, Backend, admin, eventually, field, integrity_exchange, run_to_exit,
+    Ambassador, admin, attach, eventually, field, finish, greeting, integrity_exchange,
+    run_to_exit, tagged_echo,
 };
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// The address the route forwarding to `backend` listens on, from its log line.
 fn listen_of(amb: &Ambassador, backend: &str) -> SocketAddr {
@@ -23,54 +24,6 @@ fn listen_of(amb: &Ambassador, backend: &str) -> SocketAddr {
         .and_then(|l| field(l, "listen"))
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("no listening line for {backend}: {:#?}", amb.log()))
-}
-
-/// A backend that greets each connection with `name\n`, then echoes until EOF: a
-/// connection that stays open tells which backend it is still attached to.
-async fn tagged_echo(name: &'static str) -> Backend {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                if s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
-                    return;
-                }
-                let (mut rd, mut wr) = s.split();
-                let _ = tokio::io::copy(&mut rd, &mut wr).await;
-                let _ = wr.shutdown().await;
-            });
-        }
-    });
-    Backend::from_task(addr, task)
-}
-
-/// A client connection that has read the backend's greeting.
-async fn attach(proxy: SocketAddr) -> std::io::Result<(String, BufReader<TcpStream>)> {
-    let s = TcpStream::connect(proxy).await?;
-    let mut s = BufReader::new(s);
-    let mut greeting = String::new();
-    s.read_line(&mut greeting).await?;
-    Ok((greeting.trim().to_string(), s))
-}
-
-/// Which backend a fresh connection to `proxy` reaches (None if refused or cut).
-async fn greeting(proxy: SocketAddr) -> Option<String> {
-    let (name, _) = attach(proxy).await.ok()?;
-    (!name.is_empty()).then_some(name)
-}
-
-/// Sends `text` on an attached connection and reads it back, then half-closes and
-/// waits for the backend's EOF: the transfer completes.
-async fn finish(mut s: BufReader<TcpStream>, text: &str) -> String {
-    s.get_mut().write_all(text.as_bytes()).await.unwrap();
-    s.get_mut().shutdown().await.unwrap();
-    let mut rest = String::new();
-    s.read_to_string(&mut rest).await.unwrap();
-    rest
 }
 
 fn temp_file(name: &str) -> PathBuf {

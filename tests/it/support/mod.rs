@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
@@ -392,6 +392,56 @@ pub async fn named_backend(bind: &str, name: &'static str) -> Backend {
         while matches!(s.read(&mut sink).await, Ok(n) if n > 0) {}
     })
     .await
+}
+
+/// A backend that greets each connection with `name\n`, then echoes until EOF: a
+/// connection that stays open tells which backend it is still attached to.
+pub async fn tagged_echo(name: &'static str) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                if s.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+                    return;
+                }
+                let (mut rd, mut wr) = s.split();
+                let _ = tokio::io::copy(&mut rd, &mut wr).await;
+                let _ = wr.shutdown().await;
+            });
+        }
+    });
+    Backend::from_task(addr, task)
+}
+
+/// A client connection that has read the backend's greeting.
+pub async fn attach(
+    proxy: SocketAddr,
+) -> std::io::Result<(String, tokio::io::BufReader<TcpStream>)> {
+    let s = TcpStream::connect(proxy).await?;
+    let mut s = tokio::io::BufReader::new(s);
+    let mut greeting = String::new();
+    s.read_line(&mut greeting).await?;
+    Ok((greeting.trim().to_string(), s))
+}
+
+/// Which backend a fresh connection to `proxy` reaches (None if refused or cut).
+pub async fn greeting(proxy: SocketAddr) -> Option<String> {
+    let (name, _) = attach(proxy).await.ok()?;
+    (!name.is_empty()).then_some(name)
+}
+
+/// Sends `text` on an attached connection and reads it back, then half-closes and
+/// waits for the backend's EOF: the transfer completes.
+pub async fn finish(mut s: tokio::io::BufReader<TcpStream>, text: &str) -> String {
+    s.get_mut().write_all(text.as_bytes()).await.unwrap();
+    s.get_mut().shutdown().await.unwrap();
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).await.unwrap();
+    rest
 }
 
 /// The integrity backend: for each connection it sends `pattern(seed, len)` (seed and
