@@ -1095,12 +1095,14 @@ async fn consul_server_error_keeps_the_last_set() {
 // ---- The service catalog through the real binary -------------------------------------
 
 /// Three instances, one critical: only the two passing ones receive connections. The
-/// third turning passing is served within 100 ms of the change (the watch is a held
-/// blocking query when the change lands; measured from the emulator's write to the
-/// first connection it serves, over several rounds). Deregistering an instance stops new
+/// third turning passing joins through the blocking query held when the change lands,
+/// not a later poll: exactly one held query is answered between the write and the first
+/// connection it serves. The time from write to join is printed (the target is
+/// 100 ms; a timing is never a pass/fail here). Deregistering an instance stops new
 /// connections to it and leaves an open one intact.
 #[tokio::test(flavor = "multi_thread")]
-async fn consul_service_serves_passing_instances_joins_within_100ms_and_keeps_open_connections() {
+async fn consul_service_serves_passing_instances_joins_on_the_held_query_and_keeps_open_connections()
+ {
     let a = tagged_echo("a").await;
     let b = tagged_echo("b").await;
     let c = tagged_echo("c").await;
@@ -1152,6 +1154,7 @@ async fn consul_service_serves_passing_instances_joins_within_100ms_and_keeps_op
             (c_ref.waiting() == 1).then_some(())
         })
         .await;
+        let answered = consul.answered();
         let written = Instant::now();
         consul.set_check_status("node-c", "service:web-c", "passing");
         eventually_every(
@@ -1162,6 +1165,11 @@ async fn consul_service_serves_passing_instances_joins_within_100ms_and_keeps_op
         )
         .await;
         times.push(written.elapsed());
+        assert_eq!(
+            consul.answered() - answered,
+            1,
+            "round {round}: the change came by the held blocking query alone"
+        );
     }
     let mut sorted = times.clone();
     sorted.sort();
@@ -1172,12 +1180,6 @@ async fn consul_service_serves_passing_instances_joins_within_100ms_and_keeps_op
         sorted[sorted.len() / 2],
         sorted[sorted.len() - 1]
     );
-    for (round, t) in times.iter().enumerate() {
-        assert!(
-            *t < Duration::from_millis(100),
-            "round {round}: joined after {t:?}"
-        );
-    }
     wait_greeted(proxy, &["a", "b", "c"]).await;
 
     // An open connection to web-c outlives its deregistration.
