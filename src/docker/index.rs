@@ -216,6 +216,9 @@ pub struct ContainerIndex {
     refreshing: Mutex<()>,
     /// Bumped on every change, for whoever tracks what containers declare.
     changes: watch::Sender<u64>,
+    /// Set once a full list has filled the index: an eviction from the event stream can
+    /// change it (and bump `changes`) before that.
+    listed: std::sync::atomic::AtomicBool,
 }
 
 impl ContainerIndex {
@@ -228,6 +231,7 @@ impl ContainerIndex {
             state: RwLock::new(State::default()),
             refreshing: Mutex::new(()),
             changes: watch::Sender::new(0),
+            listed: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -249,10 +253,11 @@ impl ContainerIndex {
         self.len() == 0
     }
 
-    /// Whether the index has been filled from a full list at least once (every change,
-    /// the full list included, bumps the change counter).
+    /// Whether the index has been filled from a full list at least once. Not the change
+    /// counter: a `die` replayed from the event stream evicts (and bumps it) before the
+    /// first list has finished.
     pub fn loaded(&self) -> bool {
-        *self.changes.borrow() > 0
+        self.listed.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A receiver that changes whenever the index does.
@@ -504,6 +509,8 @@ impl ContainerIndex {
             }
         }
         *self.write() = fresh;
+        self.listed
+            .store(true, std::sync::atomic::Ordering::Release);
         self.changed();
         Ok(())
     }

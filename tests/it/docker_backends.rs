@@ -50,7 +50,10 @@ fn ip_on(engine: &Engine, c: &Container, network: &str) -> String {
     engine.docker_ok(&["inspect", "--format", &format, &c.name])
 }
 
-/// `docker://NAME:80` serves the named container. Stopped, it is taken out of the set as
+/// `docker://NAME:80` serves the named container, in the very first set even when a
+/// container died just before the ambassador started (its `die`, replayed from the
+/// event stream, must not make the index count as listed before it is). Stopped, it is
+/// taken out of the set as
 /// its `die` event arrives (connections are refused, not sent to a dead address);
 /// started again with another address (a second container took the old one meanwhile),
 /// the new address is served as soon as its httpd answers, with no polling interval in
@@ -61,6 +64,8 @@ fn a_named_container_is_followed_through_a_restart_that_changes_its_address() {
     let net = Network::create(engine);
     let web = backend(engine, "web", "one", &["--net", &net.name]);
     let before = ip_on(engine, &web, &net.name);
+    let gone = engine.container("gone", &[engine.busybox_image(), "sleep", "600"]);
+    engine.docker_ok(&["stop", "-t", "0", &gone.name]);
     let mut amb = ambassador(engine, &format!("docker://{}:80", web.name));
     wait_until(
         DEADLINE,
