@@ -142,7 +142,7 @@ async fn serve(
 ) {
     let start = Instant::now();
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
-    let _ = client.set_nodelay(true);
+    // TCP_NODELAY: inherited from the listener (src/proxy/listen.rs).
     let metrics = &route.metrics;
     // Taken once: a reload that changes the route affects only later connections.
     let active = route.active();
@@ -232,6 +232,31 @@ async fn serve(
     }
 }
 
+/// A non-blocking connect to `addr` with TCP_NODELAY set before it. Success is read from
+/// the readiness the connect's completion brings: writable without an error means
+/// connected, so the socket's error is fetched (one getsockopt) only when it failed.
+async fn connect_to(addr: SocketAddr) -> io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), None)?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    let ready = stream.ready(tokio::io::Interest::WRITABLE).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::Error::from(io::ErrorKind::ConnectionRefused)));
+    }
+    Ok(stream)
+}
+
+/// EINPROGRESS: a non-blocking connect under way.
+const EINPROGRESS: i32 = 115;
+
 /// Connects to the first endpoint in the balancer's order that accepts, trying each
 /// once. The error says why none could be used; each failure is counted by its reason.
 async fn connect(
@@ -248,10 +273,9 @@ async fn connect(
         })?;
     let mut failures = Vec::with_capacity(plan.len());
     for endpoint in plan.iter() {
-        match timeout(settings.connect_timeout, TcpStream::connect(endpoint.addr)).await {
+        match timeout(settings.connect_timeout, connect_to(endpoint.addr)).await {
             Ok(Ok(stream)) => {
                 balancer.connect_succeeded(endpoint.addr);
-                let _ = stream.set_nodelay(true);
                 return Ok((stream, endpoint.clone()));
             }
             Ok(Err(error)) if is_local_resource(&error) => {

@@ -76,6 +76,9 @@ fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
         socket.set_only_v6(false)?;
     }
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit it from the listener: one setsockopt per listener instead
+    // of one per connection.
+    socket.set_tcp_nodelay(true)?;
     Ok(socket)
 }
 
@@ -107,5 +110,22 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
         let err = std::net::TcpListener::bind(addrs[0]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::AddrInUse, "{err}");
+    }
+
+    /// TCP_NODELAY set on the listener is inherited by every accepted socket (so the
+    /// forwarder need not set it per connection), for IPv4 and dual-stack IPv6.
+    #[test]
+    fn accepted_sockets_inherit_nodelay() {
+        for ip in [
+            IpAddr::from(Ipv4Addr::LOCALHOST),
+            IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED),
+        ] {
+            let listener = bind_group(Some(ip), 0, 1).unwrap().remove(0);
+            listener.set_nonblocking(false).unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let _client = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
+            let (accepted, _) = listener.accept().unwrap();
+            assert!(accepted.nodelay().unwrap(), "{ip}");
+        }
     }
 }

@@ -3,7 +3,9 @@
 //! the bytes moved so far.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use socket2::SockRef;
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::Interest;
@@ -13,6 +15,23 @@ use tokio::net::TcpStream;
 /// series), so a long transfer shows in /metrics and /routes while it runs, not only
 /// once it closes.
 pub type Live<'a> = Option<&'a Counter>;
+
+/// Passes a direction's EOF on to `to`: shuts down writing on it, unless the other
+/// direction has already ended. Then the connection is about to close, and close(2)
+/// sends the same FIN: `to` has nothing unread, the other direction having read it to
+/// its EOF. `ends` counts the directions that reached EOF; one shutdown per connection
+/// is saved in the usual case.
+pub(super) fn pass_eof(to: &TcpStream, ends: &AtomicU8) -> Result<(), Fault> {
+    if ends.fetch_add(1, Ordering::Relaxed) >= 1 {
+        return Ok(());
+    }
+    match SockRef::from(to).shutdown(std::net::Shutdown::Write) {
+        Ok(()) => Ok(()),
+        // The other side already went away entirely; nothing left to tell it.
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        Err(e) => Err(Fault::To(e)),
+    }
+}
 
 /// Which side an I/O error happened on.
 pub(super) enum Fault {

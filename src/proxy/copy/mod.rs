@@ -34,7 +34,7 @@ use direction::{Fault, Tally};
 use std::fmt;
 use std::io;
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -128,15 +128,26 @@ pub async fn pipe_with(
     let received = Tally::new(live.1);
     // Milliseconds since `start` of the last byte moved either way.
     let last_activity = AtomicU64::new(0);
+    // Directions that reached EOF: the second need not shut down (see `pass_eof`).
+    let ends = AtomicU8::new(0);
 
-    let mut up = pin!(one_way(mode, client, backend, &sent, &last_activity, start));
+    let mut up = pin!(one_way(
+        mode,
+        client,
+        backend,
+        &sent,
+        &last_activity,
+        start,
+        &ends
+    ));
     let mut down = pin!(one_way(
         mode,
         backend,
         client,
         &received,
         &last_activity,
-        start
+        start,
+        &ends
     ));
     let (mut up_done, mut down_done) = (false, false);
     let mut first_eof = None;
@@ -190,13 +201,14 @@ async fn one_way(
     count: &Tally<'_>,
     last_activity: &AtomicU64,
     start: Instant,
+    ends: &AtomicU8,
 ) -> Result<(), Fault> {
     #[cfg(target_os = "linux")]
     {
         let upgrade = match mode {
             CopyMode::Userspace => false,
             CopyMode::Auto => {
-                match plain::one_way(from, to, count, last_activity, start, true).await? {
+                match plain::one_way(from, to, count, last_activity, start, true, ends).await? {
                     plain::Flow::Ended => return Ok(()),
                     plain::Flow::Bulk => true,
                 }
@@ -204,7 +216,7 @@ async fn one_way(
             CopyMode::Splice => true,
         };
         if upgrade {
-            match splice::one_way(from, to, count, last_activity, start).await {
+            match splice::one_way(from, to, count, last_activity, start, ends).await {
                 splice::Spliced::Done(r) => return r,
                 // Nothing is in flight: the plain copy takes over where splice stopped.
                 splice::Spliced::Unsupported => {}
@@ -213,7 +225,7 @@ async fn one_way(
     }
     #[cfg(not(target_os = "linux"))]
     let _ = mode;
-    plain::one_way(from, to, count, last_activity, start, false)
+    plain::one_way(from, to, count, last_activity, start, false, ends)
         .await
         .map(|_| ())
 }

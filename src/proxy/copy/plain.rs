@@ -2,15 +2,13 @@
 //! the fallback wherever splice is refused.
 
 use std::io;
-use std::net::Shutdown;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
-use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::direction::{Fault, Tally, writable};
+use super::direction::{Fault, Tally, pass_eof, writable};
 
 const BUF_SIZE: usize = 64 * 1024;
 
@@ -31,6 +29,7 @@ pub(super) async fn one_way(
     last_activity: &AtomicU64,
     start: Instant,
     stop_on_bulk: bool,
+    ends: &AtomicU8,
 ) -> Result<Flow, Fault> {
     let mut buf: Vec<u8> = Vec::new();
     loop {
@@ -61,12 +60,7 @@ pub(super) async fn one_way(
         match read {
             Ok(0) => {
                 // Half-close: pass the EOF on and let the other direction run on.
-                return match SockRef::from(to).shutdown(Shutdown::Write) {
-                    Ok(()) => Ok(Flow::Ended),
-                    // The other side already went away entirely; nothing left to tell it.
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(Flow::Ended),
-                    Err(e) => Err(Fault::To(e)),
-                };
+                return pass_eof(to, ends).map(|()| Flow::Ended);
             }
             Ok(n) => {
                 write_all(from, to, &buf[..n]).await?;

@@ -12,19 +12,17 @@
 //! Safe wrappers from `nix` do the system calls, so the crate stays free of unsafe code.
 
 use std::io;
-use std::net::Shutdown;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 
 use nix::errno::Errno;
 use nix::fcntl::{OFlag, SpliceFFlags, splice};
-use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::direction::{Fault, Tally, writable};
+use super::direction::{Fault, Tally, pass_eof, writable};
 
 /// The most a single splice moves; a default pipe holds 16 pages (64 KiB).
 const CHUNK: usize = 64 * 1024;
@@ -117,6 +115,7 @@ pub(super) async fn one_way(
     count: &Tally<'_>,
     last_activity: &AtomicU64,
     start: Instant,
+    ends: &AtomicU8,
 ) -> Spliced {
     let mut pipe: Option<Pipe> = None;
     loop {
@@ -146,11 +145,7 @@ pub(super) async fn one_way(
         match read {
             Ok(0) => {
                 // Half-close: pass the EOF on and let the other direction run on.
-                return Spliced::Done(match SockRef::from(to).shutdown(Shutdown::Write) {
-                    Ok(()) => Ok(()),
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-                    Err(e) => Err(Fault::To(e)),
-                });
+                return Spliced::Done(pass_eof(to, ends));
             }
             Ok(n) => {
                 p.held = n;
