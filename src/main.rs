@@ -23,7 +23,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    init_logging(command.log());
+    // Held to the end of main: dropping it writes out every line still queued.
+    *LOG_WRITER.lock().unwrap_or_else(|p| p.into_inner()) = Some(init_logging(command.log()));
+    let _flush = FlushLog;
 
     let config = match command {
         Command::Serve(config) => config,
@@ -99,19 +101,51 @@ fn exit_after(outcome: Result<(), impl std::fmt::Display>) -> ExitCode {
     }
 }
 
-fn init_logging(log: &LogConfig) {
+/// Logging to stderr through one writer thread: a connection's task formats its line
+/// and queues it, and never waits on stderr (a full pipe to `docker logs` stalls the
+/// writer, not forwarding). Up to [`LOG_QUEUE`] lines wait; beyond that new lines are
+/// dropped rather than blocking the data path. The returned guard writes out what is
+/// queued when it drops, at the end of `main`, so a clean shutdown loses no line.
+fn init_logging(log: &LogConfig) -> tracing_appender::non_blocking::WorkerGuard {
     // Config checked --log-level; a bad RUST_LOG falls back to info.
     let filter = match &log.filter {
         Some(f) => EnvFilter::try_new(f).unwrap_or_else(|_| EnvFilter::new("info")),
         None => EnvFilter::new("info"),
     };
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_QUEUE)
+        .lossy(true)
+        .thread_name("ambassadord-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match log.format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+    guard
+}
+
+/// Log lines that may wait for the writer thread (about 20 MB at 200 bytes a line).
+const LOG_QUEUE: usize = 100_000;
+
+/// The log writer's guard: dropped (every queued line written) when `main` returns, or
+/// just before an immediate exit.
+static LOG_WRITER: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
+    std::sync::Mutex::new(None);
+
+/// Writes out the queued log lines when `main` ends, however it returns.
+struct FlushLog;
+
+impl Drop for FlushLog {
+    fn drop(&mut self) {
+        flush_log();
+    }
+}
+
+fn flush_log() {
+    drop(LOG_WRITER.lock().unwrap_or_else(|p| p.into_inner()).take());
 }
 
 /// On every SIGHUP, reads the command line, environment and --config file again and
@@ -164,6 +198,7 @@ async fn shutdown_signal() {
             _ = int.recv() => {},
         }
         warn!("second signal: exiting now");
+        flush_log();
         std::process::exit(1);
     });
 }

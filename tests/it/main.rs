@@ -18,6 +18,7 @@ mod docker_omni;
 mod docker_redirect;
 mod faults;
 mod health_checks;
+mod logging;
 mod netfilter;
 mod operations;
 mod shutdown;
