@@ -127,8 +127,10 @@ fn init_logging(log: &LogConfig) -> tracing_appender::non_blocking::WorkerGuard 
     guard
 }
 
-/// Log lines that may wait for the writer thread (about 20 MB at 200 bytes a line).
-const LOG_QUEUE: usize = 100_000;
+/// Log lines that may wait for the writer thread. The queue is allocated up front (about
+/// 32 bytes a slot, the lines themselves apart), so it stays small: 8,192 lines absorb a
+/// burst while stderr is slow, and cost about 260 KiB of the idle process.
+const LOG_QUEUE: usize = 8_192;
 
 /// The log writer's guard: dropped (every queued line written) when `main` returns, or
 /// just before an immediate exit.
