@@ -80,7 +80,12 @@ pub async fn run_with_reloads(
     if let Some(ids) = run_as {
         match privilege::run_as(ids, docker_socket.as_deref()) {
             Ok(privilege::Outcome::Switched { uid, gid, groups }) => {
-                info!(uid, gid, groups = ?groups, "switched to an unprivileged user (--run-as)")
+                info!(uid, gid, groups = ?groups, "switched to an unprivileged user (--run-as)");
+                if groups.contains(&0) {
+                    warn!(
+                        "--run-as: kept group 0 (root), the Docker socket's group, to reopen the socket: files of group root stay readable and writable; give the socket a group of its own (docker)"
+                    );
+                }
             }
             Ok(privilege::Outcome::NotRoot | privilege::Outcome::StayRoot) => {}
             Err(e) => warn!("{e}"),

@@ -38,6 +38,9 @@ const PROBE_WHILE_IN_PLACE: Duration = Duration::from_secs(10);
 enum Attempt {
     Installed,
     NotInContainer,
+    /// A link only a host's namespace has (a Docker bridge, a veth end): a container
+    /// run with `--network host`.
+    HostNamespace(String),
     OthersListen(Vec<u16>),
     Failed(NetfilterError),
 }
@@ -51,19 +54,22 @@ pub struct Redirect {
 
 impl Redirect {
     /// Installs the redirect where the ambassador may and watches it until `stop`.
-    /// `listen` is the omni listener's bound address; `ours` every port this process
-    /// listens on (its own listeners do not stop it installing).
+    /// `listen` is the omni listener's bound address; `ours` the omni and admin ports
+    /// (their listeners do not stop it installing); `routes` the ports the process's
+    /// other routes listen on beyond loopback, bound yet or not: the redirect would take
+    /// their connections, so they stop it as another service's listener would.
     pub fn start(
         plan: Plan,
         listen: SocketAddr,
         ours: Vec<u16>,
+        routes: Vec<u16>,
         stop: CancellationToken,
     ) -> std::sync::Arc<Redirect> {
         let redirect = std::sync::Arc::new(Redirect {
             plan,
             state: Mutex::new((RedirectState::Unknown, None)),
         });
-        let attempt = install(plan, &ours);
+        let attempt = install(plan, &ours, &routes);
         if let Attempt::Installed = attempt {
             match plan.keep {
                 Some(admin) => info!(
@@ -77,9 +83,11 @@ impl Redirect {
                 ),
             }
         }
-        // The probe reaches the listener at 127.0.0.1: one bound elsewhere cannot be
-        // probed, and its redirect stays unknown (and does not hold readiness back).
-        if listen.ip().is_unspecified() || listen.ip().is_loopback() {
+        // The probe reaches the listener at 127.0.0.1, as redirected incoming traffic
+        // reaches it at the interface's address: only a listener on every address
+        // gets both, so only one can be probed. Elsewhere the redirect stays unknown
+        // (and does not hold readiness back).
+        if listen.ip().is_unspecified() {
             tokio::spawn(watch(redirect.clone(), attempt, stop));
         }
         redirect
@@ -110,18 +118,43 @@ impl Redirect {
 }
 
 /// Installs the plan if this namespace is plainly the ambassador's own.
-fn install(plan: Plan, ours: &[u16]) -> Attempt {
-    if !in_container() {
-        return Attempt::NotInContainer;
-    }
-    let others = foreign_listeners(ours);
-    if !others.is_empty() {
-        return Attempt::OthersListen(others);
+fn install(plan: Plan, ours: &[u16], routes: &[u16]) -> Attempt {
+    let refused = refusal(
+        in_container(),
+        host_link(),
+        foreign_listeners(ours),
+        ours,
+        routes,
+    );
+    if let Some(refused) = refused {
+        return refused;
     }
     match netfilter::setup_redirect(plan) {
         Ok(()) => Attempt::Installed,
         Err(e) => Attempt::Failed(e),
     }
+}
+
+/// Why the redirect must not be installed here, if it must not: not in a container, a
+/// host's namespace, or ports beyond `ours` that listen (`listening`) or that the
+/// process's own other routes listen on (`routes`, bound yet or not).
+fn refusal(
+    in_container: bool,
+    host_link: Option<String>,
+    mut listening: Vec<u16>,
+    ours: &[u16],
+    routes: &[u16],
+) -> Option<Attempt> {
+    if !in_container {
+        return Some(Attempt::NotInContainer);
+    }
+    if let Some(link) = host_link {
+        return Some(Attempt::HostNamespace(link));
+    }
+    listening.extend(routes.iter().filter(|p| !ours.contains(p)));
+    listening.sort_unstable();
+    listening.dedup();
+    (!listening.is_empty()).then_some(Attempt::OthersListen(listening))
 }
 
 /// The warning for a missing redirect: what happened at start and what to do, one line,
@@ -142,6 +175,13 @@ fn missing(attempt: &Attempt) -> (String, &'static str) {
         Attempt::NotInContainer => (
             "omni: no redirect of incoming TCP is installed, and not in a container, so the ambassador does not install one (on a host it would take every service's connections); run `ambassadord --setup-iptables` in a network namespace that is the ambassador's alone".to_string(),
             "not installed outside a container",
+        ),
+        Attempt::HostNamespace(link) => (
+            format!(
+                "omni: no redirect of incoming TCP is installed, and this network namespace has the link '{}', so it is the host's (--network host?): the ambassador does not install a redirect that would take every service's connections; run it in a network namespace of its own, or run `ambassadord --setup-iptables` where that is what you want",
+                crate::logsafe::outside(link)
+            ),
+            "the namespace is the host's",
         ),
         Attempt::OthersListen(ports) => (
             format!(
@@ -231,6 +271,15 @@ fn in_container() -> bool {
     ["/.dockerenv", "/run/.containerenv"]
         .iter()
         .any(|p| std::path::Path::new(p).exists())
+}
+
+/// The first network link that only a host's namespace has: a Docker bridge (`docker0`,
+/// `br-…`) or the host end of a container's veth pair.
+fn host_link() -> Option<String> {
+    let links = std::fs::read_dir("/sys/class/net").ok()?;
+    links
+        .filter_map(|l| l.ok()?.file_name().into_string().ok())
+        .find(|name| name == "docker0" || name.starts_with("br-") || name.starts_with("veth"))
 }
 
 /// Ports other than `ours` with a TCP listener beyond loopback in this network namespace
@@ -342,6 +391,7 @@ mod tests {
                 op: netfilter::Op::Setup,
             }),
             Attempt::NotInContainer,
+            Attempt::HostNamespace("docker0".into()),
             Attempt::OthersListen(vec![22, 80]),
         ] {
             let (line, why) = missing(&attempt);
@@ -351,5 +401,34 @@ mod tests {
         }
         let (line, _) = missing(&Attempt::OthersListen(vec![22, 80]));
         assert!(line.contains("port 22, 80"), "{line}");
+    }
+
+    /// The process's own other routes stop the install even before they are bound
+    /// (they are bound after the omni route when they come after it); the omni and
+    /// admin ports do not; a host's namespace and a plain process never install.
+    #[test]
+    fn other_routes_and_hosts_refuse_the_install() {
+        let ours = [10000, 10001];
+        let refused = |c, link: Option<&str>, listening: Vec<u16>, routes: &[u16]| {
+            refusal(c, link.map(str::to_string), listening, &ours, routes)
+        };
+        assert!(refused(true, None, vec![], &[]).is_none());
+        assert!(refused(true, None, vec![], &[10000]).is_none());
+        assert!(matches!(
+            refused(true, None, vec![], &[6379]),
+            Some(Attempt::OthersListen(p)) if p == [6379]
+        ));
+        assert!(matches!(
+            refused(true, None, vec![22, 6379], &[6379]),
+            Some(Attempt::OthersListen(p)) if p == [22, 6379]
+        ));
+        assert!(matches!(
+            refused(true, Some("docker0"), vec![], &[]),
+            Some(Attempt::HostNamespace(l)) if l == "docker0"
+        ));
+        assert!(matches!(
+            refused(false, None, vec![], &[]),
+            Some(Attempt::NotInContainer)
+        ));
     }
 }

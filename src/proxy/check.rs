@@ -148,12 +148,10 @@ impl Checker {
     }
 
     fn release(&self, key: &Key, probe: &Arc<Probe>) {
-        if probe.holders.fetch_sub(1, Ordering::Relaxed) != 1 {
-            return;
-        }
+        // Counted under the map's lock, as `acquire` counts: a probe whose count reaches
+        // zero is the map's entry for its key, and no one can take it up meanwhile.
         let mut probes = self.probes.lock().unwrap_or_else(|p| p.into_inner());
-        // Someone may have acquired it again meanwhile.
-        if probe.holders.load(Ordering::Relaxed) == 0 {
+        if probe.holders.fetch_sub(1, Ordering::Relaxed) == 1 {
             probes.remove(key);
             let _transition = probe.last_error.lock().unwrap_or_else(|p| p.into_inner());
             probe.stop.cancel();

@@ -241,7 +241,7 @@ async fn connect_to(addr: SocketAddr) -> io::Result<TcpStream> {
     socket.set_tcp_nodelay(true)?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(EINPROGRESS) => {}
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) => {}
         Err(e) => return Err(e),
     }
     let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
@@ -253,9 +253,6 @@ async fn connect_to(addr: SocketAddr) -> io::Result<TcpStream> {
     }
     Ok(stream)
 }
-
-/// EINPROGRESS: a non-blocking connect under way.
-const EINPROGRESS: i32 = 115;
 
 /// Connects to the first endpoint in the balancer's order that accepts, trying each
 /// once. The error says why none could be used; each failure is counted by its reason.

@@ -96,6 +96,9 @@ pub struct Targets {
     /// redirect), and whether the redirect must keep it out.
     pub admin_port: Option<u16>,
     pub keep_from_redirect: Option<u16>,
+    /// The ports the standard routes listen on beyond loopback: an omni redirect in
+    /// this namespace would take their connections.
+    pub route_ports: Vec<u16>,
 }
 
 impl Targets {
@@ -105,6 +108,7 @@ impl Targets {
         admin_port: Option<u16>,
         keep_from_redirect: Option<u16>,
         connect_timeout: std::time::Duration,
+        route_ports: Vec<u16>,
     ) -> Targets {
         Targets {
             discovery,
@@ -113,6 +117,7 @@ impl Targets {
             index: std::sync::OnceLock::new(),
             admin_port,
             keep_from_redirect,
+            route_ports,
         }
     }
 
@@ -183,7 +188,13 @@ impl Targets {
                 let ours = std::iter::once(listen.port())
                     .chain(self.admin_port)
                     .collect();
-                redirect = Some(Redirect::start(plan, listen, ours, stop.child_token()));
+                redirect = Some(Redirect::start(
+                    plan,
+                    listen,
+                    ours,
+                    self.route_ports.clone(),
+                    stop.child_token(),
+                ));
                 (Target::Omni(omni), "omni")
             }
         };

@@ -158,6 +158,7 @@ impl Server {
             config.admin.map(|a| a.addr.port()),
             config.admin.and_then(|a| a.kept_from_redirect()),
             config.settings.connect_timeout,
+            beyond_loopback_ports(&config.routes),
         );
         let threads = config.threads.unwrap_or_else(Workers::default_count);
         let mut pending = Vec::with_capacity(config.routes.len());
@@ -381,6 +382,17 @@ async fn prune_departed(state: Arc<State>, stop: CancellationToken) {
             }
         }
     }
+}
+
+/// The ports of the standard (not omni) routes that listen beyond loopback.
+fn beyond_loopback_ports(routes: &[RouteConfig]) -> Vec<u16> {
+    routes
+        .iter()
+        .filter(|r| matches!(r.target, crate::config::RouteTarget::Spec(_)))
+        .filter(|r| !r.listen.ip.is_some_and(|ip| ip.is_loopback()))
+        .map(|r| r.listen.port)
+        .filter(|p| *p != 0)
+        .collect()
 }
 
 /// The settings a reload changed that only a restart applies.
