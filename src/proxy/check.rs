@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,7 +65,6 @@ pub struct Checker {
     connect_timeout: Duration,
     metrics: Arc<Metrics>,
     runtime: Option<tokio::runtime::Handle>,
-    next_id: AtomicU64,
 }
 
 /// A balancer's view of the checks of its current set.
@@ -73,7 +72,6 @@ pub struct Checks {
     checker: Arc<Checker>,
     config: CheckConfig,
     held: Mutex<HashMap<SocketAddr, Arc<Probe>>>,
-    id: u64,
 }
 
 impl Checker {
@@ -84,7 +82,6 @@ impl Checker {
             connect_timeout,
             metrics,
             runtime: tokio::runtime::Handle::try_current().ok(),
-            next_id: AtomicU64::new(0),
         })
     }
 
@@ -100,7 +97,6 @@ impl Checker {
             checker: self.clone(),
             config,
             held: Mutex::default(),
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
         });
         let follower = checks.clone();
         let task = async move {
@@ -208,11 +204,6 @@ impl Checks {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-    }
-
-    /// Tells balancers apart in tests.
-    pub fn id(&self) -> u64 {
-        self.id
     }
 }
 
@@ -376,7 +367,6 @@ mod tests {
             assert!(start.elapsed() < Duration::from_secs(5), "probe not ended");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let _ = (a.id(), b.id());
     }
 
     /// With send/expect the reply must start with what is expected.

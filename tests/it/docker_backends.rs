@@ -98,12 +98,11 @@ fn a_named_container_is_followed_through_a_restart_that_changes_its_address() {
     wait_httpd(&web);
     let after = ip_on(engine, &web, &net.name);
     assert_ne!(after, taken);
-    if after == before {
-        panic!(
-            "the engine gave {} its old address {before} again",
-            web.name
-        );
-    }
+    assert_ne!(
+        after, before,
+        "the engine gave {} its old address again",
+        web.name
+    );
     wait_until(
         std::time::Duration::from_secs(2),
         || (answer(&amb)? == "one").then_some(()),
@@ -199,17 +198,7 @@ fn docker_specs_are_checked_like_any_spec() {
 fn an_omni_declaration_can_name_a_container() {
     let engine = engine();
     let web = backend(engine, "web", "from-docker-spec", &[]);
-    let gateway = engine.host_address("bridge").to_string();
-    let mut amb = Ambassador::start(&[
-        "--omnimode",
-        "--bind",
-        &gateway,
-        "--port",
-        "0",
-        "--docker-host",
-        &engine.host,
-    ]);
-    amb.wait_for_log("container index ready");
+    let (amb, gateway) = crate::docker_omni::host_omni(engine, &engine.host, &[]);
     let port = amb.addr.port();
     let declare = format!("BACKEND_{port}=docker://{}:80", web.name);
     let fetch = format!("timeout 10 wget -qO- http://{gateway}:{port}/answer");

@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use crate::support::docker::{Engine, LABEL, engine, unique_name};
+use crate::support::docker::{Engine, LABEL, engine, output_within, unique_name};
 use crate::support::wait_until;
 
 /// How long one docker-compose command may take: `up` waits for the ambassador to be
@@ -280,34 +280,4 @@ fn text(out: &Output) -> String {
     let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
     s.push_str(&String::from_utf8_lossy(&out.stderr));
     s.trim().to_string()
-}
-
-/// Runs a command to completion, killing it after `deadline`; says when the program is
-/// not installed.
-fn output_within(mut cmd: Command, deadline: Duration) -> Result<Output, String> {
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => format!(
-                "{:?} is not installed (apt-get install docker-compose; scripts/test does)",
-                cmd.get_program()
-            ),
-            _ => format!("cannot run {:?}: {e}", cmd.get_program()),
-        })?;
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(deadline) {
-        Ok(out) => out.map_err(|e| e.to_string()),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            Err(format!("did not finish within {deadline:?}"))
-        }
-    }
 }

@@ -40,22 +40,7 @@ fn omni_ambassador<'e>(engine: &'e Engine, extra: &[&str]) -> Container<'e> {
     args.extend([engine.ambassadord_image(), "--omnimode"]);
     let amb = engine.container("backends", &args);
     amb.wait_for_log("container index ready");
-    let net = format!("container:{}", amb.name);
-    // The seed runs this with --privileged; NET_ADMIN is all it needs, and some hosts
-    // (this test machine among them) cannot grant every capability --privileged asks for.
-    let setup = engine.run(&[
-        "--cap-add",
-        "NET_ADMIN",
-        "--net",
-        &net,
-        engine.ambassadord_image(),
-        "--setup-iptables",
-    ]);
-    assert!(
-        setup.status.success(),
-        "--setup-iptables failed: {}",
-        String::from_utf8_lossy(&setup.stderr)
-    );
+    engine.setup_iptables(&amb, &[]);
     amb
 }
 
@@ -220,7 +205,7 @@ async fn index_survives_the_engine_going_away() {
 /// bridge (the bridge's gateway) (so containers reach it without a redirect: the port is the listen port),
 /// reading the engine at `docker_host`; returns it, once its index is ready, and the
 /// gateway address.
-fn host_omni(engine: &Engine, docker_host: &str, extra: &[&str]) -> (Ambassador, String) {
+pub fn host_omni(engine: &Engine, docker_host: &str, extra: &[&str]) -> (Ambassador, String) {
     host_omni_on(engine, "bridge", docker_host, extra)
 }
 

@@ -200,22 +200,7 @@ fn without_net_admin_it_warns_once_and_is_not_ready_until_set_up() {
     // Only connections straight to the omni port arrive: the client's to 6379 do not.
     assert_eq!(fetch_through(engine, &amb, &one), "", "{}", amb.logs());
 
-    let net = format!("container:{}", amb.name);
-    let setup = engine.run(&[
-        "--cap-add",
-        "NET_ADMIN",
-        "--net",
-        &net,
-        "-e",
-        ADMIN,
-        engine.ambassadord_image(),
-        "--setup-iptables",
-    ]);
-    assert!(
-        setup.status.success(),
-        "--setup-iptables failed: {}",
-        String::from_utf8_lossy(&setup.stderr)
-    );
+    engine.setup_iptables(&amb, &[ADMIN]);
     amb.wait_for_log("a redirect of incoming TCP is in place");
     wait_until(
         DEADLINE,

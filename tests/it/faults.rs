@@ -113,7 +113,7 @@ async fn a_cooled_down_backend_is_retried_by_one_connection_not_a_herd() {
             "ambassadord_connect_failures_total{{route=\"{}\",backend=\"{dead}\",reason=\"timeout\"}}",
             amb.addr
         );
-        admin::sample(&admin::get_ok(admin_addr, "/metrics"), &series).unwrap_or(0.0)
+        admin::metric(admin_addr, &series)
     };
     // The first connections find it dead (several at once: nothing was known yet).
     let proxy = amb.addr;
@@ -500,19 +500,6 @@ async fn departed_backends_lose_their_metric_series() {
     assert_eq!(sent_before(&admin::get_ok(admin_addr, "/routes")), totals);
 }
 
-/// The `/routes` entry of `backend` in the first route.
-fn endpoint_status(admin_addr: std::net::SocketAddr, backend: &str) -> serde_json::Value {
-    let routes: serde_json::Value =
-        serde_json::from_str(&admin::get_ok(admin_addr, "/routes")).expect("/routes is JSON");
-    routes["routes"][0]["endpoints"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|e| e["addr"] == backend)
-        .cloned()
-        .unwrap_or_else(|| panic!("{backend} not in /routes: {routes}"))
-}
-
 /// Outlier ejection: a black-holed backend costs at most `--eject-after` (here 2)
 /// connect timeouts (the first, then one trial when its cool-down ends), is then ejected
 /// (one log line, /routes says until when, the ejection counter counts it) and costs
@@ -537,7 +524,7 @@ async fn a_black_holed_backend_costs_at_most_n_timeouts_then_none_while_ejected(
     let proxy = amb.addr;
     let metric = move |name: &str, extra: &str| {
         let series = format!("{name}{{route=\"{proxy}\",backend=\"{dead}\"{extra}}}");
-        admin::sample(&admin::get_ok(admin_addr, "/metrics"), &series).unwrap_or(0.0)
+        admin::metric(admin_addr, &series)
     };
     let timeouts = move || metric("ambassadord_connect_failures_total", ",reason=\"timeout\"");
     // One client, connecting again and again, until the backend is ejected.
@@ -562,7 +549,7 @@ async fn a_black_holed_backend_costs_at_most_n_timeouts_then_none_while_ejected(
         "{line}"
     );
     assert_eq!(metric("ambassadord_backend_ejections_total", ""), 1.0);
-    let status = endpoint_status(admin_addr, &dead.to_string());
+    let status = admin::endpoint(admin_addr, &dead.to_string());
     assert_eq!(status["state"], "ejected", "{status}");
     assert_eq!(status["failures_in_a_row"], 2, "{status}");
     let now = std::time::SystemTime::now()
@@ -630,14 +617,14 @@ async fn with_every_backend_ejected_clients_are_still_tried_against_them() {
         let series = format!(
             "ambassadord_connect_failures_total{{route=\"{proxy}\",backend=\"127.0.0.1:{port}\",reason=\"refused\"}}"
         );
-        admin::sample(&admin::get_ok(admin_addr, "/metrics"), &series).unwrap_or(0.0)
+        admin::metric(admin_addr, &series)
     };
     assert_eq!(served_by(proxy).await, None);
     amb.wait_for_log_where("both ejected", |l| {
         l.contains("backend EJECTED") && l.contains(&format!(":{b}"))
     });
     for port in [a, b] {
-        let status = endpoint_status(admin_addr, &format!("127.0.0.1:{port}"));
+        let status = admin::endpoint(admin_addr, &format!("127.0.0.1:{port}"));
         assert_eq!(status["state"], "ejected", "{status}");
     }
     let before = (refusals(a), refusals(b));

@@ -12,23 +12,6 @@ use tokio::net::TcpListener;
 
 use crate::support::*;
 
-/// `ambassadord_…{labels}` from the admin endpoint, 0 if absent.
-fn sample(admin_addr: SocketAddr, series: &str) -> f64 {
-    admin::sample(&admin::get_ok(admin_addr, "/metrics"), series).unwrap_or(0.0)
-}
-
-fn endpoint_state(admin_addr: SocketAddr, backend: SocketAddr) -> serde_json::Value {
-    let routes: serde_json::Value =
-        serde_json::from_str(&admin::get_ok(admin_addr, "/routes")).unwrap();
-    routes["routes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|r| r["endpoints"].as_array().cloned().unwrap_or_default())
-        .find(|e| e["addr"] == backend.to_string())
-        .unwrap_or_else(|| panic!("{backend} not in /routes: {routes}"))
-}
-
 /// Three backends, checks every 200 ms with fall 3 and rise 2. One stops: within a
 /// few intervals it is down by check (one log line, /routes says down and why,
 /// `backend_up` 0), and from then on no client connection is sent to it: its connect
@@ -58,7 +41,7 @@ async fn a_stopped_backend_is_taken_out_by_its_checks_and_returns_after_rise() {
     let proxy = amb.addr;
     until_served_by(proxy, "c").await;
     let up = format!("ambassadord_backend_up{{route=\"{proxy}\",backend=\"{c_addr}\"}}");
-    assert_eq!(sample(admin_addr, &up), 1.0);
+    assert_eq!(admin::metric(admin_addr, &up), 1.0);
 
     c.kill();
     let stopped = tokio::time::Instant::now();
@@ -73,7 +56,7 @@ async fn a_stopped_backend_is_taken_out_by_its_checks_and_returns_after_rise() {
         "{:?}",
         stopped.elapsed()
     );
-    let state = endpoint_state(admin_addr, c_addr);
+    let state = admin::endpoint(admin_addr, &c_addr.to_string());
     assert_eq!(state["state"], "down", "{state}");
     assert!(
         state["check_error"]
@@ -82,10 +65,10 @@ async fn a_stopped_backend_is_taken_out_by_its_checks_and_returns_after_rise() {
             .contains("connect"),
         "{state}"
     );
-    assert_eq!(sample(admin_addr, &up), 0.0);
+    assert_eq!(admin::metric(admin_addr, &up), 0.0);
 
     let failures = |reason: &str| {
-        sample(
+        admin::metric(
             admin_addr,
             &format!(
                 "ambassadord_connect_failures_total{{route=\"{proxy}\",backend=\"{c_addr}\",reason=\"{reason}\"}}"
@@ -109,12 +92,12 @@ async fn a_stopped_backend_is_taken_out_by_its_checks_and_returns_after_rise() {
     let line = amb.wait_for_log("backend UP by check");
     assert!(line.contains("2 checks in a row passed"), "{line}");
     until_served_by(proxy, "c").await;
-    assert_eq!(sample(admin_addr, &up), 1.0);
-    let passed = sample(
+    assert_eq!(admin::metric(admin_addr, &up), 1.0);
+    let passed = admin::metric(
         admin_addr,
         &format!("ambassadord_backend_checks_total{{backend=\"{c_addr}\",result=\"passed\"}}"),
     );
-    let failed = sample(
+    let failed = admin::metric(
         admin_addr,
         &format!("ambassadord_backend_checks_total{{backend=\"{c_addr}\",result=\"failed\"}}"),
     );
@@ -177,14 +160,14 @@ async fn a_check_can_send_and_expect_a_reply() {
     ]);
     let admin_addr = amb.admin_addr();
     eventually("the backend to pass its check", || async {
-        (endpoint_state(admin_addr, addr)["state"] == "up").then_some(())
+        (admin::endpoint(admin_addr, &addr.to_string())["state"] == "up").then_some(())
     })
     .await;
     healthy.store(false, std::sync::atomic::Ordering::SeqCst);
     let line = amb.wait_for_log("backend DOWN by check");
     assert!(line.contains("LOADING"), "{line}");
     assert!(
-        endpoint_state(admin_addr, addr)["check_error"]
+        admin::endpoint(admin_addr, &addr.to_string())["check_error"]
             .as_str()
             .unwrap()
             .contains("+PONG")
@@ -218,7 +201,7 @@ async fn routes_that_share_a_backend_share_its_check() {
         Ambassador::start(&["--admin", "127.0.0.1:0", "--config", file.to_str().unwrap()]);
     let admin_addr = amb.admin_addr();
     let checks = || {
-        sample(
+        admin::metric(
             admin_addr,
             &format!(
                 "ambassadord_backend_checks_total{{backend=\"{}\",result=\"passed\"}}",
@@ -239,8 +222,11 @@ async fn routes_that_share_a_backend_share_its_check() {
         (5.0..=28.0).contains(&during),
         "{during} checks in 2 s at 100 ms for two routes"
     );
-    assert_eq!(endpoint_state(admin_addr, other.addr)["state"], "up");
-    let other_checks = sample(
+    assert_eq!(
+        admin::endpoint(admin_addr, &other.addr.to_string())["state"],
+        "up"
+    );
+    let other_checks = admin::metric(
         admin_addr,
         &format!(
             "ambassadord_backend_checks_total{{backend=\"{}\",result=\"passed\"}}",

@@ -35,6 +35,26 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// The value of one series (`name{labels}`) on the admin endpoint's `/metrics` now, 0
+/// when it has no sample yet.
+pub fn metric(admin: SocketAddr, series: &str) -> f64 {
+    sample(&get_ok(admin, "/metrics"), series).unwrap_or(0.0)
+}
+
+/// The `/routes` entry of the endpoint `backend` (an address), in whichever route has
+/// it; fails the test when none does.
+pub fn endpoint(admin: SocketAddr, backend: &str) -> serde_json::Value {
+    let routes: serde_json::Value =
+        serde_json::from_str(&get_ok(admin, "/routes")).expect("/routes is JSON");
+    routes["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r["endpoints"].as_array().cloned().unwrap_or_default())
+        .find(|e| e["addr"] == backend)
+        .unwrap_or_else(|| panic!("{backend} not in /routes: {routes}"))
+}
+
 /// The sum of every sample whose series starts with `prefix`.
 pub fn sum(text: &str, prefix: &str) -> f64 {
     text.lines()

@@ -286,6 +286,25 @@ impl Engine {
             })
     }
 
+    /// Runs `--setup-iptables` from the image in `amb`'s network namespace, with
+    /// NET_ADMIN and the `-e NAME=VALUE` pairs in `env`, failing the test if it fails.
+    /// (The seed used --privileged; NET_ADMIN is all it needs, and some hosts, this test
+    /// machine among them, cannot grant every capability --privileged asks for.)
+    pub fn setup_iptables(&self, amb: &Container, env: &[&str]) {
+        let net = format!("container:{}", amb.name);
+        let mut args = vec!["--cap-add", "NET_ADMIN", "--net", &net];
+        for e in env {
+            args.extend(["-e", e]);
+        }
+        args.extend([self.ambassadord_image(), "--setup-iptables"]);
+        let setup = self.run(&args);
+        assert!(
+            setup.status.success(),
+            "--setup-iptables failed: {}",
+            String::from_utf8_lossy(&setup.stderr)
+        );
+    }
+
     /// Runs a container to completion (`docker run --rm`) and returns its output.
     pub fn run(&self, args: &[&str]) -> Output {
         let pid_label = format!("{LABEL}.pid={}", std::process::id());
@@ -633,13 +652,20 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Runs a command to completion, killing it after `deadline`.
-fn output_within(mut cmd: Command, deadline: Duration) -> Result<Output, String> {
+/// Runs a command to completion, killing it after `deadline`; says when the program is
+/// not installed.
+pub fn output_within(mut cmd: Command, deadline: Duration) -> Result<Output, String> {
     let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => format!(
+                "{:?} is not installed (scripts/test installs it with apt-get)",
+                cmd.get_program()
+            ),
+            _ => format!("cannot run {:?}: {e}", cmd.get_program()),
+        })?;
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
