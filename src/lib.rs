@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod netfilter;
 pub mod privilege;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod redirect;
 pub mod spec;
 pub mod status;

@@ -43,6 +43,12 @@ struct CloseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    route: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CheckLabels {
     backend: String,
     result: String,
@@ -72,6 +78,7 @@ pub struct SourceHealth {
 #[derive(Default)]
 pub struct Metrics {
     accepted: Family<RouteLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
     active: Family<BackendLabels, Gauge>,
     finished: Family<CloseLabels, Counter>,
     bytes_sent: Family<BackendLabels, Counter>,
@@ -113,6 +120,11 @@ impl Metrics {
             "connections_accepted",
             "Connections accepted, by route (listen address)",
             m.accepted.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections accepted and then refused, by route and reason: no_backend (none discovered, none answered, or omni found no declaration), max_connections (the route's or the omni declaration's limit), proxy_header (a trusted source's PROXY protocol header was missing or malformed)",
+            m.refused.clone(),
         );
         registry.register(
             "connections_active",
@@ -188,7 +200,7 @@ impl Metrics {
                 .clone(),
             label: route.to_string(),
             open: Gauge::default(),
-            refused: Counter::default(),
+            refused: RwLock::default(),
             backends: RwLock::default(),
             failures: RwLock::default(),
             ejected: RwLock::default(),
@@ -301,8 +313,8 @@ pub struct RouteMetrics {
     /// Connections accepted and not yet ended, connecting ones included (the family's
     /// `connections_active` counts only those connected to a backend).
     open: Gauge,
-    /// Connections refused (no backend, or none answered). Not a family of its own yet.
-    refused: Counter,
+    /// `connections_refused` by reason, each made on first use.
+    refused: RwLock<Vec<(&'static str, Counter)>>,
     /// By backend address; as the families themselves, never shrinks while the route
     /// lives.
     backends: RwLock<HashMap<SocketAddr, Arc<BackendMetrics>>>,
@@ -360,8 +372,28 @@ impl RouteMetrics {
         OpenGuard(&self.open)
     }
 
-    pub fn refused(&self) {
-        self.refused.inc();
+    /// Counts a connection refused for `reason` (`no_backend`, `max_connections`,
+    /// `proxy_header`).
+    pub fn refused(&self, reason: &'static str) {
+        if let Some((_, c)) = read(&self.refused).iter().find(|(r, _)| *r == reason) {
+            c.inc();
+            return;
+        }
+        let mut refused = write(&self.refused);
+        if let Some((_, c)) = refused.iter().find(|(r, _)| *r == reason) {
+            c.inc();
+            return;
+        }
+        let counter = self
+            .metrics
+            .refused
+            .get_or_create(&RefusedLabels {
+                route: self.label.clone(),
+                reason: reason.to_string(),
+            })
+            .clone();
+        counter.inc();
+        refused.push((reason, counter));
     }
 
     pub fn open(&self) -> u64 {
@@ -441,7 +473,7 @@ impl RouteMetrics {
         RouteTotals {
             open: self.open(),
             accepted: self.accepted.get(),
-            refused: self.refused.get(),
+            refused: read(&self.refused).iter().map(|(_, c)| c.get()).sum(),
             connect_failures: gone(&self.departed.connect_failures)
                 + read(&self.failures)
                     .iter()
@@ -634,7 +666,9 @@ mod tests {
         }
         route.connect_failed(Some("10.0.0.3:1".parse().unwrap()), "refused");
         route.connect_failed(None, "no_backend");
-        route.refused();
+        route.refused("no_backend");
+        route.refused("max_connections");
+        route.refused("max_connections");
         a.finished("client_closed");
         let totals = route.totals();
         assert_eq!(
@@ -642,7 +676,7 @@ mod tests {
             RouteTotals {
                 open: 0,
                 accepted: 1,
-                refused: 1,
+                refused: 3,
                 connect_failures: 2,
                 sent: 15,
                 received: 7
@@ -653,6 +687,8 @@ mod tests {
             "ambassadord_sent_bytes_total{route=\"127.0.0.1:7000\",backend=\"10.0.0.1:1\"} 10",
             "ambassadord_connect_failures_total{route=\"127.0.0.1:7000\",backend=\"\",reason=\"no_backend\"} 1",
             "ambassadord_connections_finished_total{route=\"127.0.0.1:7000\",backend=\"10.0.0.1:1\",reason=\"client_closed\"} 1",
+            "ambassadord_connections_refused_total{route=\"127.0.0.1:7000\",reason=\"max_connections\"} 2",
+            "ambassadord_connections_refused_total{route=\"127.0.0.1:7000\",reason=\"no_backend\"} 1",
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }

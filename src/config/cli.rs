@@ -121,6 +121,27 @@ pub(super) struct Cli {
     )]
     pub(super) eject_after: u32,
 
+    /// Send each backend a PROXY protocol header (HAProxy's, v1 text or v2 binary) with the client's address before the client's bytes: off, v1 or v2
+    #[arg(
+        long,
+        value_name = "off|v1|v2",
+        env = "AMBASSADORD_PROXY_PROTOCOL",
+        default_value = "off"
+    )]
+    pub(super) proxy_protocol: String,
+
+    /// Connections from these sources (CIDR[,CIDR...]) must start with a PROXY protocol header (v1 or v2), whose source address then stands for the client; from anywhere else no header is parsed
+    #[arg(
+        long,
+        value_name = "CIDR[,CIDR...]",
+        env = "AMBASSADORD_ACCEPT_PROXY_PROTOCOL"
+    )]
+    pub(super) accept_proxy_protocol: Option<String>,
+
+    /// Refuse a new connection at once while this many are open on its route [default: no limit]
+    #[arg(long, value_name = "N", env = "AMBASSADORD_MAX_CONNECTIONS")]
+    pub(super) max_connections: Option<String>,
+
     /// Close a connection after this long with no bytes either way; "off" never does
     #[arg(
         long,

@@ -25,6 +25,9 @@ pub(super) struct FileConfig {
     pub(super) check_send: Option<String>,
     pub(super) check_expect: Option<String>,
     pub(super) run_as: Option<String>,
+    pub(super) proxy_protocol: Option<String>,
+    pub(super) accept_proxy_protocol: Option<String>,
+    pub(super) max_connections: Option<i64>,
     #[serde(default)]
     pub(super) route: Vec<FileRoute>,
 }
@@ -43,6 +46,9 @@ pub(super) struct FileRoute {
     pub(super) check_rise: Option<i64>,
     pub(super) check_send: Option<String>,
     pub(super) check_expect: Option<String>,
+    pub(super) proxy_protocol: Option<String>,
+    pub(super) accept_proxy_protocol: Option<String>,
+    pub(super) max_connections: Option<i64>,
 }
 
 /// The check options as one place (the file's top level, or a route) gives them.

@@ -27,8 +27,8 @@ pub use types::*;
 
 use cli::Cli;
 use file::{FileCheck, FileConfig, FileRoute};
-use layer::{Layers, at, some_text, text};
-pub use values::parse_duration;
+use layer::{Layered, Layers, at, some_text, text};
+pub use values::{parse_duration, parse_max_connections, parse_proxy_protocol};
 
 impl Command {
     /// Parses and validates the command line, reading AMBASSADORD_* from the environment
@@ -183,11 +183,20 @@ fn routes(
     env: &Environment,
 ) -> Result<(Vec<RouteConfig>, Vec<String>), String> {
     let checks = check_defaults(cli, file, layers)?;
+    let options = option_defaults(cli, file, layers)?;
     let mut routes = Vec::new();
     for (i, r) in file.route.iter().enumerate() {
         let place = format!("{}: route {}", layers.file_name(), i + 1);
         let mut route = file_route(r, &place)?;
         route.check = route_check(&checks, &r.check_options(), &place)?;
+        route.options = route_options(&options.value, r, &place)?;
+        if route.target == RouteTarget::Omni && !route.options.accept_proxy.is_empty() {
+            let origin = match &r.accept_proxy_protocol {
+                Some(_) => format!("{place}: accept_proxy_protocol"),
+                None => options.origin.clone(),
+            };
+            return Err(omni_accepts_no_proxy_header(&origin));
+        }
         routes.push(route);
     }
     let ip = match &cli.bind {
@@ -202,12 +211,17 @@ fn routes(
         let (links, skipped) = link_routes(ip, env)?;
         routes.extend(links.into_iter().map(|mut r| {
             r.check = checks.on.then(|| checks.config.clone());
+            r.options = options.value.clone();
             r
         }));
         warnings.extend(skipped);
     } else if let Some(target) = cli_target(cli, layers)? {
         let mut route = cli_route(cli, layers, ip, target)?;
         route.check = checks.on.then(|| checks.config.clone());
+        route.options = options.value.clone();
+        if route.target == RouteTarget::Omni && !route.options.accept_proxy.is_empty() {
+            return Err(omni_accepts_no_proxy_header(&options.origin));
+        }
         routes.push(route);
     }
     check_routes(&routes, layers.file_name())?;
@@ -238,6 +252,7 @@ fn link_routes(
             // Docker writes the alias upper-cased into the variable names.
             name: Some(link.alias.to_ascii_lowercase()),
             check: None,
+            options: RouteOptions::default(),
         })
         .collect();
     Ok((routes, skipped))
@@ -290,7 +305,97 @@ fn cli_route(
         target,
         name: None,
         check: None,
+        options: RouteOptions::default(),
     })
+}
+
+/// Omni mode knows a container by the address it connects from; a header from an
+/// upstream cannot stand for one.
+fn omni_accepts_no_proxy_header(origin: &str) -> String {
+    format!(
+        "{origin}: omni mode routes by the connecting container's own address, so it accepts no PROXY protocol header; set it on standard routes only"
+    )
+}
+
+/// The route options every route starts from (flags and environment over the file's
+/// top level over the defaults); `origin` names where the trusted sources came from.
+fn option_defaults(
+    cli: &Cli,
+    file: &FileConfig,
+    layers: &Layers,
+) -> Result<Layered<RouteOptions>, String> {
+    let proxy_protocol = layers
+        .pick(
+            "proxy_protocol",
+            cli.proxy_protocol.clone(),
+            file.proxy_protocol.as_deref(),
+            text,
+        )?
+        .trimmed()
+        .parse(values::parse_proxy_protocol)?;
+    let accept = layers.pick(
+        "accept_proxy_protocol",
+        cli.accept_proxy_protocol.clone(),
+        file.accept_proxy_protocol.as_deref(),
+        some_text,
+    )?;
+    let origin = accept.origin.clone();
+    let accept_proxy = match accept.transpose() {
+        None => Vec::new(),
+        Some(v) => v.parse(values::parse_cidrs)?,
+    };
+    let max = |n: &i64| values::parse_max_connections(&n.to_string());
+    let max_connections = match &cli.max_connections {
+        Some(s) if layers.given("max_connections") => Some(
+            layers
+                .cli("max_connections", s.clone())
+                .parse(values::parse_max_connections)?,
+        ),
+        _ => {
+            layers
+                .pick(
+                    "max_connections",
+                    None,
+                    file.max_connections.as_ref(),
+                    |n| max(n).map(Some),
+                )?
+                .value
+        }
+    };
+    Ok(Layered {
+        value: RouteOptions {
+            proxy_protocol,
+            accept_proxy,
+            max_connections,
+        },
+        origin,
+        explicit: true,
+    })
+}
+
+/// A `[[route]]`'s options: its own over the defaults.
+fn route_options(
+    defaults: &RouteOptions,
+    r: &FileRoute,
+    place: &str,
+) -> Result<RouteOptions, String> {
+    let mut options = defaults.clone();
+    let named = |key: &str, v: &str, why: String| at(&format!("{place}: {key}"), v, &why);
+    if let Some(v) = &r.proxy_protocol {
+        options.proxy_protocol =
+            values::parse_proxy_protocol(v).map_err(|why| named("proxy_protocol", v, why))?;
+    }
+    if let Some(v) = &r.accept_proxy_protocol {
+        options.accept_proxy =
+            values::parse_cidrs(v).map_err(|why| named("accept_proxy_protocol", v, why))?;
+    }
+    if let Some(n) = r.max_connections {
+        let v = n.to_string();
+        options.max_connections = Some(
+            values::parse_max_connections(&v).map_err(|why| named("max_connections", &v, why))?,
+        );
+    }
+    Ok(options)
 }
 
 /// At least one route, and no two on one listen address (port 0 is a fresh port each).
@@ -359,6 +464,7 @@ fn file_route(r: &FileRoute, place: &str) -> Result<RouteConfig, String> {
         target,
         name: None,
         check: None,
+        options: RouteOptions::default(),
     })
 }
 

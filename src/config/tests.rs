@@ -624,3 +624,109 @@ fn config_file_consul_service_routes() {
         "{err}"
     );
 }
+
+#[test]
+fn route_options_from_flags_env_and_file() {
+    use crate::proxy_protocol::Version;
+    let c = parse(&["10.0.0.5:6379"]).unwrap();
+    assert_eq!(c.routes[0].options, RouteOptions::default());
+    let c = parse(&[
+        "--proxy-protocol",
+        "v2",
+        "--accept-proxy-protocol",
+        "10.0.0.0/8, 2001:db8::/32,192.0.2.7",
+        "--max-connections",
+        "10",
+        "10.0.0.5:6379",
+    ])
+    .unwrap();
+    let o = &c.routes[0].options;
+    assert_eq!(o.proxy_protocol, Version::V2);
+    assert_eq!(o.max_connections, Some(10));
+    assert_eq!(o.accept_proxy.len(), 3);
+    assert!(o.trusts("10.1.2.3".parse().unwrap()));
+    assert!(o.trusts("::ffff:10.1.2.3".parse().unwrap()));
+    assert!(o.trusts("2001:db8::5".parse().unwrap()));
+    assert!(o.trusts("192.0.2.7".parse().unwrap()));
+    assert!(!o.trusts("192.0.2.8".parse().unwrap()));
+    assert!(!o.trusts("11.0.0.1".parse().unwrap()));
+
+    // The file's top level is every route's default; a route's own keys win; flags win
+    // over the file's top level.
+    let path = file(
+        "proxy_protocol = \"v1\"\nmax_connections = 5\n\
+         [[route]]\nlisten = \"127.0.0.1:7001\"\nbackend = \"10.0.0.1:1\"\n\
+         [[route]]\nlisten = \"127.0.0.1:7002\"\nbackend = \"10.0.0.2:1\"\n\
+         proxy_protocol = \"off\"\nmax_connections = 2\naccept_proxy_protocol = \"127.0.0.1\"\n",
+    );
+    let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+    assert_eq!(c.routes[0].options.proxy_protocol, Version::V1);
+    assert_eq!(c.routes[0].options.max_connections, Some(5));
+    assert!(c.routes[0].options.accept_proxy.is_empty());
+    assert_eq!(c.routes[1].options.proxy_protocol, Version::Off);
+    assert_eq!(c.routes[1].options.max_connections, Some(2));
+    assert!(c.routes[1].options.trusts("127.0.0.1".parse().unwrap()));
+    let c = parse(&["--config", path.to_str().unwrap(), "--proxy-protocol", "v2"]).unwrap();
+    assert_eq!(c.routes[0].options.proxy_protocol, Version::V2);
+    assert_eq!(c.routes[1].options.proxy_protocol, Version::Off);
+
+    let c = parse_in(&["10.0.0.5:6379"], &[]).unwrap();
+    assert_eq!(c.routes[0].options.max_connections, None);
+}
+
+#[test]
+fn route_option_errors_name_the_value() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--proxy-protocol", "v3", "a:1"],
+            "--proxy-protocol 'v3': not a PROXY protocol version (off, v1, v2)",
+        ),
+        (
+            &["--max-connections", "0", "a:1"],
+            "--max-connections '0': must be at least 1",
+        ),
+        (
+            &["--max-connections", "x", "a:1"],
+            "--max-connections 'x': not a count of connections",
+        ),
+        (
+            &["--accept-proxy-protocol", "10.0.0.0/33", "a:1"],
+            "--accept-proxy-protocol '10.0.0.0/33': '10.0.0.0/33': '/33' is not a prefix length (0-32)",
+        ),
+        (
+            &["--accept-proxy-protocol", "10.0.0.1/8", "a:1"],
+            "has host bits set: the block starts at 10.0.0.0/8",
+        ),
+        (
+            &["--accept-proxy-protocol", "ten/8", "a:1"],
+            "'ten/8': 'ten' is not an IP address",
+        ),
+        (
+            &["--accept-proxy-protocol", "10.0.0.0/8,", "a:1"],
+            "an empty entry",
+        ),
+        (
+            &["--accept-proxy-protocol", "127.0.0.1", "--omnimode"],
+            "--accept-proxy-protocol: omni mode routes by the connecting container's own address",
+        ),
+    ];
+    for (args, want) in cases {
+        let err = parse(args).unwrap_err();
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let path = file("[[route]]\nbackend = \"a:1\"\nproxy_protocol = \"v9\"\n");
+    let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+    assert!(
+        err.contains(": route 1: proxy_protocol 'v9': not a PROXY protocol version"),
+        "{err}"
+    );
+    let path = file("[[route]]\nbackend = \"a:1\"\nmax_connections = -1\n");
+    let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+    assert!(err.contains(": route 1: max_connections '-1':"), "{err}");
+    let path = file("[[route]]\nomni = true\naccept_proxy_protocol = \"10.0.0.0/8\"\n");
+    let err = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+    assert!(
+        err.contains(": route 1: accept_proxy_protocol: omni mode routes by"),
+        "{err}"
+    );
+}

@@ -184,6 +184,28 @@ pub struct RouteConfig {
     pub name: Option<String>,
     /// Active health checks of its backends (`--check tcp`), or `None` (`off`).
     pub check: Option<CheckConfig>,
+    pub options: RouteOptions,
+}
+
+/// What a route does to a connection besides forwarding it: the PROXY protocol, either
+/// way, and its connection limit. A reload that changes only these keeps the route's
+/// sources running.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteOptions {
+    /// `--proxy-protocol`: the header written to each backend before the client's bytes.
+    pub proxy_protocol: crate::proxy_protocol::Version,
+    /// `--accept-proxy-protocol`: sources whose connections must start with a header,
+    /// which then stands for the client (empty: none; no header is parsed).
+    pub accept_proxy: Vec<Cidr>,
+    /// `--max-connections`: open connections beyond which new ones are refused.
+    pub max_connections: Option<u32>,
+}
+
+impl RouteOptions {
+    /// Whether connections from `ip` must start with a PROXY protocol header.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.accept_proxy.iter().any(|c| c.contains(ip))
+    }
 }
 
 /// An active TCP check: how often, how many results in a row change a backend's state,
@@ -299,5 +321,83 @@ impl std::str::FromStr for CopyMode {
             .into_iter()
             .find(|mode| mode.as_str().eq_ignore_ascii_case(s))
             .ok_or(UnknownCopyMode)
+    }
+}
+
+/// An address block (`10.0.0.0/8`, `2001:db8::/32`; a bare address is a block of one):
+/// `--accept-proxy-protocol`'s trusted sources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the block; an IPv4-mapped IPv6 address counts as its IPv4 one.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(ip) & mask == u32::from(net)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(ip) & mask == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.net, self.prefix)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    /// `ADDRESS/PREFIX` or `ADDRESS`; the address must be the block's first (host bits
+    /// zero), so a typo such as `10.0.0.1/8` is refused rather than widened.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let net: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("'{addr}' is not an IP address"))?;
+        let net = net.to_canonical();
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => Some(p)
+                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|p| p.parse::<u8>().ok())
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("'/{p}' is not a prefix length (0-{max})"))?,
+        };
+        let cidr = Cidr { net, prefix };
+        let first = match net {
+            IpAddr::V4(ip) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::V4((u32::from(ip) & mask).into())
+            }
+            IpAddr::V6(ip) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+                IpAddr::V6((u128::from(ip) & mask).into())
+            }
+        };
+        if first != net {
+            return Err(format!(
+                "has host bits set: the block starts at {first}/{prefix}"
+            ));
+        }
+        Ok(cidr)
     }
 }

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::types::{DockerHost, Listen, RunAs};
+use super::types::{Cidr, DockerHost, Listen, RunAs};
 
 /// A duration such as `5s`, `250ms`, `2m`, `1h` or `1.5s`; a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -194,6 +194,37 @@ pub(super) fn check_log_filter(filter: &str) -> Result<(), String> {
     tracing_subscriber::EnvFilter::try_new(filter)
         .map(drop)
         .map_err(|e| format!("not a log level or filter ({e})"))
+}
+
+/// `--max-connections`, `max_connections` and omni's `ambassadord.max-connections.<port>`:
+/// a count from 1 (leave it out for no limit).
+pub fn parse_max_connections(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u64>() {
+        Ok(0) => Err("must be at least 1 (leave it out for no limit)".into()),
+        Ok(n) => u32::try_from(n).map_err(|_| format!("more than {}", u32::MAX)),
+        Err(_) => Err("not a count of connections (1 or more)".into()),
+    }
+}
+
+/// `--proxy-protocol`, `proxy_protocol` and omni's `ambassadord.proxy-protocol.<port>`.
+pub fn parse_proxy_protocol(s: &str) -> Result<crate::proxy_protocol::Version, String> {
+    s.parse()
+        .map_err(|e: crate::proxy_protocol::UnknownVersion| e.to_string())
+}
+
+/// `--accept-proxy-protocol`: `CIDR[,CIDR…]`, at least one.
+pub(super) fn parse_cidrs(s: &str) -> Result<Vec<Cidr>, String> {
+    let cidrs = s
+        .split(',')
+        .map(str::trim)
+        .map(|c| {
+            if c.is_empty() {
+                return Err("an empty entry (write CIDR[,CIDR...], e.g. 10.0.0.0/8)".to_string());
+            }
+            c.parse::<Cidr>().map_err(|why| format!("'{c}': {why}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(cidrs)
 }
 
 #[cfg(test)]

@@ -19,11 +19,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::balance::{Balancer, NoBackend};
-use super::copy;
 use super::route::{Route, Target};
+use super::{copy, header, limit};
 use crate::config::Settings;
 use crate::endpoint::Endpoint;
 use crate::metrics::RouteMetrics;
+use crate::proxy_protocol::{self, Version};
 
 /// The access log's own target, so `--log-level info,ambassadord::access=off` silences
 /// the per-connection lines and nothing else.
@@ -141,7 +142,7 @@ async fn serve(
     force_close: CancellationToken,
 ) {
     let start = Instant::now();
-    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let peer = canonical(peer);
     // TCP_NODELAY: inherited from the listener (src/proxy/listen.rs).
     let metrics = &route.metrics;
     // Taken once: a reload that changes the route affects only later connections.
@@ -150,21 +151,58 @@ async fn serve(
     // no client, so it is neither counted nor logged. Only loopback peers can be one.
     if let Target::Omni(_) = &active.target
         && peer.ip().is_loopback()
-        && super::omni::original_port(&client, peer.ip())
-            .is_ok_and(|port| crate::redirect::is_probe(peer.ip(), port))
+        && super::omni::original_dst(&client, peer.ip())
+            .is_ok_and(|dst| crate::redirect::is_probe(peer.ip(), dst.port()))
     {
         return;
     }
     let _open = metrics.accepted();
-
-    let refused = |reason: &dyn std::fmt::Display, label: &str| {
-        metrics.refused();
-        error!(target: ACCESS, listen = %route.listen, client = %peer, route = label, backend = %"-",
+    let options = &active.options;
+    // Who the client is: the peer, or what a trusted upstream's header says.
+    let mut client_addr = peer;
+    let mut via = None;
+    let refused = |reason: &'static str,
+                   why: &dyn std::fmt::Display,
+                   label: &str,
+                   (client, via): (SocketAddr, Option<SocketAddr>)| {
+        metrics.refused(reason);
+        error!(target: ACCESS, listen = %route.listen, client = %client, route = label, backend = %"-",
             sent = 0u64, received = 0u64, duration_ms = start.elapsed().as_millis() as u64,
-            close = %"refused", error = %reason, "connection refused");
+            close = %"refused", error = %why, via = via.map(tracing::field::display), "connection refused");
     };
-    let (balancer, label) = match &active.target {
-        Target::Fixed(balancer) => (balancer.clone(), None),
+    let _route_slot = match options.max_connections {
+        None => None,
+        Some(max) => match limit::take(&route.slots, max) {
+            Some(slot) => Some(slot),
+            None => {
+                let why =
+                    format!("the route has its limit of {max} connections open (max_connections)");
+                return refused("max_connections", &why, "-", (peer, None));
+            }
+        },
+    };
+    // Client bytes for the backend ahead of the copy: what followed a trusted header,
+    // or what had arrived when the backend connected (sent with our header, in one write).
+    let mut first = Vec::new();
+    let mut to: Option<SocketAddr> = None;
+    if !options.accept_proxy.is_empty() && options.trusts(peer.ip()) {
+        let read = tokio::select! {
+            r = header::read(&client, &mut first) => r,
+            _ = force_close.cancelled() => return,
+        };
+        match read {
+            Ok(Some(addrs)) => {
+                client_addr = canonical(addrs.source);
+                to = Some(addrs.destination);
+                via = Some(peer);
+            }
+            Ok(None) => {}
+            Err(why) => return refused("proxy_header", &why, "-", (peer, None)),
+        }
+    }
+
+    let (balancer, label, omni) = match &active.target {
+        Target::Fixed(balancer) => (balancer.clone(), None, None),
         Target::Omni(omni) => {
             // Boxed: the lookup may call the Engine API, and that future is large; inline,
             // it would enlarge every connection's task, idle ones included.
@@ -173,20 +211,35 @@ async fn serve(
                 _ = force_close.cancelled() => return,
             };
             match routed {
-                Ok(r) => (r.balancer, Some(r.label)),
+                Ok(r) => (
+                    r.balancer,
+                    Some(r.label),
+                    Some((r.to, r.proxy_protocol, r.slot)),
+                ),
                 Err(reason) => {
-                    metrics.connect_failed(None, "no_backend");
-                    return refused(&reason, "omni");
+                    let key = reason.refusal();
+                    if key == "no_backend" {
+                        metrics.connect_failed(None, "no_backend");
+                    }
+                    return refused(key, &reason, "omni", (peer, None));
                 }
             }
         }
     };
     let label = label.as_deref().unwrap_or(balancer.name());
+    // Omni: the container's own declaration may set the header, and holds its slot.
+    let (proxy_protocol, _declared_slot) = match omni {
+        Some((dst, declared, slot)) => {
+            to = Some(dst);
+            (declared.unwrap_or(options.proxy_protocol), slot)
+        }
+        None => (options.proxy_protocol, None),
+    };
 
     let (backend, endpoint) = tokio::select! {
         r = connect(&balancer, &settings, metrics) => match r {
             Ok(pair) => pair,
-            Err(reason) => return refused(&reason, label),
+            Err(reason) => return refused("no_backend", &reason, label, (client_addr, via)),
         },
         _ = force_close.cancelled() => return,
     };
@@ -196,6 +249,44 @@ async fn serve(
     // what an open connection keeps alive is what idle connections cost in memory.
     let series = metrics.backend(endpoint.addr);
     series.active.inc();
+    let mut early = 0;
+    if proxy_protocol != Version::Off || !first.is_empty() {
+        early = first.len();
+        let mut out = Vec::new();
+        if proxy_protocol != Version::Off {
+            // Where the client connected: known without a system call unless the
+            // route listens on every address.
+            let destination = match to {
+                Some(dst) => Ok(dst),
+                None if !route.listen.ip().is_unspecified() => Ok(route.listen),
+                None => client.local_addr().map(canonical),
+            };
+            let destination = destination.unwrap_or(SocketAddr::new(peer.ip(), 0));
+            let addrs = proxy_protocol::Addresses {
+                source: client_addr,
+                destination,
+            };
+            proxy_protocol::encode(proxy_protocol, &addrs, &mut out);
+        }
+        out.append(&mut first);
+        if early == 0 {
+            early = header::take_ready(&client, &mut out);
+        }
+        let wrote = tokio::select! {
+            r = header::write_all(&backend, &out) => r,
+            _ = force_close.cancelled() => Err(io::ErrorKind::ConnectionAborted.into()),
+        };
+        if let Err(e) = wrote {
+            series.active.dec();
+            series.finished("backend_error");
+            warn!(target: ACCESS, listen = %route.listen, client = %client_addr, route = label, backend = %endpoint,
+                sent = 0u64, received = 0u64, duration_ms = start.elapsed().as_millis() as u64,
+                close = %"backend_error", error = %e, via = via.map(tracing::field::display),
+                "connection aborted");
+            return;
+        }
+        series.sent.inc_by(early as u64);
+    }
     let t = copy::pipe_with(
         settings.copy,
         &client,
@@ -219,17 +310,24 @@ async fn serve(
         let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
     }
     let duration_ms = start.elapsed().as_millis() as u64;
+    let sent = t.sent + early as u64;
+    let via = via.map(tracing::field::display);
     match (t.close.error(), reset) {
         (Some(error), Some((reset, _))) => {
-            warn!(target: ACCESS, listen = %route.listen, client = %peer, route = label, backend = %endpoint,
-            sent = t.sent, received = t.received, duration_ms, close = %t.close, error = %error, reset = %reset,
+            warn!(target: ACCESS, listen = %route.listen, client = %client_addr, route = label, backend = %endpoint,
+            sent, received = t.received, duration_ms, close = %t.close, error = %error, reset = %reset, via,
             "connection aborted")
         }
         _ => {
-            info!(target: ACCESS, listen = %route.listen, client = %peer, route = label, backend = %endpoint,
-            sent = t.sent, received = t.received, duration_ms, close = %t.close, "connection closed")
+            info!(target: ACCESS, listen = %route.listen, client = %client_addr, route = label, backend = %endpoint,
+            sent, received = t.received, duration_ms, close = %t.close, via, "connection closed")
         }
     }
+}
+
+/// An address with an IPv4-mapped IPv6 address (a dual-stack listener's) made IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// A non-blocking connect to `addr` with TCP_NODELAY set before it. Success is read from

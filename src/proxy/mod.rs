@@ -7,12 +7,15 @@
 //!   copy, log once.
 //! - [`balance`] (the order a connection tries backends in), [`copy`] (moving bytes),
 //!   [`omni`] (routing by the connecting container), [`listen`] (sockets) and
-//!   [`workers`] (the data threads).
+//!   [`workers`] (the data threads), [`header`] (the PROXY protocol on the sockets) and
+//!   [`limit`] (connection limits).
 
 pub mod balance;
 pub mod check;
 pub mod copy;
 pub mod forward;
+pub mod header;
+pub mod limit;
 pub mod listen;
 pub mod omni;
 pub mod route;

@@ -8,7 +8,8 @@
 //! every container that declares the same spec and stopped once none does.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 
 use socket2::SockRef;
@@ -18,10 +19,12 @@ use tracing::debug;
 
 use super::balance::Balancer;
 use super::check::Checker;
+use super::limit::{self, Slot};
 use crate::config::CheckConfig;
 use crate::discovery::Discovery;
 use crate::docker::index::ContainerIndex;
 use crate::metrics::Metrics;
+use crate::proxy_protocol::Version;
 use crate::spec::Spec;
 
 /// Why an omni connection has nowhere to go.
@@ -36,6 +39,25 @@ pub enum OmniError {
     NotDeclared { container: String, port: u16 },
     #[error("cannot read the local address: {0}")]
     LocalAddr(std::io::Error),
+    #[error(
+        "container '{}' has its limit of {max} connections to port {port} open (ambassadord.max-connections.{port})",
+        crate::logsafe::outside(container)
+    )]
+    AtLimit {
+        container: String,
+        port: u16,
+        max: u32,
+    },
+}
+
+impl OmniError {
+    /// The `connections_refused` reason it counts as.
+    pub fn refusal(&self) -> &'static str {
+        match self {
+            OmniError::AtLimit { .. } => "max_connections",
+            _ => "no_backend",
+        }
+    }
 }
 
 /// Where one omni connection goes.
@@ -43,6 +65,12 @@ pub struct OmniRoute {
     pub balancer: Arc<Balancer>,
     /// `container:port`, for the connection's log line.
     pub label: String,
+    /// Where the container was really connecting to (its PROXY header's destination).
+    pub to: SocketAddr,
+    /// The container's own choice of header toward the backend, if it made one.
+    pub proxy_protocol: Option<Version>,
+    /// Its place under the container's limit for the port, if it set one.
+    pub slot: Option<Slot>,
 }
 
 struct Shared {
@@ -55,6 +83,8 @@ pub struct Omni {
     discovery: Arc<Discovery>,
     metrics: Arc<Metrics>,
     sources: Mutex<HashMap<Spec, Shared>>,
+    /// Open connections by (container id, port), for the containers that limit theirs.
+    open: Mutex<HashMap<(String, u16), Arc<AtomicU32>>>,
     /// The route's active checks, applied to every source it starts.
     checks: Option<(Arc<Checker>, CheckConfig)>,
     stop: CancellationToken,
@@ -75,6 +105,7 @@ impl Omni {
             discovery,
             metrics,
             sources: Mutex::new(HashMap::new()),
+            open: Mutex::default(),
             checks,
             stop,
         });
@@ -88,7 +119,8 @@ impl Omni {
 
     /// Finds where `client` (connected from `peer`) should go, or says why it cannot.
     pub async fn route(&self, client: &TcpStream, peer: IpAddr) -> Result<OmniRoute, OmniError> {
-        let port = original_port(client, peer)?;
+        let to = original_dst(client, peer)?;
+        let port = to.port();
         let count = |result| self.metrics.omni_lookup(result);
         count(if self.index.get(peer).is_some() {
             "hit"
@@ -105,15 +137,34 @@ impl Omni {
         let Some(container) = container else {
             return Err(OmniError::NoContainer { peer, port });
         };
-        let Some(spec) = container.declarations.get(&port) else {
+        let Some(declared) = container.declarations.get(&port) else {
             return Err(OmniError::NotDeclared {
                 container: container.name.clone(),
                 port,
             });
         };
+        let slot = match declared.max_connections {
+            None => None,
+            Some(max) => {
+                let count = {
+                    let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+                    open.entry((container.id.clone(), port))
+                        .or_default()
+                        .clone()
+                };
+                Some(limit::take(&count, max).ok_or_else(|| OmniError::AtLimit {
+                    container: container.name.clone(),
+                    port,
+                    max,
+                })?)
+            }
+        };
         Ok(OmniRoute {
-            balancer: self.source_for(spec),
+            balancer: self.source_for(&declared.spec),
             label: format!("{}:{port}", crate::logsafe::outside(&container.name)),
+            to,
+            proxy_protocol: declared.proxy_protocol,
+            slot,
         })
     }
 
@@ -154,8 +205,19 @@ impl Omni {
                 .index
                 .containers()
                 .iter()
-                .flat_map(|c| c.declarations.values().cloned())
+                .flat_map(|c| c.declarations.values().map(|d| d.spec.clone()))
                 .collect();
+            // The limit counts of containers that are gone, and that no connection holds.
+            let running: HashSet<String> = self
+                .index
+                .containers()
+                .iter()
+                .map(|c| c.id.clone())
+                .collect();
+            self.open
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(id, _), count| running.contains(id) || Arc::strong_count(count) > 1);
             let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
             sources.retain(|spec, shared| {
                 let keep = declared.contains(spec);
@@ -180,10 +242,10 @@ impl Omni {
     }
 }
 
-/// The port the client was really connecting to before the nat REDIRECT. A socket that
-/// was not redirected has no original destination (ENOENT), and its own local port is
-/// then the answer. `peer` is the client's canonical address.
-pub fn original_port(stream: &TcpStream, peer: IpAddr) -> Result<u16, OmniError> {
+/// Where the client was really connecting to before the nat REDIRECT. A socket that
+/// was not redirected has no original destination (ENOENT), and its own local address
+/// is then the answer. `peer` is the client's canonical address.
+pub fn original_dst(stream: &TcpStream, peer: IpAddr) -> Result<SocketAddr, OmniError> {
     // On a dual-stack listener an IPv4 client arrives v4-mapped and answers the IPv4
     // option; an IPv6 client answers only the IPv6 one. The local address is read only
     // when neither answers: one system call fewer on the usual, redirected path.
@@ -193,10 +255,7 @@ pub fn original_port(stream: &TcpStream, peer: IpAddr) -> Result<u16, OmniError>
         IpAddr::V6(_) => sock.original_dst_v6(),
     };
     if let Some(addr) = original.ok().and_then(|sa| sa.as_socket()) {
-        return Ok(addr.port());
+        return Ok(addr);
     }
-    stream
-        .local_addr()
-        .map(|local| local.port())
-        .map_err(OmniError::LocalAddr)
+    stream.local_addr().map_err(OmniError::LocalAddr)
 }

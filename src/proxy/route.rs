@@ -9,15 +9,16 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, RwLock};
 
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::info;
 
 use super::balance::{BackendState, Balancer};
 use super::check::Checker;
 use super::omni::Omni;
-use crate::config::{DockerHost, RouteConfig, RouteTarget};
+use crate::config::{DockerHost, RouteConfig, RouteOptions, RouteTarget};
 use crate::discovery::Discovery;
 use crate::docker::index::{ContainerIndex, DockerError};
 use crate::metrics::{Metrics, RouteMetrics};
@@ -55,6 +56,9 @@ pub struct Route {
     pub stop_accepting: CancellationToken,
     /// Its counters: the one source for `/metrics` and the admin view.
     pub metrics: RouteMetrics,
+    /// Connections holding one of its `max_connections` slots, across every target it
+    /// switches to (a reload does not forget the ones still open).
+    pub slots: Arc<AtomicU32>,
 }
 
 /// A route's current target and the discovery serving it. Dropping the last reference
@@ -67,12 +71,29 @@ pub struct Active {
     pub redirect: Option<Arc<Redirect>>,
     /// The active checks it was started with (a reload that changes them restarts it).
     pub check: Option<crate::config::CheckConfig>,
-    stop: CancellationToken,
+    /// The PROXY protocol and limit options; a reload that changes only these keeps
+    /// what serves the target ([`Active::with_options`]).
+    pub options: RouteOptions,
+    /// Stops the target's discovery when the last `Active` sharing it goes.
+    _stop: Arc<DropGuard>,
 }
 
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.stop.cancel();
+impl Active {
+    /// The same target (its discovery, router and redirect keep running) with other
+    /// options.
+    pub fn with_options(&self, options: RouteOptions) -> Arc<Active> {
+        Arc::new(Active {
+            target: match &self.target {
+                Target::Fixed(b) => Target::Fixed(b.clone()),
+                Target::Omni(o) => Target::Omni(o.clone()),
+            },
+            config: self.config.clone(),
+            kind: self.kind,
+            redirect: self.redirect.clone(),
+            check: self.check.clone(),
+            options,
+            _stop: self._stop.clone(),
+        })
     }
 }
 
@@ -204,7 +225,8 @@ impl Targets {
             kind,
             redirect,
             check: rc.check.clone(),
-            stop,
+            options: rc.options.clone(),
+            _stop: Arc::new(stop.drop_guard()),
         }))
     }
 }
@@ -224,6 +246,7 @@ impl Route {
             metrics: metrics.route(&listen.to_string()),
             active: RwLock::new(active),
             stop_accepting: CancellationToken::new(),
+            slots: Arc::default(),
         }
     }
 

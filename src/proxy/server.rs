@@ -323,11 +323,16 @@ impl Server {
         // A changed route switches once its new source has a first result (bounded), so
         // connections arriving during the switch are not refused for want of backends.
         let mut changed = Vec::new();
+        let mut options_changed = Vec::new();
         for rc in &config.routes {
-            if let Some(route) = current.get(&rc.listen.to_string())
-                && (route.active().config != rc.target || route.active().check != rc.check)
-            {
+            let Some(route) = current.get(&rc.listen.to_string()) else {
+                continue;
+            };
+            let active = route.active();
+            if active.config != rc.target || active.check != rc.check {
                 changed.push((route.clone(), targets.start(rc, route.listen, docker_host)?));
+            } else if active.options != rc.options {
+                options_changed.push((route.clone(), active.with_options(rc.options.clone())));
             }
         }
         let first_results = futures_util::future::join_all(changed.iter().map(|(_, a)| async {
@@ -341,6 +346,10 @@ impl Server {
         // Every new listener is bound and every new source started: nothing fails now.
         for (route, active) in changed {
             info!(listen = %route.listen, from = %route.active().config, to = %active.config, "route changed; open connections keep their backend");
+            route.switch(active);
+        }
+        for (route, active) in options_changed {
+            info!(listen = %route.listen, "route options changed; open connections keep theirs");
             route.switch(active);
         }
         let mut next = BTreeMap::new();

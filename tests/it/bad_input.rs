@@ -125,6 +125,47 @@ fn bad_flags_exit_64() {
     assert_rejected(&["--frobnicate", "a:1"], &[], 64, "--frobnicate");
 }
 
+/// Each bad route option is bad usage at start, named with where it came from.
+#[test]
+fn bad_route_options_exit_64_naming_the_value() {
+    assert_rejected(
+        &["--proxy-protocol", "v3", "a:1"],
+        &[],
+        64,
+        "--proxy-protocol 'v3': not a PROXY protocol version (off, v1, v2)",
+    );
+    assert_rejected(
+        &["a:1"],
+        &[("AMBASSADORD_PROXY_PROTOCOL", "yes")],
+        64,
+        "AMBASSADORD_PROXY_PROTOCOL 'yes'",
+    );
+    assert_rejected(
+        &["--accept-proxy-protocol", "10.0.0.0/40", "a:1"],
+        &[],
+        64,
+        "'/40' is not a prefix length (0-32)",
+    );
+    assert_rejected(
+        &["--accept-proxy-protocol", "localhost", "a:1"],
+        &[],
+        64,
+        "'localhost' is not an IP address",
+    );
+    assert_rejected(
+        &["--max-connections", "0", "a:1"],
+        &[],
+        64,
+        "--max-connections '0': must be at least 1 (leave it out for no limit)",
+    );
+    assert_rejected(
+        &["a:1"],
+        &[("AMBASSADORD_MAX_CONNECTIONS", "x")],
+        64,
+        "AMBASSADORD_MAX_CONNECTIONS 'x': not a count of connections",
+    );
+}
+
 /// A Docker host omni mode cannot use is bad usage at start, named with where it came
 /// from, not a failure once the index first connects.
 #[test]

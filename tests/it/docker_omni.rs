@@ -624,3 +624,58 @@ fn a_bad_declaration_is_warned_once_and_shown_with_why() {
     });
     drop(c);
 }
+
+/// A container's own route options: `ambassadord.proxy-protocol.<port>` gives its
+/// backend a header naming the container's address and the port it connected to, and
+/// `ambassadord.max-connections.<port>` caps that container's open connections there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_declaration_sets_its_proxy_header_and_its_limit() {
+    let engine = engine();
+    let (mut amb, gateway, admin) = host_omni_with_admin(engine, "bridge");
+    let port = amb.addr.port();
+    let (backend, _) = crate::support::proxy_header::backend(&format!("{gateway}:0")).await;
+    let env = format!("BACKEND_{port}={}", backend.addr);
+    let pp = format!("ambassadord.proxy-protocol.{port}=v2");
+    let max = format!("ambassadord.max-connections.{port}=1");
+    let c = engine.container(
+        "pp",
+        &[
+            "-e",
+            &env,
+            "--label",
+            &pp,
+            "--label",
+            &max,
+            engine.busybox_image(),
+            "sleep",
+            "600",
+        ],
+    );
+    let ip = ip_on(engine, &c, "bridge");
+    let once = format!("echo | timeout 5 nc {gateway} {port}");
+    let line = eventually_sync("the container is served", || {
+        c.exec(&["sh", "-c", &once])
+            .ok()
+            .filter(|out| out.starts_with("SRC "))
+    });
+    let want = format!("DST {gateway}:{port} v2");
+    assert!(line.starts_with(&format!("SRC {ip}:")), "{line}");
+    assert!(line.trim_end().ends_with(&want), "{line}");
+    // One connection held open; a second one meanwhile is refused at once.
+    let two = format!(
+        "mkdir -p /tmp; (sleep 4 | nc {gateway} {port} > /tmp/first) & sleep 1; \
+         echo hi | timeout 3 nc {gateway} {port} > /tmp/second; wait; \
+         cat /tmp/first; echo ---; cat /tmp/second"
+    );
+    let out = c.exec(&["sh", "-c", &two]).unwrap();
+    let (first, second) = out.split_once("---").unwrap();
+    assert!(first.trim().starts_with(&format!("SRC {ip}:")), "{out}");
+    assert_eq!(second.trim(), "", "{out}");
+    let refused = amb.wait_for_log("has its limit of 1 connections to port");
+    assert!(refused.contains("connection refused"), "{refused}");
+    let series = format!(
+        "ambassadord_connections_refused_total{{route=\"{}\",reason=\"max_connections\"}}",
+        amb.addr
+    );
+    assert_eq!(admin::metric(admin, &series), 1.0);
+}

@@ -21,6 +21,7 @@ mod health_checks;
 mod logging;
 mod netfilter;
 mod operations;
+mod route_options;
 mod shutdown;
 mod standard_static;
 mod threads;

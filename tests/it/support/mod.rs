@@ -10,6 +10,7 @@ pub mod docker;
 pub mod etcd;
 pub mod netns;
 pub mod process;
+pub mod proxy_header;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
