@@ -22,6 +22,7 @@ pub mod endpoint;
 pub mod healthcheck;
 pub mod limits;
 pub mod logsafe;
+pub mod logwriter;
 pub mod metrics;
 pub mod netfilter;
 pub mod privilege;

@@ -4,8 +4,8 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use ambassadord::Config;
 use ambassadord::config::{Command, ConfigError, EXIT_USAGE, LogConfig, LogFormat};
+use ambassadord::{Config, logwriter};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
@@ -24,7 +24,7 @@ fn main() -> ExitCode {
         }
     };
     // Held to the end of main: dropping it writes out every line still queued.
-    *LOG_WRITER.lock().unwrap_or_else(|p| p.into_inner()) = Some(init_logging(command.log()));
+    *LOG_WRITER.lock().unwrap_or_else(|p| p.into_inner()) = init_logging(command.log());
     let _flush = FlushLog;
 
     let config = match command {
@@ -101,41 +101,51 @@ fn exit_after(outcome: Result<(), impl std::fmt::Display>) -> ExitCode {
     }
 }
 
-/// Logging to stderr through one writer thread: a connection's task formats its line
-/// and queues it, and never waits on stderr (a full pipe to `docker logs` stalls the
-/// writer, not forwarding). Up to [`LOG_QUEUE`] lines wait; beyond that new lines are
-/// dropped rather than blocking the data path. The returned guard writes out what is
-/// queued when it drops, at the end of `main`, so a clean shutdown loses no line.
-fn init_logging(log: &LogConfig) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logging to stderr through one writer thread ([`ambassadord::logwriter`]): a
+/// connection's task formats its line and appends it to a buffer, and never waits on
+/// stderr (a full pipe to `docker logs` stalls the writer, not forwarding). The returned
+/// guard writes out what is pending when it drops, at the end of `main`, so a clean
+/// shutdown loses no line.
+fn init_logging(log: &LogConfig) -> Option<logwriter::Guard> {
     // Config checked --log-level; a bad RUST_LOG falls back to info.
     let filter = match &log.filter {
         Some(f) => EnvFilter::try_new(f).unwrap_or_else(|_| EnvFilter::new("info")),
         None => EnvFilter::new("info"),
     };
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(LOG_QUEUE)
-        .lossy(true)
-        .thread_name("ambassadord-log")
-        .finish(std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer);
-    match log.format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let ansi = std::io::stderr().is_terminal();
+    // Without a thread for it (none can be made), lines are written where they happen.
+    match (logwriter::start(std::io::stderr()), log.format) {
+        (Ok((writer, guard)), LogFormat::Text) => {
+            builder.with_writer(writer).with_ansi(ansi).init();
+            Some(guard)
+        }
+        (Ok((writer, guard)), LogFormat::Json) => {
+            builder
+                .with_writer(writer)
+                .json()
+                .flatten_event(true)
+                .init();
+            Some(guard)
+        }
+        (Err(_), LogFormat::Text) => {
+            builder.with_writer(std::io::stderr).with_ansi(ansi).init();
+            None
+        }
+        (Err(_), LogFormat::Json) => {
+            builder
+                .with_writer(std::io::stderr)
+                .json()
+                .flatten_event(true)
+                .init();
+            None
+        }
     }
-    guard
 }
-
-/// Log lines that may wait for the writer thread. The queue is allocated up front (about
-/// 32 bytes a slot, the lines themselves apart), so it stays small: 8,192 lines absorb a
-/// burst while stderr is slow, and cost about 260 KiB of the idle process.
-const LOG_QUEUE: usize = 8_192;
 
 /// The log writer's guard: dropped (every queued line written) when `main` returns, or
 /// just before an immediate exit.
-static LOG_WRITER: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>> =
-    std::sync::Mutex::new(None);
+static LOG_WRITER: std::sync::Mutex<Option<logwriter::Guard>> = std::sync::Mutex::new(None);
 
 /// Writes out the queued log lines when `main` ends, however it returns.
 struct FlushLog;
