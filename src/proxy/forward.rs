@@ -158,6 +158,11 @@ async fn serve(
     }
     let _open = metrics.accepted();
     let options = &active.options;
+    // What the route is called in a refusal made before a backend is chosen.
+    let route_name = match &active.target {
+        Target::Fixed(balancer) => balancer.name(),
+        Target::Omni(_) => "omni",
+    };
     // Who the client is: the peer, or what a trusted upstream's header says.
     let mut client_addr = peer;
     let mut via = None;
@@ -177,7 +182,7 @@ async fn serve(
             None => {
                 let why =
                     format!("the route has its limit of {max} connections open (max_connections)");
-                return refused("max_connections", &why, "-", (peer, None));
+                return refused("max_connections", &why, route_name, (peer, None));
             }
         },
     };
@@ -197,7 +202,7 @@ async fn serve(
                 via = Some(peer);
             }
             Ok(None) => {}
-            Err(why) => return refused("proxy_header", &why, "-", (peer, None)),
+            Err(why) => return refused("proxy_header", &why, route_name, (peer, None)),
         }
     }
 

@@ -79,7 +79,8 @@ pub async fn read(
 /// system call when nothing is known to be there (its readiness is already known: the
 /// backend's connect took at least one turn of the event loop). Returns the count.
 pub fn take_ready(client: &TcpStream, out: &mut Vec<u8>) -> usize {
-    const EARLY: usize = 16 * 1024;
+    // Enough for a request's first flight; the copy reads whatever else there is.
+    const EARLY: usize = 4 * 1024;
     if !matches!(client.readable().now_or_never(), Some(Ok(()))) {
         return 0;
     }

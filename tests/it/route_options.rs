@@ -356,6 +356,9 @@ async fn max_connections_serves_exactly_the_limit() {
         || (amb.count_log("limit of 10 connections") == 40).then_some(()),
         || format!("40 refusals logged: {:#?}", amb.log()),
     );
+    let line = amb.wait_for_log("limit of 10 connections");
+    assert_eq!(field(&line, "route"), Some(echo.addr.to_string()), "{line}");
+    assert_eq!(field(&line, "close").as_deref(), Some("refused"), "{line}");
     // The ten still work, and while they are open an eleventh is still refused.
     for s in &mut served {
         s.get_mut().write_all(b"ping\n").await.unwrap();
