@@ -275,37 +275,27 @@ fn parse_v2(buf: &[u8]) -> Result<Parsed, HeaderError> {
     if transport != 1 {
         return Err(HeaderError::V2Transport(transport));
     }
+    // IPv4: two 4-byte addresses, then the ports; IPv6: two 16-byte ones.
+    let size = if family == 1 { 4 } else { 16 };
+    let needs = 2 * size + 4;
+    if extra < needs {
+        return Err(HeaderError::V2Short { len: extra, needs });
+    }
     let body = &buf[16..len];
-    let addrs = if family == 1 {
-        if extra < 12 {
-            return Err(HeaderError::V2Short {
-                len: extra,
-                needs: 12,
-            });
-        }
-        let ip = |at: usize| Ipv4Addr::new(body[at], body[at + 1], body[at + 2], body[at + 3]);
-        let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
-        Addresses {
-            source: SocketAddr::new(ip(0).into(), port(8)),
-            destination: SocketAddr::new(ip(4).into(), port(10)),
-        }
-    } else {
-        if extra < 36 {
-            return Err(HeaderError::V2Short {
-                len: extra,
-                needs: 36,
-            });
-        }
-        let ip = |at: usize| {
+    let ip = |at: usize| -> IpAddr {
+        let b = &body[at..at + size];
+        if size == 4 {
+            Ipv4Addr::new(b[0], b[1], b[2], b[3]).into()
+        } else {
             let mut octets = [0u8; 16];
-            octets.copy_from_slice(&body[at..at + 16]);
-            Ipv6Addr::from(octets)
-        };
-        let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
-        Addresses {
-            source: SocketAddr::new(ip(0).into(), port(32)),
-            destination: SocketAddr::new(ip(16).into(), port(34)),
+            octets.copy_from_slice(b);
+            Ipv6Addr::from(octets).into()
         }
+    };
+    let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
+    let addrs = Addresses {
+        source: SocketAddr::new(ip(0), port(2 * size)),
+        destination: SocketAddr::new(ip(size), port(2 * size + 2)),
     };
     // What follows the addresses (TLVs) is skipped: nothing here uses it.
     Ok(Parsed::Header {

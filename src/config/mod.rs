@@ -27,7 +27,7 @@ pub use types::*;
 
 use cli::Cli;
 use file::{FileCheck, FileConfig, FileRoute};
-use layer::{Layered, Layers, at, some_text, text};
+use layer::{Layers, at, some_text, text};
 pub use values::{parse_duration, parse_max_connections, parse_proxy_protocol};
 
 impl Command {
@@ -183,17 +183,17 @@ fn routes(
     env: &Environment,
 ) -> Result<(Vec<RouteConfig>, Vec<String>), String> {
     let checks = check_defaults(cli, file, layers)?;
-    let options = option_defaults(cli, file, layers)?;
+    let (options, accept_origin) = option_defaults(cli, file, layers)?;
     let mut routes = Vec::new();
     for (i, r) in file.route.iter().enumerate() {
         let place = format!("{}: route {}", layers.file_name(), i + 1);
         let mut route = file_route(r, &place)?;
         route.check = route_check(&checks, &r.check_options(), &place)?;
-        route.options = route_options(&options.value, r, &place)?;
+        route.options = route_options(&options, r, &place)?;
         if route.target == RouteTarget::Omni && !route.options.accept_proxy.is_empty() {
             let origin = match &r.accept_proxy_protocol {
                 Some(_) => format!("{place}: accept_proxy_protocol"),
-                None => options.origin.clone(),
+                None => accept_origin.clone(),
             };
             return Err(omni_accepts_no_proxy_header(&origin));
         }
@@ -211,16 +211,16 @@ fn routes(
         let (links, skipped) = link_routes(ip, env)?;
         routes.extend(links.into_iter().map(|mut r| {
             r.check = checks.on.then(|| checks.config.clone());
-            r.options = options.value.clone();
+            r.options = options.clone();
             r
         }));
         warnings.extend(skipped);
     } else if let Some(target) = cli_target(cli, layers)? {
         let mut route = cli_route(cli, layers, ip, target)?;
         route.check = checks.on.then(|| checks.config.clone());
-        route.options = options.value.clone();
+        route.options = options.clone();
         if route.target == RouteTarget::Omni && !route.options.accept_proxy.is_empty() {
-            return Err(omni_accepts_no_proxy_header(&options.origin));
+            return Err(omni_accepts_no_proxy_header(&accept_origin));
         }
         routes.push(route);
     }
@@ -318,12 +318,12 @@ fn omni_accepts_no_proxy_header(origin: &str) -> String {
 }
 
 /// The route options every route starts from (flags and environment over the file's
-/// top level over the defaults); `origin` names where the trusted sources came from.
+/// top level over the defaults), and where the trusted sources came from (for errors).
 fn option_defaults(
     cli: &Cli,
     file: &FileConfig,
     layers: &Layers,
-) -> Result<Layered<RouteOptions>, String> {
+) -> Result<(RouteOptions, String), String> {
     let proxy_protocol = layers
         .pick(
             "proxy_protocol",
@@ -344,33 +344,28 @@ fn option_defaults(
         None => Vec::new(),
         Some(v) => v.parse(values::parse_cidrs)?,
     };
-    let max = |n: &i64| values::parse_max_connections(&n.to_string());
-    let max_connections = match &cli.max_connections {
-        Some(s) if layers.given("max_connections") => Some(
+    let from_cli = match &cli.max_connections {
+        None => None,
+        Some(s) => Some(
             layers
                 .cli("max_connections", s.clone())
                 .parse(values::parse_max_connections)?,
         ),
-        _ => {
-            layers
-                .pick(
-                    "max_connections",
-                    None,
-                    file.max_connections.as_ref(),
-                    |n| max(n).map(Some),
-                )?
-                .value
-        }
     };
-    Ok(Layered {
-        value: RouteOptions {
-            proxy_protocol,
-            accept_proxy,
-            max_connections,
-        },
-        origin,
-        explicit: true,
-    })
+    let max_connections = layers
+        .pick(
+            "max_connections",
+            from_cli,
+            file.max_connections.as_ref(),
+            |n| values::parse_max_connections(&n.to_string()).map(Some),
+        )?
+        .value;
+    let options = RouteOptions {
+        proxy_protocol,
+        accept_proxy,
+        max_connections,
+    };
+    Ok((options, origin))
 }
 
 /// A `[[route]]`'s options: its own over the defaults.

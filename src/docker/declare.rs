@@ -137,26 +137,18 @@ pub fn declarations(
     for (port, spec) in specs {
         let opts = options.remove(&port).unwrap_or_default();
         let mut skipped = Vec::new();
-        let proxy_protocol = match opts.proxy_protocol {
-            None => None,
-            Some((origin, v)) => match crate::config::parse_proxy_protocol(&v) {
-                Ok(version) => Some(version),
-                Err(why) => {
-                    skipped.push(option_problem(container, &origin, &v, &why));
-                    None
-                }
-            },
-        };
-        let max_connections = match opts.max_connections {
-            None => None,
-            Some((origin, v)) => match crate::config::parse_max_connections(&v) {
-                Ok(n) => Some(n),
-                Err(why) => {
-                    skipped.push(option_problem(container, &origin, &v, &why));
-                    None
-                }
-            },
-        };
+        let proxy_protocol = option_value(
+            container,
+            opts.proxy_protocol,
+            crate::config::parse_proxy_protocol,
+            &mut skipped,
+        );
+        let max_connections = option_value(
+            container,
+            opts.max_connections,
+            crate::config::parse_max_connections,
+            &mut skipped,
+        );
         if !skipped.is_empty() {
             problems.extend(skipped);
             continue;
@@ -206,6 +198,19 @@ fn set_option(
     } else {
         slot.max_connections = value;
     }
+}
+
+/// One option's value, parsed; a bad one is added to `skipped`.
+fn option_value<T>(
+    container: &str,
+    option: Option<(String, String)>,
+    parse: fn(&str) -> Result<T, String>,
+    skipped: &mut Vec<String>,
+) -> Option<T> {
+    let (origin, value) = option?;
+    parse(&value)
+        .map_err(|why| skipped.push(option_problem(container, &origin, &value, &why)))
+        .ok()
 }
 
 /// A bad option value: the whole declaration for its port is skipped, so a container

@@ -190,7 +190,7 @@ async fn serve(
     // or what had arrived when the backend connected (sent with our header, in one write).
     let mut first = Vec::new();
     let mut to: Option<SocketAddr> = None;
-    if !options.accept_proxy.is_empty() && options.trusts(peer.ip()) {
+    if options.trusts(peer.ip()) {
         let read = tokio::select! {
             r = header::read(&client, &mut first) => r,
             _ = force_close.cancelled() => return,
@@ -226,7 +226,7 @@ async fn serve(
                     if key == "no_backend" {
                         metrics.connect_failed(None, "no_backend");
                     }
-                    return refused(key, &reason, "omni", (peer, None));
+                    return refused(key, &reason, route_name, (peer, None));
                 }
             }
         }
@@ -254,34 +254,31 @@ async fn serve(
     // what an open connection keeps alive is what idle connections cost in memory.
     let series = metrics.backend(endpoint.addr);
     series.active.inc();
-    let mut early = 0;
-    if proxy_protocol != Version::Off || !first.is_empty() {
-        early = first.len();
-        let mut out = Vec::new();
-        if proxy_protocol != Version::Off {
-            // Where the client connected: known without a system call unless the
-            // route listens on every address.
-            let destination = match to {
-                Some(dst) => Ok(dst),
-                None if !route.listen.ip().is_unspecified() => Ok(route.listen),
-                None => client.local_addr().map(canonical),
-            };
-            let destination = destination.unwrap_or(SocketAddr::new(peer.ip(), 0));
-            let addrs = proxy_protocol::Addresses {
-                source: client_addr,
-                destination,
-            };
-            proxy_protocol::encode(proxy_protocol, &addrs, &mut out);
-        }
-        out.append(&mut first);
-        if early == 0 {
-            early = header::take_ready(&client, &mut out);
-        }
-        let wrote = tokio::select! {
-            r = header::write_all(&backend, &out) => r,
-            _ = force_close.cancelled() => Err(io::ErrorKind::ConnectionAborted.into()),
+    // Where the client connected, for our header: known without a system call unless
+    // the route listens on every address.
+    let header = (proxy_protocol != Version::Off).then(|| {
+        let destination = match to {
+            Some(dst) => Ok(dst),
+            None if !route.listen.ip().is_unspecified() => Ok(route.listen),
+            None => client.local_addr().map(canonical),
         };
-        if let Err(e) = wrote {
+        let addrs = proxy_protocol::Addresses {
+            source: client_addr,
+            destination: destination.unwrap_or(SocketAddr::new(peer.ip(), 0)),
+        };
+        (proxy_protocol, addrs)
+    });
+    let ahead = if header.is_none() && first.is_empty() {
+        Ok(0) // the usual case: nothing goes ahead of the copy
+    } else {
+        tokio::select! {
+            r = header::send_ahead(&backend, &client, header, first) => r,
+            _ = force_close.cancelled() => Err(io::ErrorKind::ConnectionAborted.into()),
+        }
+    };
+    let early = match ahead {
+        Ok(n) => n as u64,
+        Err(e) => {
             series.active.dec();
             series.finished("backend_error");
             warn!(target: ACCESS, listen = %route.listen, client = %client_addr, route = label, backend = %endpoint,
@@ -290,8 +287,8 @@ async fn serve(
                 "connection aborted");
             return;
         }
-        series.sent.inc_by(early as u64);
-    }
+    };
+    series.sent.inc_by(early);
     let t = copy::pipe_with(
         settings.copy,
         &client,
@@ -315,7 +312,7 @@ async fn serve(
         let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
     }
     let duration_ms = start.elapsed().as_millis() as u64;
-    let sent = t.sent + early as u64;
+    let sent = t.sent + early;
     let via = via.map(tracing::field::display);
     match (t.close.error(), reset) {
         (Some(error), Some((reset, _))) => {

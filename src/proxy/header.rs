@@ -75,10 +75,34 @@ pub async fn read(
     }
 }
 
+/// Writes to the backend what must come before the copy: our `header` (a version and
+/// the addresses it names), then `pending` (client bytes that followed a trusted
+/// header) or else whatever the client has already sent, all in one write. Returns how
+/// many client bytes it wrote.
+pub async fn send_ahead(
+    backend: &TcpStream,
+    client: &TcpStream,
+    header: Option<(proxy_protocol::Version, Addresses)>,
+    pending: Vec<u8>,
+) -> io::Result<usize> {
+    let mut out = Vec::new();
+    if let Some((version, addrs)) = &header {
+        proxy_protocol::encode(*version, addrs, &mut out);
+    }
+    let early = if pending.is_empty() {
+        take_ready(client, &mut out)
+    } else {
+        out.extend_from_slice(&pending);
+        pending.len()
+    };
+    write_all(backend, &out).await?;
+    Ok(early)
+}
+
 /// Appends to `out` what the client has already sent, without waiting and without a
 /// system call when nothing is known to be there (its readiness is already known: the
 /// backend's connect took at least one turn of the event loop). Returns the count.
-pub fn take_ready(client: &TcpStream, out: &mut Vec<u8>) -> usize {
+fn take_ready(client: &TcpStream, out: &mut Vec<u8>) -> usize {
     // Enough for a request's first flight; the copy reads whatever else there is.
     const EARLY: usize = 4 * 1024;
     if !matches!(client.readable().now_or_never(), Some(Ok(()))) {
@@ -92,7 +116,7 @@ pub fn take_ready(client: &TcpStream, out: &mut Vec<u8>) -> usize {
 }
 
 /// Writes all of `bytes` to `stream` (a fresh socket takes them in one write).
-pub async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
         match stream.try_write(bytes) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

@@ -14,6 +14,20 @@ use ambassadord::discovery::consul::ConsulSource;
 use ambassadord::discovery::dns::Resolver;
 use ambassadord::spec::{KvSpec, ServiceSpec, Spec};
 
+/// The source's next list of `len` backends (as text), waiting past shorter ones;
+/// fails with `what` if none comes.
+async fn next_with(source: &mut ConsulSource, len: usize, what: &str) -> String {
+    let wait = async {
+        loop {
+            let list = source.next().await.unwrap();
+            if list.0.len() == len {
+                return list.to_string();
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, wait).await.expect(what)
+}
+
 fn kv_spec(consul: &ConsulEmulator, path: &str) -> KvSpec {
     match Spec::parse(&consul.url(path)).unwrap() {
         Spec::Consul(kv) => kv,
@@ -646,17 +660,8 @@ async fn source_index_going_backwards_resets_the_watch() {
 
     // Index 4: far below the 20 the source held before the restore.
     consul.put("svc/b", "127.0.0.1:2000");
-    let list = tokio::time::timeout(DEADLINE, async {
-        loop {
-            let list = source.next().await.unwrap();
-            if list.0.len() == 2 {
-                return list;
-            }
-        }
-    })
-    .await
-    .expect("the write after the restore was not seen");
-    assert_eq!(list.to_string(), "127.0.0.1:1020,127.0.0.1:2000");
+    let list = next_with(&mut source, 2, "the write after the restore was not seen").await;
+    assert_eq!(list, "127.0.0.1:1020,127.0.0.1:2000");
 }
 
 /// A store that restarts with a lower index between two requests (the source holding no
@@ -811,17 +816,13 @@ async fn service_source_index_going_backwards_resets_the_watch() {
     // Index 4: far below the 20 the source held before the restore.
     let index = consul.register("n2", "127.0.0.1", "redis-2", "redis", 2000, &[], "passing");
     assert_eq!(index, 4);
-    let list = tokio::time::timeout(DEADLINE, async {
-        loop {
-            let list = source.next().await.unwrap();
-            if list.0.len() == 2 {
-                return list;
-            }
-        }
-    })
-    .await
-    .expect("the registration after the restore was not seen");
-    assert_eq!(list.to_string(), "127.0.0.1:1020,127.0.0.1:2000");
+    let list = next_with(
+        &mut source,
+        2,
+        "the registration after the restore was not seen",
+    )
+    .await;
+    assert_eq!(list, "127.0.0.1:1020,127.0.0.1:2000");
 }
 
 /// Errors name the server and the service (with its tag and dc) and say what was

@@ -673,9 +673,5 @@ async fn a_declaration_sets_its_proxy_header_and_its_limit() {
     assert_eq!(second.trim(), "", "{out}");
     let refused = amb.wait_for_log("has its limit of 1 connections to port");
     assert!(refused.contains("connection refused"), "{refused}");
-    let series = format!(
-        "ambassadord_connections_refused_total{{route=\"{}\",reason=\"max_connections\"}}",
-        amb.addr
-    );
-    assert_eq!(admin::metric(admin, &series), 1.0);
+    assert_eq!(admin::refused(admin, amb.addr, "max_connections"), 1.0);
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+use crate::support::etcd::free_port;
 use crate::support::proxy_header::{self, Seen};
 use crate::support::*;
 
@@ -165,14 +166,6 @@ fn fmt_hap(addr: SocketAddr) -> String {
     format!("{}:{}", addr.ip(), addr.port())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A trusted upstream's header (either version, TLVs and all) stands for the client: in
 /// our own header to the backend and in the access log, with the real peer as `via`.
 #[tokio::test(flavor = "multi_thread")]
@@ -307,14 +300,7 @@ async fn a_trusted_source_without_a_valid_header_is_closed() {
         seen.lock().unwrap().is_empty(),
         "the backend was reached: {seen:?}"
     );
-    let refused = admin::metric(
-        admin,
-        &format!(
-            "ambassadord_connections_refused_total{{route=\"{}\",reason=\"proxy_header\"}}",
-            amb.addr
-        ),
-    );
-    assert_eq!(refused, 4.0);
+    assert_eq!(admin::refused(admin, amb.addr, "proxy_header"), 4.0);
 }
 
 /// With `--max-connections 10`, of 50 clients at once exactly 10 are served and 40 are
@@ -346,11 +332,7 @@ async fn max_connections_serves_exactly_the_limit() {
     }
     assert_eq!(served.len(), 10);
     assert_eq!(refused, 40);
-    let series = format!(
-        "ambassadord_connections_refused_total{{route=\"{}\",reason=\"max_connections\"}}",
-        amb.addr
-    );
-    assert_eq!(admin::metric(admin, &series), 40.0);
+    assert_eq!(admin::refused(admin, amb.addr, "max_connections"), 40.0);
     wait_until(
         DEADLINE,
         || (amb.count_log("limit of 10 connections") == 40).then_some(()),

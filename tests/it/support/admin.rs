@@ -41,6 +41,14 @@ pub fn metric(admin: SocketAddr, series: &str) -> f64 {
     sample(&get_ok(admin, "/metrics"), series).unwrap_or(0.0)
 }
 
+/// Connections the route listening on `route` refused for `reason`, now.
+pub fn refused(admin: SocketAddr, route: SocketAddr, reason: &str) -> f64 {
+    metric(
+        admin,
+        &format!("ambassadord_connections_refused_total{{route=\"{route}\",reason=\"{reason}\"}}"),
+    )
+}
+
 /// The `/routes` entry of the endpoint `backend` (an address), in whichever route has
 /// it; fails the test when none does.
 pub fn endpoint(admin: SocketAddr, backend: &str) -> serde_json::Value {
