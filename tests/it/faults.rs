@@ -14,13 +14,20 @@ use crate::support::*;
 #[tokio::test(flavor = "multi_thread")]
 async fn descriptor_exhaustion_is_not_blamed_on_the_backend() {
     let backend = named_backend("127.0.0.1:0", "b").await;
-    let script = format!(
-        "ulimit -n 40 && exec {} --bind 127.0.0.1 --port 0 --admin 127.0.0.1:0 {}",
-        env!("CARGO_BIN_EXE_ambassadord"),
-        backend.addr
-    );
-    let mut amb = Ambassador::start_with_shell(&script);
+    let mut amb = Ambassador::on_loopback(&["--admin", "127.0.0.1:0", &backend.addr.to_string()]);
     let admin_addr = amb.admin_addr();
+    // Leave it an odd number of free descriptors. A forwarded connection takes two (the
+    // client and the backend), so connections cannot use them up exactly: one accept
+    // takes the last descriptor and its connect must fail. With an even number, each
+    // accept could be followed by its connect until none is left; then accept fails
+    // and no connect ever does.
+    let limit = limit_leaving(amb.pid(), 19).await;
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", amb.pid()))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("prlimit (util-linux) runs");
+    assert!(status.success(), "prlimit --nofile={limit}: {status}");
     let mut held = Vec::new();
     for _ in 0..60 {
         if let Ok(s) = TcpStream::connect(amb.addr).await {
@@ -60,6 +67,29 @@ async fn descriptor_exhaustion_is_not_blamed_on_the_backend() {
     // Connections still queued from the flood may take the last descriptors for a
     // moment; then the backend serves again.
     until_served_by(amb.addr, "b").await;
+}
+
+/// The descriptor limit that leaves process `pid` exactly `free` descriptor numbers
+/// to open, once its open descriptors have stopped changing (two looks 100 ms apart
+/// agree). A new descriptor takes the lowest free number below the limit, so what
+/// counts is the free numbers below it: descriptors numbered above it (such as a
+/// pipe inherited from the test harness) neither count nor matter.
+async fn limit_leaving(pid: u32, free: u64) -> u64 {
+    let open = move || -> Option<std::collections::BTreeSet<u64>> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()?
+            .map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    };
+    let open = eventually("the open descriptors to settle", || async move {
+        let before = open()?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (open()? == before).then_some(before)
+    })
+    .await;
+    (1..)
+        .find(|&limit| limit - open.range(..limit).count() as u64 == free)
+        .expect("some limit leaves that many")
 }
 
 /// A listener that never accepts, its accept queue full: a connect to it gets no answer
