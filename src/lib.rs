@@ -31,6 +31,7 @@ pub mod proxy_protocol;
 pub mod redirect;
 pub mod spec;
 pub mod status;
+pub mod tls;
 
 use std::sync::Arc;
 

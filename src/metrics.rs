@@ -123,7 +123,7 @@ impl Metrics {
         );
         registry.register(
             "connections_refused",
-            "Connections accepted and then refused, by route and reason: no_backend (none discovered, none answered, or omni found no declaration), max_connections (the route's or the omni declaration's limit), proxy_header (a trusted source's PROXY protocol header was missing or malformed)",
+            "Connections accepted and then refused, by route and reason: no_backend (none discovered, none answered, or omni found no declaration), max_connections (the route's or the omni declaration's limit), proxy_header (a trusted source's PROXY protocol header was missing or malformed), tls_handshake (a --tls-listen client's TLS handshake failed: no certificate, another CA, expired, ...), tls_not_allowed (its verified certificate has no name in tls_allow)",
             m.refused.clone(),
         );
         registry.register(
@@ -148,7 +148,7 @@ impl Metrics {
         );
         registry.register(
             "connect_failures",
-            "Failed backend connects by reason (refused, timeout, error, no_backend, local_resources); backend is empty for no_backend and local_resources (the proxy itself was out of descriptors, memory or ports)",
+            "Failed backend connects by reason (refused, timeout, error, tls (the TLS handshake with a tls+ backend failed), no_backend, local_resources); backend is empty for no_backend and local_resources (the proxy itself was out of descriptors, memory or ports)",
             m.connect_failures.clone(),
         );
         registry.register(

@@ -4,6 +4,7 @@
 //! message read in a container log points straight at the typo.
 //!
 //! ```text
+//! backend = [ "tls+" ] spec             ; tls+: each backend is reached over TLS
 //! spec    = static | srv | kv | service | docker
 //! static  = hostport *( "," hostport )    ; listens on the first port
 //! srv     = dns-name                      ; SRV records; listens on 10000
@@ -38,6 +39,46 @@ use crate::logsafe::outside;
 pub const DISCOVERY_LISTEN_PORT: u16 = 10000;
 pub const ETCD_DEFAULT_PORT: u16 = 2379;
 pub const CONSUL_DEFAULT_PORT: u16 = 8500;
+
+/// What a route's backend is, as written: where its backends are found, and whether
+/// each is reached over TLS (`tls+SPEC`). Discovery sees only the spec; the TLS is how
+/// the forwarder connects.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendSpec {
+    pub spec: Spec,
+    pub tls: bool,
+}
+
+/// The prefix of a backend reached over TLS.
+pub const TLS_PREFIX: &str = "tls+";
+
+impl BackendSpec {
+    pub fn parse(input: &str) -> Result<BackendSpec, SpecError> {
+        let (rest, tls) = match input.trim_start().strip_prefix(TLS_PREFIX) {
+            Some(rest) => (rest, true),
+            None => (input, false),
+        };
+        let spec = Spec::parse(rest).map_err(|e| SpecError {
+            spec: input.to_string(),
+            reason: e.reason,
+        })?;
+        Ok(BackendSpec { spec, tls })
+    }
+
+    /// A backend reached in plain TCP.
+    pub fn plain(spec: Spec) -> BackendSpec {
+        BackendSpec { spec, tls: false }
+    }
+}
+
+impl fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.tls {
+            f.write_str(TLS_PREFIX)?;
+        }
+        write!(f, "{}", self.spec)
+    }
+}
 
 /// A parsed backend spec.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -865,5 +906,36 @@ mod tests {
             Spec::parse("a:6379,b:6380").unwrap().default_listen_port(),
             6379
         );
+    }
+
+    #[test]
+    fn a_tls_prefix_marks_any_spec_as_reached_over_tls() {
+        for written in [
+            "tls+10.0.0.5:6379",
+            "tls+redis.service.consul",
+            "tls+consul://127.0.0.1:8500/svc/redis",
+            "tls+etcd://127.0.0.1:2379/svc",
+            "tls+consul-service://127.0.0.1:8500/redis",
+            "tls+docker://db:5432",
+        ] {
+            let b = BackendSpec::parse(written).unwrap();
+            assert!(b.tls, "{written}");
+            assert_eq!(b.spec, Spec::parse(&written[4..]).unwrap());
+            assert_eq!(b.to_string(), written);
+        }
+        let plain = BackendSpec::parse("10.0.0.5:6379").unwrap();
+        assert!(!plain.tls);
+        assert_eq!(plain.to_string(), "10.0.0.5:6379");
+    }
+
+    #[test]
+    fn a_bad_spec_after_tls_names_the_whole_value() {
+        let e = BackendSpec::parse("tls+10.0.0.5").unwrap_err();
+        assert_eq!(e.spec, "tls+10.0.0.5");
+        assert!(e.to_string().contains("missing ':PORT'"), "{e}");
+        let e = BackendSpec::parse("tls+").unwrap_err();
+        assert!(e.to_string().contains("'tls+'"), "{e}");
+        assert!(BackendSpec::parse("tls+tls+10.0.0.5:1").is_err());
+        assert!(BackendSpec::parse("ssl+10.0.0.5:1").is_err());
     }
 }

@@ -142,6 +142,34 @@ pub(super) struct Cli {
     #[arg(long, value_name = "N", env = "AMBASSADORD_MAX_CONNECTIONS")]
     pub(super) max_connections: Option<String>,
 
+    /// Certificate authorities (PEM) that TLS peers' certificates must chain to: a tls+ backend's, and with --tls-listen each client's; needed by any tls+ backend
+    #[arg(long, value_name = "FILE", env = "AMBASSADORD_TLS_CA")]
+    pub(super) tls_ca: Option<String>,
+
+    /// This ambassador's certificate chain (PEM), shown to clients on --tls-listen routes and to tls+ backends that ask for one
+    #[arg(long, value_name = "FILE", env = "AMBASSADORD_TLS_CERT")]
+    pub(super) tls_cert: Option<String>,
+
+    /// The private key (PEM) of --tls-cert; never logged
+    #[arg(long, value_name = "FILE", env = "AMBASSADORD_TLS_KEY")]
+    pub(super) tls_key: Option<String>,
+
+    /// The name a tls+ backend's certificate must be valid for [default: the backend's host name, or its address]
+    #[arg(long, value_name = "NAME", env = "AMBASSADORD_TLS_SERVER_NAME")]
+    pub(super) tls_server_name: Option<String>,
+
+    /// Clients speak TLS to the listener (--tls-cert and --tls-key); with --tls-ca each must present a certificate it signed
+    #[arg(
+        long,
+        env = "AMBASSADORD_TLS_LISTEN",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub(super) tls_listen: bool,
+
+    /// With --tls-listen and --tls-ca: accept only client certificates with one of these DNS or URI (spiffe://...) subject alternative names
+    #[arg(long, value_name = "NAME[,NAME...]", env = "AMBASSADORD_TLS_ALLOW")]
+    pub(super) tls_allow: Option<String>,
+
     /// Close a connection after this long with no bytes either way; "off" never does
     #[arg(
         long,

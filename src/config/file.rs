@@ -28,6 +28,12 @@ pub(super) struct FileConfig {
     pub(super) proxy_protocol: Option<String>,
     pub(super) accept_proxy_protocol: Option<String>,
     pub(super) max_connections: Option<i64>,
+    pub(super) tls_ca: Option<String>,
+    pub(super) tls_cert: Option<String>,
+    pub(super) tls_key: Option<String>,
+    pub(super) tls_server_name: Option<String>,
+    pub(super) tls_listen: Option<bool>,
+    pub(super) tls_allow: Option<String>,
     #[serde(default)]
     pub(super) route: Vec<FileRoute>,
 }
@@ -49,6 +55,9 @@ pub(super) struct FileRoute {
     pub(super) proxy_protocol: Option<String>,
     pub(super) accept_proxy_protocol: Option<String>,
     pub(super) max_connections: Option<i64>,
+    pub(super) tls_server_name: Option<String>,
+    pub(super) tls_listen: Option<bool>,
+    pub(super) tls_allow: Option<String>,
 }
 
 /// The check options as one place (the file's top level, or a route) gives them.

@@ -14,12 +14,13 @@ use std::net::{IpAddr, SocketAddr};
 use clap::ValueEnum;
 use clap::parser::ValueSource;
 
-use crate::spec::Spec;
+use crate::spec::{BackendSpec, Spec};
 
 mod cli;
 mod file;
 mod layer;
 pub mod links;
+mod tls;
 mod types;
 mod values;
 
@@ -145,6 +146,7 @@ fn serve(cli: &Cli, layers: &Layers, env: &Environment) -> Result<Config, String
     let dns = dns(cli, &file, layers)?;
     let docker_host = docker_host(cli, &file, layers, &routes)?;
     let admin = admin(cli, &file, layers)?;
+    let tls = tls::material(cli, &file, layers, &routes)?;
     let run_as = layers
         .pick(
             "run_as",
@@ -170,6 +172,7 @@ fn serve(cli: &Cli, layers: &Layers, env: &Environment) -> Result<Config, String
             .get("CONSUL_HTTP_TOKEN")
             .filter(|t| !t.is_empty())
             .map(Secret::new),
+        tls,
     })
 }
 
@@ -248,7 +251,7 @@ fn link_routes(
                 ip,
                 port: link.port,
             },
-            target: RouteTarget::Spec(Spec::Static(vec![link.target])),
+            target: RouteTarget::Spec(BackendSpec::plain(Spec::Static(vec![link.target]))),
             // Docker writes the alias upper-cased into the variable names.
             name: Some(link.alias.to_ascii_lowercase()),
             check: None,
@@ -274,7 +277,7 @@ fn cli_target(cli: &Cli, layers: &Layers) -> Result<Option<RouteTarget>, String>
                 .into(),
         ),
         (Some(backend), false) => {
-            let spec = Spec::parse(backend).map_err(|e| match layers.origin("backend") {
+            let spec = BackendSpec::parse(backend).map_err(|e| match layers.origin("backend") {
                 // The spec's own message already names the value as a backend.
                 o if o == "BACKEND" => e.to_string(),
                 o => format!("{e} (from {o})"),
@@ -293,7 +296,7 @@ fn cli_route(
     target: RouteTarget,
 ) -> Result<RouteConfig, String> {
     let port = match (&cli.port, &target) {
-        (None, RouteTarget::Spec(spec)) => spec.default_listen_port(),
+        (None, RouteTarget::Spec(b)) => b.spec.default_listen_port(),
         (None, RouteTarget::Omni) => OMNI_PORT,
         (Some(s), _) => layers.cli("port", s.clone()).parse(|s| {
             s.parse::<u16>()
@@ -364,6 +367,7 @@ fn option_defaults(
         proxy_protocol,
         accept_proxy,
         max_connections,
+        tls: tls::defaults(cli, file, layers)?,
     };
     Ok((options, origin))
 }
@@ -390,6 +394,7 @@ fn route_options(
             values::parse_max_connections(&v).map_err(|why| named("max_connections", &v, why))?,
         );
     }
+    options.tls = tls::route(&defaults.tls, r, place)?;
     Ok(options)
 }
 
@@ -434,10 +439,12 @@ fn file_route(r: &FileRoute, place: &str) -> Result<RouteConfig, String> {
                 "{place}: needs backend = \"HOST:PORT\" (or any spec), or omni = true"
             ));
         }
-        (Some(b), false) => RouteTarget::Spec(Spec::parse(b).map_err(|e| format!("{place}: {e}"))?),
+        (Some(b), false) => {
+            RouteTarget::Spec(BackendSpec::parse(b).map_err(|e| format!("{place}: {e}"))?)
+        }
     };
     let default_port = match &target {
-        RouteTarget::Spec(spec) => spec.default_listen_port(),
+        RouteTarget::Spec(b) => b.spec.default_listen_port(),
         RouteTarget::Omni => OMNI_PORT,
     };
     let listen = match r.listen.as_deref().map(str::trim) {
@@ -660,7 +667,7 @@ fn docker_host(
 ) -> Result<Option<DockerHost>, String> {
     let needs_docker = |r: &RouteConfig| match &r.target {
         RouteTarget::Omni => true,
-        RouteTarget::Spec(spec) => matches!(spec, Spec::Docker(_)),
+        RouteTarget::Spec(b) => matches!(b.spec, Spec::Docker(_)),
     };
     if !routes.iter().any(needs_docker) {
         return Ok(None);

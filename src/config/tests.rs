@@ -600,7 +600,11 @@ fn config_file_consul_service_routes() {
     let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
     assert_eq!(c.routes.len(), 2);
     assert_eq!(c.routes[0].listen.port, 10000);
-    let RouteTarget::Spec(Spec::ConsulService(svc)) = &c.routes[0].target else {
+    let RouteTarget::Spec(BackendSpec {
+        spec: Spec::ConsulService(svc),
+        ..
+    }) = &c.routes[0].target
+    else {
         panic!("not a consul-service route: {:?}", c.routes[0].target)
     };
     assert_eq!(

@@ -5,11 +5,12 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::ValueEnum;
 
-use crate::spec::Spec;
+use crate::spec::BackendSpec;
 
 /// Exit code for bad usage (EX_USAGE from sysexits.h).
 pub const EXIT_USAGE: u8 = 64;
@@ -73,6 +74,9 @@ pub struct Config {
     pub consul_token: Option<Secret>,
     /// `--run-as`: who a process started as root becomes once it listens.
     pub run_as: Option<RunAs>,
+    /// `--tls-ca`, `--tls-cert`, `--tls-key`, read (again on every reload) when any
+    /// route uses TLS; `None` when none does.
+    pub tls: Option<Arc<crate::tls::Material>>,
 }
 
 /// A numeric user and group (a FROM-scratch image has no names for them).
@@ -199,6 +203,22 @@ pub struct RouteOptions {
     pub accept_proxy: Vec<Cidr>,
     /// `--max-connections`: open connections beyond which new ones are refused.
     pub max_connections: Option<u32>,
+    pub tls: TlsOptions,
+}
+
+/// A route's TLS: on its listener, and the name checked on its `tls+` backends'
+/// certificates. The files are the configuration's ([`Config::tls`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    /// `--tls-listen`: clients speak TLS to this route (with `--tls-ca`, presenting a
+    /// certificate it signed).
+    pub listen: bool,
+    /// `--tls-allow`: a client certificate must carry one of these DNS or URI subject
+    /// alternative names (empty: any the CA signed).
+    pub allow: Vec<String>,
+    /// `--tls-server-name`: the name a `tls+` backend's certificate must be valid for,
+    /// instead of the backend's host name (or address).
+    pub server_name: Option<String>,
 }
 
 impl RouteOptions {
@@ -221,8 +241,8 @@ pub struct CheckConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteTarget {
-    /// Standard mode: one backend spec.
-    Spec(Spec),
+    /// Standard mode: one backend spec (`tls+` or not).
+    Spec(BackendSpec),
     /// Omni mode: each connecting container's own declaration for the port.
     Omni,
 }

@@ -14,7 +14,7 @@ use std::fmt;
 
 use crate::logsafe::outside;
 use crate::proxy_protocol::Version;
-use crate::spec::Spec;
+use crate::spec::BackendSpec;
 
 pub const ENV_PREFIX: &str = "BACKEND_";
 pub const LABEL_PREFIX: &str = "ambassadord.backend.";
@@ -27,7 +27,8 @@ const MAX_CONNECTIONS_ENV_SUFFIX: &str = "_MAX_CONNECTIONS";
 /// Where one port's connections go, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Declaration {
-    pub spec: Spec,
+    /// Where, and whether over TLS (`tls+`).
+    pub spec: BackendSpec,
     /// The header toward the backend; `None`: the route's (`--proxy-protocol`).
     pub proxy_protocol: Option<Version>,
     /// At most this many of the container's connections to the port open at once.
@@ -67,7 +68,7 @@ pub fn declarations(
     env: &[String],
     labels: &HashMap<String, String>,
 ) -> (Declarations, Vec<String>) {
-    let mut specs: BTreeMap<u16, Spec> = BTreeMap::new();
+    let mut specs: BTreeMap<u16, BackendSpec> = BTreeMap::new();
     let mut options: BTreeMap<u16, PortOptions> = BTreeMap::new();
     let mut problems = Vec::new();
     let mut labels: Vec<(&String, &String)> = labels.iter().collect();
@@ -230,7 +231,7 @@ fn add(
     key: &str,
     port: &str,
     value: &str,
-    found: &mut BTreeMap<u16, Spec>,
+    found: &mut BTreeMap<u16, BackendSpec>,
     problems: &mut Vec<String>,
 ) {
     let port = match parse_port(port) {
@@ -245,7 +246,7 @@ fn add(
             return;
         }
     };
-    match Spec::parse(value) {
+    match BackendSpec::parse(value) {
         Ok(spec) => {
             found.insert(port, spec);
         }

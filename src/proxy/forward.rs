@@ -20,8 +20,9 @@ use tracing::{debug, error, info, warn};
 
 use super::balance::{Balancer, NoBackend};
 use super::route::{Route, Target};
+use super::tls::{self, Connector, Stream};
 use super::{copy, header, limit};
-use crate::config::Settings;
+use crate::config::{RouteTarget, Settings};
 use crate::endpoint::Endpoint;
 use crate::metrics::RouteMetrics;
 use crate::proxy_protocol::{self, Version};
@@ -206,20 +207,57 @@ async fn serve(
         }
     }
 
+    // TLS on the listener: after a trusted PROXY header (outside the TLS, as HAProxy
+    // has it), before anything is routed. Bytes that followed the header are the
+    // handshake's.
+    let route_tls = active.tls.clone();
+    let client = match route_tls.as_ref().and_then(|t| t.acceptor.as_ref()) {
+        None => Stream::Plain(client),
+        Some(acceptor) => {
+            let handshake = timeout(
+                settings.connect_timeout,
+                tls::accept(acceptor, client, std::mem::take(&mut first)),
+            );
+            let done = tokio::select! {
+                r = handshake => r,
+                _ = force_close.cancelled() => return,
+            };
+            match done {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    let reason = match crate::tls::not_allowed(&e) {
+                        true => "tls_not_allowed",
+                        false => "tls_handshake",
+                    };
+                    let why = format!("TLS handshake: {}", crate::tls::describe(&e));
+                    return refused(reason, &why, route_name, (client_addr, via));
+                }
+                Err(_) => {
+                    let why = format!(
+                        "TLS handshake: not complete within {:?} (--connect-timeout)",
+                        settings.connect_timeout
+                    );
+                    return refused("tls_handshake", &why, route_name, (client_addr, via));
+                }
+            }
+        }
+    };
+    let tls_peer = client.peer_names();
+
     let (balancer, label, omni) = match &active.target {
         Target::Fixed(balancer) => (balancer.clone(), None, None),
         Target::Omni(omni) => {
             // Boxed: the lookup may call the Engine API, and that future is large; inline,
             // it would enlarge every connection's task, idle ones included.
             let routed = tokio::select! {
-                r = Box::pin(omni.route(&client, peer.ip())) => r,
+                r = Box::pin(omni.route(client.tcp(), peer.ip())) => r,
                 _ = force_close.cancelled() => return,
             };
             match routed {
                 Ok(r) => (
                     r.balancer,
                     Some(r.label),
-                    Some((r.to, r.proxy_protocol, r.slot)),
+                    Some((r.to, r.proxy_protocol, r.slot, r.tls)),
                 ),
                 Err(reason) => {
                     let key = reason.refusal();
@@ -232,17 +270,55 @@ async fn serve(
         }
     };
     let label = label.as_deref().unwrap_or(balancer.name());
-    // Omni: the container's own declaration may set the header, and holds its slot.
-    let (proxy_protocol, _declared_slot) = match omni {
-        Some((dst, declared, slot)) => {
+    // Omni: the container's own declaration may set the header and TLS, and holds
+    // its slot.
+    let (proxy_protocol, _declared_slot, upstream_tls) = match omni {
+        Some((dst, declared, slot, tls)) => {
             to = Some(dst);
-            (declared.unwrap_or(options.proxy_protocol), slot)
+            (declared.unwrap_or(options.proxy_protocol), slot, tls)
         }
-        None => (options.proxy_protocol, None),
+        None => {
+            let tls = matches!(&active.config, RouteTarget::Spec(b) if b.tls);
+            (options.proxy_protocol, None, tls)
+        }
+    };
+    let connector = match upstream_tls {
+        false => None,
+        true => match route_tls.as_ref().and_then(|t| t.connector.as_ref()) {
+            Some(connector) => Some(connector),
+            None => {
+                let why = "the backend is tls+ but this ambassador has no --tls-ca to check its certificate against";
+                metrics.connect_failed(None, "no_backend");
+                return refused("no_backend", &why, label, (client_addr, via));
+            }
+        },
     };
 
-    let (backend, endpoint) = tokio::select! {
-        r = connect(&balancer, &settings, metrics) => match r {
+    // Where the client connected, for our header: known without a system call unless
+    // the route listens on every address.
+    let header = (proxy_protocol != Version::Off).then(|| {
+        let destination = match to {
+            Some(dst) => Ok(dst),
+            None if !route.listen.ip().is_unspecified() => Ok(route.listen),
+            None => client.tcp().local_addr().map(canonical),
+        };
+        let addrs = proxy_protocol::Addresses {
+            source: client_addr,
+            destination: destination.unwrap_or(SocketAddr::new(peer.ip(), 0)),
+        };
+        (proxy_protocol, addrs)
+    });
+    // Both sides plain: the header goes with the client's first bytes, after the
+    // connect. With TLS on either side, the header goes before the backend's
+    // handshake, and client bytes only ever through the copy.
+    let plain = connector.is_none() && matches!(client, Stream::Plain(_));
+    let mut preamble = Vec::new();
+    if !plain && let Some((version, addrs)) = &header {
+        proxy_protocol::encode(*version, addrs, &mut preamble);
+    }
+
+    let (mut backend, endpoint) = tokio::select! {
+        r = connect(&balancer, &settings, metrics, connector, &preamble) => match r {
             Ok(pair) => pair,
             Err(reason) => return refused("no_backend", &reason, label, (client_addr, via)),
         },
@@ -254,27 +330,25 @@ async fn serve(
     // what an open connection keeps alive is what idle connections cost in memory.
     let series = metrics.backend(endpoint.addr);
     series.active.inc();
-    // Where the client connected, for our header: known without a system call unless
-    // the route listens on every address.
-    let header = (proxy_protocol != Version::Off).then(|| {
-        let destination = match to {
-            Some(dst) => Ok(dst),
-            None if !route.listen.ip().is_unspecified() => Ok(route.listen),
-            None => client.local_addr().map(canonical),
-        };
-        let addrs = proxy_protocol::Addresses {
-            source: client_addr,
-            destination: destination.unwrap_or(SocketAddr::new(peer.ip(), 0)),
-        };
-        (proxy_protocol, addrs)
-    });
-    let ahead = if header.is_none() && first.is_empty() {
-        Ok(0) // the usual case: nothing goes ahead of the copy
-    } else {
+    let ahead = if plain && (header.is_some() || !first.is_empty()) {
         tokio::select! {
-            r = header::send_ahead(&backend, &client, header, first) => r,
+            r = header::send_ahead(backend.tcp(), client.tcp(), header, first) => r,
             _ = force_close.cancelled() => Err(io::ErrorKind::ConnectionAborted.into()),
         }
+    } else if !first.is_empty() {
+        // Bytes that followed a trusted header, toward a TLS backend.
+        use tokio::io::AsyncWriteExt;
+        let len = first.len();
+        let write = async {
+            backend.write_all(&first).await?;
+            backend.flush().await
+        };
+        tokio::select! {
+            r = write => r.map(|()| len),
+            _ = force_close.cancelled() => Err(io::ErrorKind::ConnectionAborted.into()),
+        }
+    } else {
+        Ok(0) // the usual case: nothing goes ahead of the copy
     };
     let early = match ahead {
         Ok(n) => n as u64,
@@ -289,23 +363,36 @@ async fn serve(
         }
     };
     series.sent.inc_by(early);
-    let t = copy::pipe_with(
-        settings.copy,
-        &client,
-        &backend,
-        settings.idle_timeout,
-        &force_close,
-        (Some(&series.sent), Some(&series.received)),
-    )
-    .await;
+    let mut client = client;
+    let live = (Some(&series.sent), Some(&series.received));
+    let t = if plain {
+        copy::pipe_with(
+            settings.copy,
+            client.tcp(),
+            backend.tcp(),
+            settings.idle_timeout,
+            &force_close,
+            live,
+        )
+        .await
+    } else {
+        copy::pipe_streams(
+            &mut client,
+            &mut backend,
+            settings.idle_timeout,
+            &force_close,
+            live,
+        )
+        .await
+    };
     series.active.dec();
     series.finished(t.close.as_str());
     // An abort is passed on as an abort: a side that failed (a reset, most often) gets
     // the other side reset too (SO_LINGER 0 makes the close send RST), so a protocol that
     // ends a message with EOF never takes a truncated one as complete.
     let reset = match t.close {
-        copy::Close::ClientError(_) => Some(("backend", &backend)),
-        copy::Close::BackendError(_) => Some(("client", &client)),
+        copy::Close::ClientError(_) => Some(("backend", backend.tcp())),
+        copy::Close::BackendError(_) => Some(("client", client.tcp())),
         _ => None,
     };
     if let Some((_, socket)) = reset {
@@ -314,15 +401,16 @@ async fn serve(
     let duration_ms = start.elapsed().as_millis() as u64;
     let sent = t.sent + early;
     let via = via.map(tracing::field::display);
+    let tls_peer = tls_peer.map(|names| tracing::field::display(names.replace(", ", ",")));
     match (t.close.error(), reset) {
         (Some(error), Some((reset, _))) => {
             warn!(target: ACCESS, listen = %route.listen, client = %client_addr, route = label, backend = %endpoint,
-            sent, received = t.received, duration_ms, close = %t.close, error = %error, reset = %reset, via,
+            sent, received = t.received, duration_ms, close = %t.close, error = %error, reset = %reset, via, tls_peer,
             "connection aborted")
         }
         _ => {
             info!(target: ACCESS, listen = %route.listen, client = %client_addr, route = label, backend = %endpoint,
-            sent, received = t.received, duration_ms, close = %t.close, via, "connection closed")
+            sent, received = t.received, duration_ms, close = %t.close, via, tls_peer, "connection closed")
         }
     }
 }
@@ -356,11 +444,48 @@ async fn connect_to(addr: SocketAddr) -> io::Result<TcpStream> {
 
 /// Connects to the first endpoint in the balancer's order that accepts, trying each
 /// once. The error says why none could be used; each failure is counted by its reason.
+/// `upstream`'s TLS (if any) over a connected socket, with `preamble` (our PROXY header,
+/// when TLS is on either side) written first. The error is the reason for the failure
+/// count and the words for the log.
+async fn finish(
+    tcp: TcpStream,
+    endpoint: &Endpoint,
+    upstream: Option<&Connector>,
+    preamble: &[u8],
+    deadline: Duration,
+) -> Result<Stream, (&'static str, String)> {
+    if !preamble.is_empty() {
+        header::write_all(&tcp, preamble)
+            .await
+            .map_err(|e| ("error", format!("writing the PROXY header: {e}")))?;
+    }
+    let Some(connector) = upstream else {
+        return Ok(Stream::Plain(tcp));
+    };
+    match timeout(deadline, connector.connect(tcp, endpoint)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err((
+            "tls",
+            format!(
+                "TLS handshake (name checked: {}): {}",
+                connector.server_name(endpoint).to_str(),
+                crate::tls::describe(&e)
+            ),
+        )),
+        Err(_) => Err((
+            "tls",
+            format!("TLS handshake: not complete within {deadline:?} (--connect-timeout)"),
+        )),
+    }
+}
+
 async fn connect(
     balancer: &Balancer,
     settings: &Settings,
     metrics: &RouteMetrics,
-) -> Result<(TcpStream, Endpoint), ConnectError> {
+    upstream: Option<&Connector>,
+    preamble: &[u8],
+) -> Result<(Stream, Endpoint), ConnectError> {
     let plan = balancer
         .plan_when_discovered(settings.connect_timeout)
         .await
@@ -371,9 +496,21 @@ async fn connect(
     let mut failures = Vec::with_capacity(plan.len());
     for endpoint in plan.iter() {
         match timeout(settings.connect_timeout, connect_to(endpoint.addr)).await {
-            Ok(Ok(stream)) => {
-                balancer.connect_succeeded(endpoint.addr);
-                return Ok((stream, endpoint.clone()));
+            Ok(Ok(tcp)) => {
+                match finish(tcp, endpoint, upstream, preamble, settings.connect_timeout).await {
+                    Ok(stream) => {
+                        balancer.connect_succeeded(endpoint.addr);
+                        return Ok((stream, endpoint.clone()));
+                    }
+                    Err((reason, why)) => {
+                        debug!(backend = %endpoint, error = %why, "trying the next backend");
+                        metrics.connect_failed(Some(endpoint.addr), reason);
+                        if balancer.connect_failed(endpoint.addr, &why, settings.eject_after) {
+                            metrics.ejected(endpoint.addr);
+                        }
+                        failures.push(format!("{endpoint}: {why}"));
+                    }
+                }
             }
             Ok(Err(error)) if is_local_resource(&error) => {
                 // Trying the next backend would fail the same way.

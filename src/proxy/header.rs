@@ -116,7 +116,7 @@ fn take_ready(client: &TcpStream, out: &mut Vec<u8>) -> usize {
 }
 
 /// Writes all of `bytes` to `stream` (a fresh socket takes them in one write).
-async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+pub async fn write_all(stream: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
         match stream.try_write(bytes) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

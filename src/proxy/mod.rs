@@ -8,7 +8,7 @@
 //! - [`balance`] (the order a connection tries backends in), [`copy`] (moving bytes),
 //!   [`omni`] (routing by the connecting container), [`listen`] (sockets) and
 //!   [`workers`] (the data threads), [`header`] (the PROXY protocol on the sockets) and
-//!   [`limit`] (connection limits).
+//!   [`limit`] (connection limits), [`tls`] (TLS on either side of a connection).
 
 pub mod balance;
 pub mod check;
@@ -20,6 +20,7 @@ pub mod listen;
 pub mod omni;
 pub mod route;
 pub mod server;
+pub mod tls;
 pub mod workers;
 
 pub use server::{Server, StartError};

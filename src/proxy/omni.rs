@@ -71,6 +71,8 @@ pub struct OmniRoute {
     pub proxy_protocol: Option<Version>,
     /// Its place under the container's limit for the port, if it set one.
     pub slot: Option<Slot>,
+    /// The declaration is `tls+`: each backend is reached over TLS.
+    pub tls: bool,
 }
 
 struct Shared {
@@ -160,7 +162,8 @@ impl Omni {
             }
         };
         Ok(OmniRoute {
-            balancer: self.source_for(&declared.spec),
+            balancer: self.source_for(&declared.spec.spec),
+            tls: declared.spec.tls,
             label: format!("{}:{port}", crate::logsafe::outside(&container.name)),
             to,
             proxy_protocol: declared.proxy_protocol,
@@ -205,7 +208,7 @@ impl Omni {
                 .index
                 .containers()
                 .iter()
-                .flat_map(|c| c.declarations.values().map(|d| d.spec.clone()))
+                .flat_map(|c| c.declarations.values().map(|d| d.spec.spec.clone()))
                 .collect();
             // The limit counts of containers that are gone, and that no connection holds.
             let running: HashSet<String> = self

@@ -18,6 +18,7 @@ use tracing::info;
 use super::balance::{BackendState, Balancer};
 use super::check::Checker;
 use super::omni::Omni;
+use super::tls::RouteTls;
 use crate::config::{DockerHost, RouteConfig, RouteOptions, RouteTarget};
 use crate::discovery::Discovery;
 use crate::docker::index::{ContainerIndex, DockerError};
@@ -26,6 +27,7 @@ use crate::netfilter::Plan;
 use crate::redirect::Redirect;
 use crate::spec::Spec;
 use crate::status::{ContainerStatus, EndpointState, EndpointStatus, RouteStatus, TargetStatus};
+use crate::tls::{Material, TlsError};
 
 /// Now as seconds since the Unix epoch, for the view's timestamps.
 fn unix_now() -> f64 {
@@ -43,6 +45,9 @@ pub enum TargetError {
     /// An omni or docker:// route without a Docker host (config gives one to both).
     #[error("omni mode and docker:// need a Docker host (--docker-host)")]
     NoDockerHost,
+    /// The route's TLS configuration could not be made from the files.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// One listening address and where its connections go.
@@ -74,14 +79,17 @@ pub struct Active {
     /// The PROXY protocol and limit options; a reload that changes only these keeps
     /// what serves the target ([`Active::with_options`]).
     pub options: RouteOptions,
+    /// Its TLS acceptor and connector, from the material of the configuration it was
+    /// started or last changed with.
+    pub tls: Option<Arc<RouteTls>>,
     /// Stops the target's discovery when the last `Active` sharing it goes.
     _stop: Arc<DropGuard>,
 }
 
 impl Active {
     /// The same target (its discovery, router and redirect keep running) with other
-    /// options.
-    pub fn with_options(&self, options: RouteOptions) -> Arc<Active> {
+    /// options or TLS material.
+    pub fn with_options(&self, options: RouteOptions, tls: Option<Arc<RouteTls>>) -> Arc<Active> {
         Arc::new(Active {
             target: match &self.target {
                 Target::Fixed(b) => Target::Fixed(b.clone()),
@@ -92,6 +100,7 @@ impl Active {
             redirect: self.redirect.clone(),
             check: self.check.clone(),
             options,
+            tls,
             _stop: self._stop.clone(),
         })
     }
@@ -165,12 +174,15 @@ impl Targets {
         rc: &RouteConfig,
         listen: SocketAddr,
         docker_host: Option<&DockerHost>,
+        material: Option<&Material>,
     ) -> Result<Arc<Active>, TargetError> {
         let target = &rc.target;
+        let tls = RouteTls::new(material, &rc.options.tls, target)?;
         let stop = CancellationToken::new();
         let mut redirect = None;
         let (t, kind) = match target {
-            RouteTarget::Spec(spec) => {
+            RouteTarget::Spec(backend) => {
+                let spec = &backend.spec;
                 if let Spec::Docker(_) = spec {
                     self.index(docker_host)?;
                 }
@@ -182,7 +194,7 @@ impl Targets {
                 }
                 let endpoints = self.discovery.spawn(spec, stop.child_token());
                 // A link route is known by its alias in the access log.
-                let name = rc.name.clone().unwrap_or_else(|| spec.to_string());
+                let name = rc.name.clone().unwrap_or_else(|| backend.to_string());
                 let mut balancer = Balancer::new(name, endpoints);
                 if let Some(check) = &rc.check {
                     let checks =
@@ -226,6 +238,7 @@ impl Targets {
             redirect,
             check: rc.check.clone(),
             options: rc.options.clone(),
+            tls,
             _stop: Arc::new(stop.drop_guard()),
         }))
     }

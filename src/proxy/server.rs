@@ -22,6 +22,7 @@ use tracing::{debug, error, info, warn};
 use super::forward::{Shared, accept_loop};
 use super::listen;
 use super::route::{Route, Target, TargetError, Targets};
+use super::tls::RouteTls;
 use super::workers::Workers;
 use crate::config::{Config, RouteConfig, Settings};
 use crate::discovery::Discovery;
@@ -168,6 +169,7 @@ impl Server {
                 threads,
                 &targets,
                 config.docker_host.as_ref(),
+                config.tls.as_deref(),
             )?);
         }
         let workers = Workers::start(threads).map_err(StartError::Threads)?;
@@ -318,7 +320,13 @@ impl Server {
             .iter()
             .filter(|rc| !current.contains_key(&rc.listen.to_string()))
         {
-            added.push(bind_route(rc, threads, targets, docker_host)?);
+            added.push(bind_route(
+                rc,
+                threads,
+                targets,
+                docker_host,
+                config.tls.as_deref(),
+            )?);
         }
         // A changed route switches once its new source has a first result (bounded), so
         // connections arriving during the switch are not refused for want of backends.
@@ -329,11 +337,28 @@ impl Server {
                 continue;
             };
             let active = route.active();
+            let material = config.tls.as_deref();
             if active.config != rc.target || active.check != rc.check {
-                changed.push((route.clone(), targets.start(rc, route.listen, docker_host)?));
-            } else if active.options != rc.options {
-                options_changed.push((route.clone(), active.with_options(rc.options.clone())));
+                let started = targets.start(rc, route.listen, docker_host, material)?;
+                changed.push((route.clone(), started));
+                continue;
             }
+            // The TLS files are read again on every reload: a route with TLS takes the
+            // new material even when nothing else changed (certificate rotation).
+            let tls =
+                RouteTls::new(material, &rc.options.tls, &rc.target).map_err(TargetError::from)?;
+            let why = if active.options != rc.options {
+                "route options changed; open connections keep theirs"
+            } else if tls.is_some() || active.tls.is_some() {
+                "TLS files read again; new connections use them, open ones keep theirs"
+            } else {
+                continue;
+            };
+            options_changed.push((
+                route.clone(),
+                active.with_options(rc.options.clone(), tls),
+                why,
+            ));
         }
         let first_results = futures_util::future::join_all(changed.iter().map(|(_, a)| async {
             if let Target::Fixed(b) = &a.target {
@@ -348,8 +373,8 @@ impl Server {
             info!(listen = %route.listen, from = %route.active().config, to = %active.config, "route changed; open connections keep their backend");
             route.switch(active);
         }
-        for (route, active) in options_changed {
-            info!(listen = %route.listen, "route options changed; open connections keep theirs");
+        for (route, active, why) in options_changed {
+            info!(listen = %route.listen, "{why}");
             route.switch(active);
         }
         let mut next = BTreeMap::new();
@@ -438,6 +463,7 @@ fn bind_route(
     threads: usize,
     targets: &Targets,
     docker_host: Option<&crate::config::DockerHost>,
+    material: Option<&crate::tls::Material>,
 ) -> Result<Bound, StartError> {
     let bind_error = |source| StartError::Bind {
         addr: rc.listen.to_string(),
@@ -455,7 +481,7 @@ fn bind_route(
     } else {
         rc.listen.to_string()
     };
-    let active = targets.start(rc, listen, docker_host)?;
+    let active = targets.start(rc, listen, docker_host, material)?;
     let route = Arc::new(Route::new(listen, key, active, &targets.metrics));
     Ok((listeners, route))
 }

@@ -26,6 +26,7 @@ mod direction;
 mod plain;
 #[cfg(target_os = "linux")]
 pub mod splice;
+mod stream;
 
 pub use crate::config::CopyMode;
 pub use direction::Live;
@@ -37,6 +38,7 @@ use std::pin::pin;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -123,39 +125,107 @@ pub async fn pipe_with(
     stop: &CancellationToken,
     live: (Live<'_>, Live<'_>),
 ) -> Transfer {
-    let start = Instant::now();
+    let clock = Clock::new();
     let sent = Tally::new(live.0);
     let received = Tally::new(live.1);
-    // Milliseconds since `start` of the last byte moved either way.
-    let last_activity = AtomicU64::new(0);
     // Directions that reached EOF: the second need not shut down (see `pass_eof`).
     let ends = AtomicU8::new(0);
-
-    let mut up = pin!(one_way(
+    let up = one_way(
         mode,
         client,
         backend,
         &sent,
-        &last_activity,
-        start,
-        &ends
-    ));
-    let mut down = pin!(one_way(
+        &clock.last,
+        clock.start,
+        &ends,
+    );
+    let down = one_way(
         mode,
         backend,
         client,
         &received,
-        &last_activity,
-        start,
-        &ends
-    ));
+        &clock.last,
+        clock.start,
+        &ends,
+    );
+    drive(up, down, &clock, idle_timeout, stop, (&sent, &received)).await
+}
+
+/// [`pipe`] for streams that are not both plain sockets (TLS on either side): the
+/// read/write copy of `stream.rs`, with the same half-close and the same report.
+pub async fn pipe_streams<C, B>(
+    client: C,
+    backend: B,
+    idle_timeout: Option<Duration>,
+    stop: &CancellationToken,
+    live: (Live<'_>, Live<'_>),
+) -> Transfer
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let clock = Clock::new();
+    let sent = Tally::new(live.0);
+    let received = Tally::new(live.1);
+    let (mut client_in, mut client_out) = tokio::io::split(client);
+    let (mut backend_in, mut backend_out) = tokio::io::split(backend);
+    let up = stream::one_way(
+        &mut client_in,
+        &mut backend_out,
+        &sent,
+        &clock.last,
+        clock.start,
+    );
+    let down = stream::one_way(
+        &mut backend_in,
+        &mut client_out,
+        &received,
+        &clock.last,
+        clock.start,
+    );
+    drive(up, down, &clock, idle_timeout, stop, (&sent, &received)).await
+}
+
+/// When a copy started, and milliseconds since then of the last byte moved either way.
+struct Clock {
+    start: Instant,
+    last: AtomicU64,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn quiet(&self) -> Duration {
+        self.start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.last.load(Ordering::Relaxed)))
+    }
+}
+
+/// Runs both directions until both end (or one fails, the idle timeout fires, or
+/// `stop`), and says how the connection ended.
+async fn drive(
+    up: impl Future<Output = Result<(), Fault>>,
+    down: impl Future<Output = Result<(), Fault>>,
+    clock: &Clock,
+    idle_timeout: Option<Duration>,
+    stop: &CancellationToken,
+    (sent, received): (&Tally<'_>, &Tally<'_>),
+) -> Transfer {
+    let mut up = pin!(up);
+    let mut down = pin!(down);
     let (mut up_done, mut down_done) = (false, false);
     let mut first_eof = None;
+    let start = clock.start;
 
     let close = loop {
-        let idle_deadline = idle_timeout.map(|idle| {
-            start + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + idle
-        });
+        let idle_deadline = idle_timeout
+            .map(|idle| start + Duration::from_millis(clock.last.load(Ordering::Relaxed)) + idle);
         tokio::select! {
             r = &mut up, if !up_done => {
                 up_done = true;
@@ -174,9 +244,7 @@ pub async fn pipe_with(
                 }
             }
             _ = sleep_until(idle_deadline.unwrap_or(start)), if idle_deadline.is_some() => {
-                let idle = idle_timeout.unwrap_or_default();
-                let quiet = start.elapsed().saturating_sub(Duration::from_millis(last_activity.load(Ordering::Relaxed)));
-                if quiet >= idle {
+                if clock.quiet() >= idle_timeout.unwrap_or_default() {
                     break Close::IdleTimeout;
                 }
             }
