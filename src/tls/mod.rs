@@ -262,6 +262,7 @@ pub fn describe_rustls(e: &rustls::Error) -> String {
         E::InvalidCertificate(CertificateError::Other(other)) => other.0.to_string(),
         E::InvalidCertificate(c) => format!("its certificate: {c}"),
         E::NoCertificatesPresented => "it presented no certificate".into(),
+        E::InconsistentKeys(_) => "--tls-key is not the key of this certificate".into(),
         E::AlertReceived(alert) => format!("the peer refused the handshake ({alert:?} alert)"),
         other => other.to_string(),
     }

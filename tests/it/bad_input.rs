@@ -281,3 +281,116 @@ fn bad_usage_found_by_the_adversarial_run_exits_64_in_one_line() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Each TLS option that cannot work is refused at start with one line naming it, and
+/// a key file's content never appears in the message.
+#[test]
+fn tls_options_that_cannot_work_exit_64_naming_them() {
+    use crate::support::pki::{Pki, San};
+    let pki = Pki::new("bad-input");
+    let leaf = pki.leaf("b", &[San::Dns("b.test")]);
+    let other = pki.leaf("c", &[San::Dns("c.test")]);
+    let dir = pki.dir();
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "SECRET-LOOKING-BYTES not PEM at all\n").unwrap();
+    let junk = junk.to_str().unwrap();
+    let (ca, cert, key) = (pki.ca(), leaf.cert(), leaf.key());
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            vec!["tls+127.0.0.1:6379"],
+            "a tls+ backend needs --tls-ca FILE".into(),
+        ),
+        (
+            vec!["--tls-listen", "127.0.0.1:6379"],
+            "tls_listen needs --tls-cert FILE and --tls-key FILE".into(),
+        ),
+        (
+            vec!["--tls-cert", cert, "127.0.0.1:6379"],
+            "--tls-cert is given but no key".into(),
+        ),
+        (
+            vec!["--tls-ca", "/nonexistent/ca.pem", "tls+127.0.0.1:6379"],
+            "--tls-ca '/nonexistent/ca.pem': No such file or directory".into(),
+        ),
+        (
+            vec!["--tls-ca", junk, "tls+127.0.0.1:6379"],
+            format!("--tls-ca '{junk}': no certificate in it"),
+        ),
+        (
+            vec![
+                "--tls-listen",
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                junk,
+                "127.0.0.1:6379",
+            ],
+            format!("--tls-key '{junk}': no private key in it"),
+        ),
+        (
+            vec![
+                "--tls-listen",
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                other.key(),
+                "127.0.0.1:6379",
+            ],
+            format!("--tls-cert '{cert}': --tls-key is not the key of this certificate"),
+        ),
+        (
+            vec!["--tls-ca", ca, "--tls-allow", "a.test", "127.0.0.1:6379"],
+            "tls_allow is for a tls_listen route".into(),
+        ),
+        (
+            vec![
+                "--tls-listen",
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                key,
+                "--tls-allow",
+                "a.test",
+                "127.0.0.1:6379",
+            ],
+            "tls_allow needs --tls-ca FILE".into(),
+        ),
+        (
+            vec!["--tls-ca", ca, "--tls-allow", "a test", "127.0.0.1:6379"],
+            "--tls-allow 'a test': 'a test' has a space".into(),
+        ),
+        (
+            vec![
+                "--tls-ca",
+                ca,
+                "--tls-server-name",
+                "not a name",
+                "tls+127.0.0.1:6379",
+            ],
+            "--tls-server-name 'not a name': not a DNS name or an IP address".into(),
+        ),
+        (
+            vec![
+                "--omnimode",
+                "--tls-listen",
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                key,
+            ],
+            "omni mode takes no tls_listen".into(),
+        ),
+    ];
+    for (args, needle) in &cases {
+        assert_rejected(args, &[], 64, needle);
+        let (_, stderr) = crate::support::run_to_exit(args, &[]);
+        assert!(!stderr.contains("SECRET-LOOKING"), "{args:?}: {stderr}");
+    }
+    // The environment names itself.
+    assert_rejected(
+        &["tls+127.0.0.1:6379"],
+        &[("AMBASSADORD_TLS_CA", "/nonexistent/ca.pem")],
+        64,
+        "AMBASSADORD_TLS_CA '/nonexistent/ca.pem'",
+    );
+}

@@ -25,3 +25,4 @@ mod route_options;
 mod shutdown;
 mod standard_static;
 mod threads;
+mod tls;

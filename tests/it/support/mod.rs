@@ -9,6 +9,7 @@ pub mod dnsmasq;
 pub mod docker;
 pub mod etcd;
 pub mod netns;
+pub mod pki;
 pub mod process;
 pub mod proxy_header;
 
@@ -489,7 +490,16 @@ pub async fn integrity_exchange(proxy: SocketAddr, seed: u64, len: usize) {
     let stream = TcpStream::connect(proxy)
         .await
         .expect("connect to the proxy");
-    let (mut rd, mut wr) = stream.into_split();
+    integrity_exchange_over(stream, seed, len).await;
+}
+
+/// [`integrity_exchange`] over a connection already made (in another namespace, or
+/// through TLS).
+pub async fn integrity_exchange_over<S>(stream: S, seed: u64, len: usize)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let mut sent = Vec::with_capacity(len + 16);
     sent.extend_from_slice(&seed.to_le_bytes());
     sent.extend_from_slice(&(len as u64).to_le_bytes());
