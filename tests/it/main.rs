@@ -26,3 +26,4 @@ mod shutdown;
 mod standard_static;
 mod threads;
 mod tls;
+mod tls_hosts;

@@ -61,6 +61,16 @@ impl Ambassador {
         Self::spawn(cmd)
     }
 
+    /// Starts the binary in network namespace `netns` (`ip netns exec`, which execs it:
+    /// the process is the binary itself).
+    pub fn start_in(netns: &str, args: &[&str]) -> Ambassador {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_ambassadord")])
+            .args(args)
+            .env_remove("RUST_LOG");
+        Self::spawn(cmd)
+    }
+
     /// Starts the binary through `sh -c script` (for ulimit and the like).
     pub fn start_with_shell(script: &str) -> Ambassador {
         let mut cmd = Command::new("sh");
@@ -451,7 +461,11 @@ pub async fn finish(mut s: tokio::io::BufReader<TcpStream>, text: &str) -> Strin
 /// after that EOF sends the sha256 of everything it read, then closes. A proxy that
 /// loses bytes, reorders them, or mishandles half-close fails the client's checks.
 pub async fn integrity_backend() -> Backend {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    integrity_backend_on(TcpListener::bind("127.0.0.1:0").await.unwrap()).await
+}
+
+/// [`integrity_backend`] on a listener already made (in another namespace).
+pub async fn integrity_backend_on(listener: TcpListener) -> Backend {
     serve_each(listener, |s| async move {
         let (mut rd, mut wr) = s.into_split();
         let mut header = [0u8; 16];

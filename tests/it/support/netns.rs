@@ -108,6 +108,49 @@ impl Netns {
         (v4(2), v6(2))
     }
 
+    /// Joins this namespace to `other` with a veth pair of their own (two hosts on one
+    /// link, 198.18.0.0/15 addresses, /30). Returns this side's interface name and
+    /// address, and the other side's address.
+    pub fn join(&mut self, other: &Netns) -> (String, Ipv4Addr, Ipv4Addr) {
+        let tag = fastrand::u32(..0x100_0000);
+        let (here, there) = (format!("amba{tag:06x}"), format!("ambb{tag:06x}"));
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &here,
+                "netns",
+                &self.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &there,
+                "netns",
+                &other.name,
+            ],
+        );
+        let (a, b) = ((tag >> 8) as u8 | 0x80, (tag as u8) & 0xfc);
+        let ip = |last: u8| Ipv4Addr::new(198, 19, a, b + last);
+        for (ns, dev, last) in [(&self.name, &here, 1), (&other.name, &there, 2)] {
+            run(
+                "ip",
+                &[
+                    "-n",
+                    ns,
+                    "addr",
+                    "add",
+                    &format!("{}/30", ip(last)),
+                    "dev",
+                    dev,
+                ],
+            );
+            run("ip", &["-n", ns, "link", "set", dev, "up"]);
+        }
+        (here, ip(1), ip(2))
+    }
+
     /// Runs `f` on a thread that has entered the namespace, so sockets it creates live
     /// there (sockets keep their namespace when used from any other thread afterwards).
     pub fn inside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
