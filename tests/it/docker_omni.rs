@@ -675,3 +675,87 @@ async fn a_declaration_sets_its_proxy_header_and_its_limit() {
     assert!(refused.contains("connection refused"), "{refused}");
     assert_eq!(admin::refused(admin, amb.addr, "max_connections"), 1.0);
 }
+
+/// A container declares `BACKEND_<port>=tls+HOST:PORT`: it speaks plain TCP to the omni
+/// ambassador, which reaches a `--tls-listen` ambassador in another network namespace
+/// over TLS, presenting its certificate; the remote one checks it against
+/// `--tls-allow` and logs whose it was.
+#[test]
+fn a_tls_declaration_reaches_a_tls_listener_in_another_namespace() {
+    use crate::support::netns::Netns;
+    use crate::support::pki::{Pki, San};
+    let engine = engine();
+    let mut remote_host = Netns::new();
+    let (remote_ip, _) = remote_host.veth();
+    let pki = Pki::new("omni");
+    let remote_leaf = pki.leaf("remote", &[San::Ip(remote_ip.into())]);
+    let omni_leaf = pki.leaf("omni", &[San::Uri("spiffe://test/omni")]);
+    // The service in the other namespace: a line-echo that names itself, on its loopback.
+    let service = remote_host.inside(|| {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            for mut s in l.incoming().map_while(Result::ok) {
+                let mut line = String::new();
+                let _ = std::io::BufReader::new(&s).read_line(&mut line);
+                let _ = write!(s, "remote got {line}");
+            }
+        });
+        addr
+    });
+    let (ip, service) = (remote_ip.to_string(), service.to_string());
+    let mut remote = Ambassador::start_in(
+        &remote_host.name,
+        &[
+            "--bind",
+            &ip,
+            "--port",
+            "0",
+            "--admin",
+            "off",
+            "--tls-listen",
+            "--tls-cert",
+            remote_leaf.cert(),
+            "--tls-key",
+            remote_leaf.key(),
+            "--tls-ca",
+            pki.ca(),
+            "--tls-allow",
+            "spiffe://test/omni",
+            &service,
+        ],
+    );
+    let docker_host = format!(
+        "unix://{}",
+        engine.socket_path().expect("a unix socket engine")
+    );
+    let (omni, gateway) = host_omni_on(
+        engine,
+        "bridge",
+        &docker_host,
+        &[
+            "--tls-ca",
+            pki.ca(),
+            "--tls-cert",
+            omni_leaf.cert(),
+            "--tls-key",
+            omni_leaf.key(),
+        ],
+    );
+    let port = omni.addr.port();
+    let env = format!("BACKEND_{port}=tls+{}", remote.addr);
+    let c = engine.container(
+        "tls-client",
+        &["-e", &env, engine.busybox_image(), "sleep", "600"],
+    );
+    let once = format!("echo hello | timeout 5 nc {gateway} {port}");
+    let reply = eventually_sync("the container is served over TLS", || {
+        c.exec(&["sh", "-c", &once])
+            .ok()
+            .filter(|out| out.contains("remote got"))
+    });
+    assert_eq!(reply.trim(), "remote got hello");
+    let line = remote.wait_for_log("connection closed");
+    assert!(line.contains("tls_peer=URI:spiffe://test/omni"), "{line}");
+}
