@@ -389,3 +389,59 @@ async fn sighup_rotates_the_certificate_for_new_connections() {
     open.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty());
 }
+
+/// The README's one command for certificates (scripts/make-certs) makes a CA and
+/// certificates two ambassadors accept from each other, a URI name checked by
+/// `--tls-allow` and a DNS name by `--tls-server-name`.
+#[tokio::test(flavor = "multi_thread")]
+async fn make_certs_makes_what_a_pair_of_ambassadors_accepts() {
+    let dir = crate::support::docker::TempDir::new("make-certs").unwrap();
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/make-certs"))
+        .arg(dir.path())
+        .args([
+            "host-a=URI:spiffe://example.org/host-a",
+            "host-b=DNS:host-b.internal,IP:127.0.0.1",
+        ])
+        .output()
+        .expect("scripts/make-certs runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let backend = named_backend("127.0.0.1:0", "made").await;
+    let backend_addr = backend.addr.to_string();
+    let (ca, a_cert, a_key, b_cert, b_key) = (
+        file("ca.pem"),
+        file("host-a.pem"),
+        file("host-a.key"),
+        file("host-b.pem"),
+        file("host-b.key"),
+    );
+    let b = Ambassador::on_loopback(&[
+        "--tls-listen",
+        "--tls-cert",
+        &b_cert,
+        "--tls-key",
+        &b_key,
+        "--tls-ca",
+        &ca,
+        "--tls-allow",
+        "spiffe://example.org/host-a",
+        &backend_addr,
+    ]);
+    let remote = format!("tls+{}", b.addr);
+    let a = Ambassador::on_loopback(&[
+        "--tls-ca",
+        &ca,
+        "--tls-cert",
+        &a_cert,
+        "--tls-key",
+        &a_key,
+        "--tls-server-name",
+        "host-b.internal",
+        &remote,
+    ]);
+    assert_eq!(served_by(a.addr).await.as_deref(), Some("made"));
+}
