@@ -275,3 +275,35 @@ pub fn names_of(der: &[u8]) -> String {
         Err(why) => format!("an unreadable certificate ({why})"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_names_the_files_and_never_the_key() {
+        let dir = std::env::temp_dir().join(format!("ambassadord-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["b.test".to_string()]).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.join("b.pem"), dir.join("b.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let files = Files {
+            ca: Some(cert_path.clone()),
+            cert: Some(cert_path),
+            key: Some(key_path),
+        };
+        let material = Material::load(&files).unwrap();
+        assert!(material.has_ca() && material.has_identity());
+        assert!(material.client().is_some());
+        let shown = format!("{material:?}");
+        assert!(shown.contains("b.pem") && shown.contains("***"), "{shown}");
+        let pem = key.serialize_pem();
+        let body = pem.lines().nth(1).unwrap();
+        assert!(!shown.contains(body), "{shown}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
