@@ -214,6 +214,22 @@ async fn serve(
     let client = match route_tls.as_ref().and_then(|t| t.acceptor.as_ref()) {
         None => Stream::Plain(client),
         Some(acceptor) => {
+            // A client that closes without sending a byte (a port probe, a TCP health
+            // check) failed no handshake: it is logged as closed, not refused.
+            if first.is_empty() {
+                let mut byte = [0u8; 1];
+                let peeked = tokio::select! {
+                    r = timeout(settings.connect_timeout, client.peek(&mut byte)) => r,
+                    _ = force_close.cancelled() => return,
+                };
+                if let Ok(Ok(0)) = peeked {
+                    info!(target: ACCESS, listen = %route.listen, client = %client_addr, route = route_name,
+                        backend = %"-", sent = 0u64, received = 0u64,
+                        duration_ms = start.elapsed().as_millis() as u64, close = %"client_closed",
+                        via = via.map(tracing::field::display), "connection closed before a TLS handshake");
+                    return;
+                }
+            }
             let handshake = timeout(
                 settings.connect_timeout,
                 tls::accept(acceptor, client, std::mem::take(&mut first)),
@@ -403,7 +419,11 @@ async fn serve(
     let via = via.map(tracing::field::display);
     let tls_peer = tls_peer.map(|names| tracing::field::display(names.replace(", ", ",")));
     match (t.close.error(), reset) {
-        (Some(error), Some((reset, _))) => {
+        (Some(kind), Some((reset, _))) => {
+            let error = match &t.tls_error {
+                Some(said) => format!("{kind}: {said}"),
+                None => kind.to_string(),
+            };
             warn!(target: ACCESS, listen = %route.listen, client = %client_addr, route = label, backend = %endpoint,
             sent, received = t.received, duration_ms, close = %t.close, error = %error, reset = %reset, via, tls_peer,
             "connection aborted")

@@ -249,6 +249,13 @@ pub fn describe(e: &io::Error) -> String {
     }
 }
 
+/// What rustls said, when an I/O error on a TLS stream carries it (an alert from the
+/// peer, a record that did not decrypt); `None` for a plain socket error.
+pub fn cause(e: &io::Error) -> Option<String> {
+    let tls = e.get_ref()?.downcast_ref::<rustls::Error>()?;
+    Some(describe_rustls(tls))
+}
+
 /// rustls's errors, with the common certificate ones said plainly.
 pub fn describe_rustls(e: &rustls::Error) -> String {
     use rustls::Error as E;

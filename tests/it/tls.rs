@@ -137,9 +137,14 @@ async fn refused_clients_are_named_with_what_they_presented() {
         assert!(line.contains("close=refused"), "case {i}: {line}");
         assert!(line.contains("error=TLS handshake: "), "case {i}: {line}");
     }
+    // A client that connects and closes without a byte (a port probe, a TCP health
+    // check) failed no handshake: it is logged as closed, not refused.
+    drop(tokio::net::TcpStream::connect(b.addr).await.unwrap());
+    let line = b.wait_for_log("connection closed before a TLS handshake");
+    assert!(line.contains("close=client_closed"), "{line}");
     assert_eq!(admin::refused(admin, b.addr, "tls_handshake"), 3.0);
     assert_eq!(admin::refused(admin, b.addr, "tls_not_allowed"), 1.0);
-    assert_eq!(b.count_log("connection closed"), 0, "{:#?}", b.log());
+    assert_eq!(b.count_log("connection closed listen"), 0, "{:#?}", b.log());
 
     let a_leaf = pki.leaf("a", &[San::Dns("a.test")]);
     let mut tls = pki::connect(b.addr, &pki.ca, "b.test", Some(&a_leaf))
@@ -148,6 +153,28 @@ async fn refused_clients_are_named_with_what_they_presented() {
     let mut got = String::new();
     tls.read_to_string(&mut got).await.unwrap();
     assert_eq!(got, "served\n");
+}
+
+/// When the remote `--tls-listen` ambassador refuses this one's certificate (TLS 1.3:
+/// after the client's side of the handshake), the local log says what the remote
+/// said, not only that the data was invalid.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_by_the_remote_is_named_in_the_local_log() {
+    let pki = Pki::new("remote-refusal");
+    let b_leaf = server_leaf(&pki, "b");
+    let c_leaf = pki.leaf("c", &[San::Dns("c.test")]);
+    let backend = named_backend("127.0.0.1:0", "served").await;
+    let mut b = tls_listener(&pki, &b_leaf, &["--tls-allow", "a.test"], backend.addr);
+    let mut a = tls_sender(&pki, &c_leaf, &[], b.addr);
+    assert_eq!(served_by(a.addr).await, None);
+    b.wait_for_log("no name it presents is in tls_allow (presented DNS:c.test)");
+    let line = a.wait_for_log_where("the remote's alert", |l| {
+        l.contains("connection aborted") || l.contains("every backend failed")
+    });
+    assert!(
+        line.contains("the peer refused the handshake") && line.contains("alert"),
+        "{line}"
+    );
 }
 
 /// A `tls+` backend whose certificate is not valid for the name checked

@@ -44,13 +44,16 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 /// What happened on one proxied connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transfer {
     /// Bytes from the client to the backend.
     pub sent: u64,
     /// Bytes from the backend to the client.
     pub received: u64,
     pub close: Close,
+    /// What a TLS side said when it failed (an alert, a bad record), which the error's
+    /// kind alone does not tell.
+    pub tls_error: Option<String>,
 }
 
 /// How a proxied connection ended.
@@ -222,6 +225,11 @@ async fn drive(
     let (mut up_done, mut down_done) = (false, false);
     let mut first_eof = None;
     let start = clock.start;
+    let mut tls_error = None;
+    let mut failed = |e: &io::Error| {
+        tls_error = crate::tls::cause(e);
+        e.kind()
+    };
 
     let close = loop {
         let idle_deadline = idle_timeout
@@ -231,16 +239,16 @@ async fn drive(
                 up_done = true;
                 match r {
                     Ok(()) => { first_eof.get_or_insert(Close::Client); }
-                    Err(Fault::From(e)) => break Close::ClientError(e.kind()),
-                    Err(Fault::To(e)) => break Close::BackendError(e.kind()),
+                    Err(Fault::From(e)) => break Close::ClientError(failed(&e)),
+                    Err(Fault::To(e)) => break Close::BackendError(failed(&e)),
                 }
             }
             r = &mut down, if !down_done => {
                 down_done = true;
                 match r {
                     Ok(()) => { first_eof.get_or_insert(Close::Backend); }
-                    Err(Fault::From(e)) => break Close::BackendError(e.kind()),
-                    Err(Fault::To(e)) => break Close::ClientError(e.kind()),
+                    Err(Fault::From(e)) => break Close::BackendError(failed(&e)),
+                    Err(Fault::To(e)) => break Close::ClientError(failed(&e)),
                 }
             }
             _ = sleep_until(idle_deadline.unwrap_or(start)), if idle_deadline.is_some() => {
@@ -258,6 +266,7 @@ async fn drive(
         sent: sent.get(),
         received: received.get(),
         close,
+        tls_error,
     }
 }
 
