@@ -73,7 +73,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let reloadable = config.config_file.is_some();
+    // SIGHUP reloads a --config file, and reads TLS files again (rotation); without
+    // either there is nothing to reload, and it keeps its default meaning.
+    let reloadable = config.config_file.is_some() || config.tls.is_some();
     let run = async move {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         if reloadable {
