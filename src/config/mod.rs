@@ -215,6 +215,7 @@ fn routes(
         routes.extend(links.into_iter().map(|mut r| {
             r.check = checks.on.then(|| checks.config.clone());
             r.options = options.clone();
+            tls::without_allow_unless_listening(&mut r.options.tls);
             r
         }));
         warnings.extend(skipped);
@@ -222,6 +223,7 @@ fn routes(
         let mut route = cli_route(cli, layers, ip, target)?;
         route.check = checks.on.then(|| checks.config.clone());
         route.options = options.clone();
+        tls::without_allow_unless_listening(&mut route.options.tls);
         if route.target == RouteTarget::Omni && !route.options.accept_proxy.is_empty() {
             return Err(omni_accepts_no_proxy_header(&accept_origin));
         }

@@ -734,3 +734,75 @@ fn route_option_errors_name_the_value() {
         "{err}"
     );
 }
+
+/// A CA certificate and its key as PEM files (also usable as a listener's certificate
+/// for config purposes).
+fn tls_files() -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["b.test".to_string()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key).unwrap();
+    let cert = file(&cert.pem());
+    let key = file(&key.serialize_pem());
+    (
+        cert.to_str().unwrap().to_string(),
+        key.to_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn a_global_tls_allow_is_for_the_routes_that_listen_with_tls() {
+    let (pem, key) = tls_files();
+    let path = file(&format!(
+        "tls_ca = \"{pem}\"\ntls_cert = \"{pem}\"\ntls_key = \"{key}\"\ntls_allow = \"a.test\"\n\
+         [[route]]\nlisten = \"127.0.0.1:7001\"\nbackend = \"127.0.0.1:6379\"\ntls_listen = true\n\
+         [[route]]\nlisten = \"127.0.0.1:7002\"\nbackend = \"tls+10.0.0.2:6380\"\n"
+    ));
+    let c = parse(&["--config", path.to_str().unwrap()]).unwrap();
+    assert_eq!(c.routes[0].options.tls.allow, vec!["a.test"]);
+    assert!(c.routes[0].options.tls.listen);
+    assert!(c.routes[1].options.tls.allow.is_empty());
+    assert!(c.tls.is_some());
+    // A route's own tls_allow without tls_listen is a mistake, and named.
+    let path = file(&format!(
+        "tls_ca = \"{pem}\"\n[[route]]\nlisten = \"127.0.0.1:7002\"\nbackend = \"tls+10.0.0.2:6380\"\ntls_allow = \"a.test\"\n"
+    ));
+    let e = parse(&["--config", path.to_str().unwrap()]).unwrap_err();
+    assert!(
+        e.contains("route 1: tls_allow is for a tls_listen route"),
+        "{e}"
+    );
+    // A global one with no route listening with TLS, too.
+    let e = parse(&["--tls-ca", &pem, "--tls-allow", "a.test", "127.0.0.1:6379"]).unwrap_err();
+    assert!(
+        e.contains("--tls-allow: tls_allow is for a tls_listen route"),
+        "{e}"
+    );
+}
+
+#[test]
+fn tls_options_refuse_what_can_never_match() {
+    let (pem, _) = tls_files();
+    for (allow, why) in [
+        ("10.0.0.9", "is an IP address"),
+        ("web.internal.", "ends with a dot"),
+    ] {
+        let e = parse(&["--tls-ca", &pem, "--tls-allow", allow, "127.0.0.1:6379"]).unwrap_err();
+        assert!(e.contains(why), "{allow}: {e}");
+    }
+    let e = parse(&[
+        "--tls-ca",
+        &pem,
+        "--check",
+        "tcp",
+        "--check-send",
+        "PING\\r\\n",
+        "tls+10.0.0.2:6380",
+    ])
+    .unwrap_err();
+    assert!(
+        e.contains("check_send and check_expect speak plain TCP"),
+        "{e}"
+    );
+    assert!(parse(&["--tls-ca", &pem, "--check", "tcp", "tls+10.0.0.2:6380"]).is_ok());
+}

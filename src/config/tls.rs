@@ -56,7 +56,8 @@ pub(super) fn defaults(
     })
 }
 
-/// A `[[route]]`'s TLS options: its own over `defaults`.
+/// A `[[route]]`'s TLS options: its own over `defaults`. A route that does not listen
+/// with TLS leaves an inherited allow list aside; one of its own is an error.
 pub(super) fn route(
     defaults: &TlsOptions,
     r: &FileRoute,
@@ -69,7 +70,13 @@ pub(super) fn route(
     if let Some(v) = &r.tls_allow {
         options.allow =
             parse_names(v).map_err(|why| at(&format!("{place}: tls_allow"), v, &why))?;
+        if !options.listen {
+            return Err(format!(
+                "{place}: tls_allow is for a tls_listen route (it names the client certificates it accepts)"
+            ));
+        }
     }
+    without_allow_unless_listening(&mut options);
     if let Some(v) = &r.tls_server_name {
         options.server_name = Some(
             parse_server_name(v.trim())
@@ -77,6 +84,14 @@ pub(super) fn route(
         );
     }
     Ok(options)
+}
+
+/// A route that does not listen with TLS checks no client certificate: a global
+/// allow list (meant for the routes that do) does not apply to it.
+pub(super) fn without_allow_unless_listening(options: &mut TlsOptions) {
+    if !options.listen {
+        options.allow.clear();
+    }
 }
 
 /// `NAME[,NAME…]`: DNS names or URIs (`spiffe://trust-domain/path`), as a client
@@ -91,6 +106,16 @@ fn parse_names(raw: &str) -> Result<Vec<String>, String> {
             return Err(format!("'{name}' has a space or control character in it"));
         }
         if !name.contains("://") {
+            if name.parse::<std::net::IpAddr>().is_ok() {
+                return Err(format!(
+                    "'{name}' is an IP address: certificates are matched by their DNS and URI names only"
+                ));
+            }
+            if name.ends_with('.') {
+                return Err(format!(
+                    "'{name}' ends with a dot: write the name without it"
+                ));
+            }
             parse_server_name(name)
                 .map_err(|why| format!("'{name}': {why} (or write a URI such as spiffe://…)"))?;
         }
@@ -123,6 +148,13 @@ pub(super) fn material(
     let cert = path("tls_cert", &cli.tls_cert, &file.tls_cert)?;
     let key = path("tls_key", &cli.tls_key, &file.tls_key)?;
     let named = |l: &Option<Layered<String>>| l.as_ref().map(|l| l.origin.clone());
+    let global = defaults(cli, file, layers)?;
+    if !global.allow.is_empty() && !routes.iter().any(|r| r.options.tls.listen) {
+        return Err(format!(
+            "{}: tls_allow is for a tls_listen route (it names the client certificates it accepts), and no route listens with TLS",
+            layers.origin("tls_allow")
+        ));
+    }
 
     match (&cert, &key) {
         (Some(c), None) => {
@@ -148,6 +180,15 @@ pub(super) fn material(
             ));
         }
         let options = &r.options.tls;
+        let speaks = r
+            .check
+            .as_ref()
+            .is_some_and(|c| c.send.is_some() || c.expect.is_some());
+        if tls_backend && speaks {
+            return Err(format!(
+                "{route}: check_send and check_expect speak plain TCP, which a tls+ backend does not: on a tls+ route the check is the TCP connect alone"
+            ));
+        }
         if options.listen && r.target == RouteTarget::Omni {
             return Err(format!(
                 "{route}: omni mode takes no tls_listen: containers speak plain TCP to their ambassador; declare BACKEND_<port>=tls+… to reach a --tls-listen one"
@@ -156,11 +197,6 @@ pub(super) fn material(
         if options.listen && cert.is_none() {
             return Err(format!(
                 "{route}: tls_listen needs --tls-cert FILE and --tls-key FILE"
-            ));
-        }
-        if !options.allow.is_empty() && !options.listen {
-            return Err(format!(
-                "{route}: tls_allow is for a tls_listen route (it names the client certificates it accepts)"
             ));
         }
         if !options.allow.is_empty() && ca.is_none() {
