@@ -25,7 +25,7 @@ use crate::discovery::Discovery;
 use crate::docker::index::ContainerIndex;
 use crate::metrics::Metrics;
 use crate::proxy_protocol::Version;
-use crate::spec::Spec;
+use crate::spec::BackendSpec;
 
 /// Why an omni connection has nowhere to go.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +84,9 @@ pub struct Omni {
     index: Arc<ContainerIndex>,
     discovery: Arc<Discovery>,
     metrics: Arc<Metrics>,
-    sources: Mutex<HashMap<Spec, Shared>>,
+    /// Keyed by the whole declaration's spec, `tls+` included: a backend that fails
+    /// TLS for one container is not cooled down for another that speaks plain TCP to it.
+    sources: Mutex<HashMap<BackendSpec, Shared>>,
     /// Open connections by (container id, port), for the containers that limit theirs.
     open: Mutex<HashMap<(String, u16), Arc<AtomicU32>>>,
     /// The route's active checks, applied to every source it starts.
@@ -162,7 +164,7 @@ impl Omni {
             }
         };
         Ok(OmniRoute {
-            balancer: self.source_for(&declared.spec.spec),
+            balancer: self.source_for(&declared.spec),
             tls: declared.spec.tls,
             label: format!("{}:{port}", crate::logsafe::outside(&container.name)),
             to,
@@ -172,22 +174,22 @@ impl Omni {
     }
 
     /// The shared balancer for `spec`, starting its source on first use.
-    fn source_for(&self, spec: &Spec) -> Arc<Balancer> {
+    fn source_for(&self, backend: &BackendSpec) -> Arc<Balancer> {
         let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(shared) = sources.get(spec) {
+        if let Some(shared) = sources.get(backend) {
             return shared.balancer.clone();
         }
         let stop = self.stop.child_token();
-        let endpoints = self.discovery.spawn(spec, stop.clone());
-        let mut balancer = Balancer::new(spec.to_string(), endpoints);
+        let endpoints = self.discovery.spawn(&backend.spec, stop.clone());
+        let mut balancer = Balancer::new(backend.to_string(), endpoints);
         if let Some((checker, check)) = &self.checks {
             let checks = checker.follow(check.clone(), balancer.sets(), stop.child_token());
             balancer = balancer.with_checks(checks);
         }
         let balancer = Arc::new(balancer);
-        debug!(spec = %spec, "source started");
+        debug!(spec = %backend, "source started");
         sources.insert(
-            spec.clone(),
+            backend.clone(),
             Shared {
                 balancer: balancer.clone(),
                 stop,
@@ -204,11 +206,11 @@ impl Omni {
                 _ = self.stop.cancelled() => return,
                 r = changes.changed() => if r.is_err() { return },
             }
-            let declared: HashSet<Spec> = self
+            let declared: HashSet<BackendSpec> = self
                 .index
                 .containers()
                 .iter()
-                .flat_map(|c| c.declarations.values().map(|d| d.spec.spec.clone()))
+                .flat_map(|c| c.declarations.values().map(|d| d.spec.clone()))
                 .collect();
             // The limit counts of containers that are gone, and that no connection holds.
             let running: HashSet<String> = self

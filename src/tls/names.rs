@@ -17,12 +17,13 @@ pub enum Name {
 }
 
 impl Name {
-    /// Whether an allow-list entry names this: DNS names compare without regard to
-    /// case (RFC 4343), URIs exactly.
+    /// Whether an allow-list entry names this: an entry with `://` is a URI and
+    /// compares exactly with URI names only; any other is a DNS name and compares
+    /// without regard to case (RFC 4343) with DNS names only.
     pub fn is(&self, allowed: &str) -> bool {
         match self {
-            Name::Dns(d) => d.eq_ignore_ascii_case(allowed),
-            Name::Uri(u) => u == allowed,
+            Name::Dns(d) => !allowed.contains("://") && d.eq_ignore_ascii_case(allowed),
+            Name::Uri(u) => allowed.contains("://") && u == allowed,
         }
     }
 }
@@ -209,6 +210,9 @@ mod tests {
         assert!(!Name::Dns("web.internal".into()).is("api.internal"));
         assert!(Name::Uri("spiffe://x/y".into()).is("spiffe://x/y"));
         assert!(!Name::Uri("spiffe://x/y".into()).is("SPIFFE://x/y"));
+        // A name of one kind never stands for the other, whatever its text.
+        assert!(!Name::Dns("spiffe://x/y".into()).is("spiffe://x/y"));
+        assert!(!Name::Uri("web.internal".into()).is("web.internal"));
         assert_eq!(
             list(&[Name::Dns("a".into()), Name::Uri("spiffe://t/b".into())]),
             "DNS:a, URI:spiffe://t/b"
