@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
@@ -214,12 +214,14 @@ async fn serve(
     let client = match route_tls.as_ref().and_then(|t| t.acceptor.as_ref()) {
         None => Stream::Plain(client),
         Some(acceptor) => {
+            // One deadline for the whole handshake, the wait for its first byte included.
+            let deadline = Instant::now() + settings.connect_timeout;
             // A client that closes without sending a byte (a port probe, a TCP health
             // check) failed no handshake: it is logged as closed, not refused.
             if first.is_empty() {
                 let mut byte = [0u8; 1];
                 let peeked = tokio::select! {
-                    r = timeout(settings.connect_timeout, client.peek(&mut byte)) => r,
+                    r = timeout_at(deadline, client.peek(&mut byte)) => r,
                     _ = force_close.cancelled() => return,
                 };
                 if let Ok(Ok(0)) = peeked {
@@ -230,8 +232,8 @@ async fn serve(
                     return;
                 }
             }
-            let handshake = timeout(
-                settings.connect_timeout,
+            let handshake = timeout_at(
+                deadline,
                 tls::accept(acceptor, client, std::mem::take(&mut first)),
             );
             let done = tokio::select! {
