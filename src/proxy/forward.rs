@@ -13,16 +13,16 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tokio::time::{Instant, sleep, timeout, timeout_at};
+use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::balance::{Balancer, NoBackend};
 use super::route::{Route, Target};
-use super::tls::{self, Connector, Stream};
+use super::tls::{self, Accepted, Connector, Stream};
 use super::{copy, header, limit};
-use crate::config::{RouteTarget, Settings};
+use crate::config::Settings;
 use crate::endpoint::Endpoint;
 use crate::metrics::RouteMetrics;
 use crate::proxy_protocol::{self, Version};
@@ -214,48 +214,22 @@ async fn serve(
     let client = match route_tls.as_ref().and_then(|t| t.acceptor.as_ref()) {
         None => Stream::Plain(client),
         Some(acceptor) => {
-            // One deadline for the whole handshake, the wait for its first byte included.
-            let deadline = Instant::now() + settings.connect_timeout;
-            // A client that closes without sending a byte (a port probe, a TCP health
-            // check) failed no handshake: it is logged as closed, not refused.
-            if first.is_empty() {
-                let mut byte = [0u8; 1];
-                let peeked = tokio::select! {
-                    r = timeout_at(deadline, client.peek(&mut byte)) => r,
-                    _ = force_close.cancelled() => return,
-                };
-                if let Ok(Ok(0)) = peeked {
+            let early = std::mem::take(&mut first);
+            let done = tokio::select! {
+                r = tls::accept(acceptor, client, early, settings.connect_timeout) => r,
+                _ = force_close.cancelled() => return,
+            };
+            match done {
+                Accepted::Stream(stream) => stream,
+                Accepted::Closed => {
                     info!(target: ACCESS, listen = %route.listen, client = %client_addr, route = route_name,
                         backend = %"-", sent = 0u64, received = 0u64,
                         duration_ms = start.elapsed().as_millis() as u64, close = %"client_closed",
                         via = via.map(tracing::field::display), "connection closed before a TLS handshake");
                     return;
                 }
-            }
-            let handshake = timeout_at(
-                deadline,
-                tls::accept(acceptor, client, std::mem::take(&mut first)),
-            );
-            let done = tokio::select! {
-                r = handshake => r,
-                _ = force_close.cancelled() => return,
-            };
-            match done {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    let reason = match crate::tls::not_allowed(&e) {
-                        true => "tls_not_allowed",
-                        false => "tls_handshake",
-                    };
-                    let why = format!("TLS handshake: {}", crate::tls::describe(&e));
+                Accepted::Refused { reason, why } => {
                     return refused(reason, &why, route_name, (client_addr, via));
-                }
-                Err(_) => {
-                    let why = format!(
-                        "TLS handshake: not complete within {:?} (--connect-timeout)",
-                        settings.connect_timeout
-                    );
-                    return refused("tls_handshake", &why, route_name, (client_addr, via));
                 }
             }
         }
@@ -290,26 +264,25 @@ async fn serve(
     let label = label.as_deref().unwrap_or(balancer.name());
     // Omni: the container's own declaration may set the header and TLS, and holds
     // its slot.
-    let (proxy_protocol, _declared_slot, upstream_tls) = match omni {
+    let (proxy_protocol, _declared_slot, declared_tls) = match omni {
         Some((dst, declared, slot, tls)) => {
             to = Some(dst);
-            (declared.unwrap_or(options.proxy_protocol), slot, tls)
+            (declared.unwrap_or(options.proxy_protocol), slot, Some(tls))
         }
-        None => {
-            let tls = matches!(&active.config, RouteTarget::Spec(b) if b.tls);
-            (options.proxy_protocol, None, tls)
-        }
+        None => (options.proxy_protocol, None, None),
     };
-    let connector = match upstream_tls {
-        false => None,
-        true => match route_tls.as_ref().and_then(|t| t.connector.as_ref()) {
-            Some(connector) => Some(connector),
-            None => {
-                let why = "the backend is tls+ but this ambassador has no --tls-ca to check its certificate against";
-                metrics.connect_failed(None, "no_backend");
-                return refused("no_backend", &why, label, (client_addr, via));
-            }
-        },
+    // A standard route has a connector exactly when its backend is tls+; an omni
+    // route has one for the declarations that ask (given --tls-ca).
+    let connector = route_tls.as_ref().and_then(|t| t.connector.as_ref());
+    let connector = match declared_tls {
+        None => connector,
+        Some(false) => None,
+        Some(true) if connector.is_some() => connector,
+        Some(true) => {
+            let why = "the backend is tls+ but this ambassador has no --tls-ca to check its certificate against";
+            metrics.connect_failed(None, "no_backend");
+            return refused("no_backend", &why, label, (client_addr, via));
+        }
     };
 
     // Where the client connected, for our header: known without a system call unless

@@ -10,10 +10,12 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout_at};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::{RouteTarget, TlsOptions};
@@ -104,11 +106,51 @@ impl Connector {
     }
 }
 
+/// How a listener's handshake ended.
+pub enum Accepted {
+    Stream(Stream),
+    /// The client closed without sending a byte (a port probe, a TCP health check): it
+    /// failed no handshake, and is not refused.
+    Closed,
+    /// Why it was refused, and the reason it is counted under.
+    Refused {
+        reason: &'static str,
+        why: String,
+    },
+}
+
 /// A listener's handshake over `tcp`, of which `early` was already read (bytes that
-/// followed a trusted PROXY header).
-pub async fn accept(acceptor: &TlsAcceptor, tcp: TcpStream, early: Vec<u8>) -> io::Result<Stream> {
-    let tls = acceptor.accept(Prefixed::new(tcp, early)).await?;
-    Ok(Stream::Tls(Box::new(tls.into())))
+/// followed a trusted PROXY header), all of it, the wait for the first byte included,
+/// within `within` (`--connect-timeout`).
+pub async fn accept(
+    acceptor: &TlsAcceptor,
+    tcp: TcpStream,
+    early: Vec<u8>,
+    within: Duration,
+) -> Accepted {
+    let deadline = Instant::now() + within;
+    let slow = || Accepted::Refused {
+        reason: "tls_handshake",
+        why: format!("TLS handshake: not complete within {within:?} (--connect-timeout)"),
+    };
+    if early.is_empty() {
+        match timeout_at(deadline, tcp.peek(&mut [0u8; 1])).await {
+            Ok(Ok(0)) => return Accepted::Closed,
+            Ok(_) => {}
+            Err(_) => return slow(),
+        }
+    }
+    match timeout_at(deadline, acceptor.accept(Prefixed::new(tcp, early))).await {
+        Ok(Ok(tls)) => Accepted::Stream(Stream::Tls(Box::new(tls.into()))),
+        Ok(Err(e)) => Accepted::Refused {
+            reason: match crate::tls::not_allowed(&e) {
+                true => "tls_not_allowed",
+                false => "tls_handshake",
+            },
+            why: format!("TLS handshake: {}", crate::tls::describe(&e)),
+        },
+        Err(_) => slow(),
+    }
 }
 
 /// One side of a connection: its TCP socket, or TLS over it.
