@@ -229,6 +229,7 @@ fn routes(
         }
         routes.push(route);
     }
+    tls::check_global_allow(&options.tls, &routes, layers)?;
     check_routes(&routes, layers.file_name())?;
     Ok((routes, warnings))
 }

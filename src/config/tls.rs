@@ -86,6 +86,22 @@ pub(super) fn route(
     Ok(options)
 }
 
+/// A global allow list names the client certificates of the routes that listen with
+/// TLS: with none of them it is a mistake.
+pub(super) fn check_global_allow(
+    global: &TlsOptions,
+    routes: &[RouteConfig],
+    layers: &Layers,
+) -> Result<(), String> {
+    if !global.allow.is_empty() && !routes.iter().any(|r| r.options.tls.listen) {
+        return Err(format!(
+            "{}: tls_allow is for a tls_listen route (it names the client certificates it accepts), and no route listens with TLS",
+            layers.origin("tls_allow")
+        ));
+    }
+    Ok(())
+}
+
 /// A route that does not listen with TLS checks no client certificate: a global
 /// allow list (meant for the routes that do) does not apply to it.
 pub(super) fn without_allow_unless_listening(options: &mut TlsOptions) {
@@ -148,13 +164,6 @@ pub(super) fn material(
     let cert = path("tls_cert", &cli.tls_cert, &file.tls_cert)?;
     let key = path("tls_key", &cli.tls_key, &file.tls_key)?;
     let named = |l: &Option<Layered<String>>| l.as_ref().map(|l| l.origin.clone());
-    let global = defaults(cli, file, layers)?;
-    if !global.allow.is_empty() && !routes.iter().any(|r| r.options.tls.listen) {
-        return Err(format!(
-            "{}: tls_allow is for a tls_listen route (it names the client certificates it accepts), and no route listens with TLS",
-            layers.origin("tls_allow")
-        ));
-    }
 
     match (&cert, &key) {
         (Some(c), None) => {

@@ -12,8 +12,7 @@
 mod names;
 mod verify;
 
-pub use names::Name;
-pub use verify::Refused;
+use verify::Refused;
 
 use std::fmt;
 use std::io;
@@ -118,15 +117,6 @@ impl Material {
     /// The client side (toward `tls+` backends): `None` without `--tls-ca`.
     pub fn client(&self) -> Option<Arc<ClientConfig>> {
         self.client.clone()
-    }
-
-    /// Whether a certificate and key were given (a `--tls-listen` route needs them).
-    pub fn has_identity(&self) -> bool {
-        self.identity.is_some()
-    }
-
-    pub fn has_ca(&self) -> bool {
-        self.roots.is_some()
     }
 
     /// The server side of a `--tls-listen` route: this certificate; with `--tls-ca` a
@@ -304,8 +294,8 @@ mod tests {
             key: Some(key_path),
         };
         let material = Material::load(&files).unwrap();
-        assert!(material.has_ca() && material.has_identity());
         assert!(material.client().is_some());
+        assert!(material.server(&[]).is_ok());
         let shown = format!("{material:?}");
         assert!(shown.contains("b.pem") && shown.contains("***"), "{shown}");
         let pem = key.serialize_pem();
