@@ -705,44 +705,16 @@ fn a_tls_declaration_reaches_a_tls_listener_in_another_namespace() {
         addr
     });
     let (ip, service) = (remote_ip.to_string(), service.to_string());
-    let mut remote = Ambassador::start_in(
-        &remote_host.name,
-        &[
-            "--bind",
-            &ip,
-            "--port",
-            "0",
-            "--admin",
-            "off",
-            "--tls-listen",
-            "--tls-cert",
-            remote_leaf.cert(),
-            "--tls-key",
-            remote_leaf.key(),
-            "--tls-ca",
-            pki.ca(),
-            "--tls-allow",
-            "spiffe://test/omni",
-            &service,
-        ],
-    );
+    let mut args = vec!["--bind", &ip, "--port", "0", "--admin", "off"];
+    args.extend(pki.listen_args(&remote_leaf));
+    args.extend(["--tls-allow", "spiffe://test/omni", &service]);
+    let mut remote = Ambassador::start_in(&remote_host.name, &args);
     let docker_host = format!(
         "unix://{}",
         engine.socket_path().expect("a unix socket engine")
     );
-    let (omni, gateway) = host_omni_on(
-        engine,
-        "bridge",
-        &docker_host,
-        &[
-            "--tls-ca",
-            pki.ca(),
-            "--tls-cert",
-            omni_leaf.cert(),
-            "--tls-key",
-            omni_leaf.key(),
-        ],
-    );
+    let (omni, gateway) =
+        host_omni_on(engine, "bridge", &docker_host, &pki.sender_args(&omni_leaf));
     let port = omni.addr.port();
     let env = format!("BACKEND_{port}=tls+{}", remote.addr);
     let c = engine.container(

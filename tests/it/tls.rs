@@ -18,17 +18,8 @@ const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 /// certificate from `pki`'s CA, presenting `server`.
 fn tls_listener(pki: &Pki, server: &Leaf, extra: &[&str], backend: SocketAddr) -> Ambassador {
     let backend = backend.to_string();
-    let mut args = vec![
-        "--admin",
-        "127.0.0.1:0",
-        "--tls-listen",
-        "--tls-cert",
-        server.cert(),
-        "--tls-key",
-        server.key(),
-        "--tls-ca",
-        pki.ca(),
-    ];
+    let mut args = vec!["--admin", "127.0.0.1:0"];
+    args.extend(pki.listen_args(server));
     args.extend_from_slice(extra);
     args.push(&backend);
     Ambassador::on_loopback(&args)
@@ -38,16 +29,8 @@ fn tls_listener(pki: &Pki, server: &Leaf, extra: &[&str], backend: SocketAddr) -
 /// `client` as its certificate.
 fn tls_sender(pki: &Pki, client: &Leaf, extra: &[&str], remote: SocketAddr) -> Ambassador {
     let target = format!("tls+{remote}");
-    let mut args = vec![
-        "--admin",
-        "127.0.0.1:0",
-        "--tls-ca",
-        pki.ca(),
-        "--tls-cert",
-        client.cert(),
-        "--tls-key",
-        client.key(),
-    ];
+    let mut args = vec!["--admin", "127.0.0.1:0"];
+    args.extend(pki.sender_args(client));
     args.extend_from_slice(extra);
     args.push(&target);
     Ambassador::on_loopback(&args)
@@ -360,20 +343,10 @@ async fn sighup_rotates_the_certificate_for_new_connections() {
     // would be a new one each time.
     let port = free_port().to_string();
     let backend_addr = backend.addr.to_string();
-    let mut b = Ambassador::start(&[
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--tls-listen",
-        "--tls-cert",
-        live.cert(),
-        "--tls-key",
-        live.key(),
-        "--tls-ca",
-        pki.ca(),
-        &backend_addr,
-    ]);
+    let mut args = vec!["--bind", "127.0.0.1", "--port", &port];
+    args.extend(pki.listen_args(&live));
+    args.push(&backend_addr);
+    let mut b = Ambassador::start(&args);
 
     let mut open = pki::connect(b.addr, &pki.ca, "b.test", Some(&a_leaf))
         .await

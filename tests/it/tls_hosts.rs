@@ -109,46 +109,15 @@ async fn across_two_hosts_the_hop_is_encrypted_and_both_ends_authenticated() {
     });
     let backend = integrity_backend_on(TcpListener::from_std(listener).unwrap()).await;
     let (b_ip, backend_addr) = (ip_b.to_string(), backend.addr.to_string());
-    let mut b = Ambassador::start_in(
-        &host_b.name,
-        &[
-            "--bind",
-            &b_ip,
-            "--port",
-            "0",
-            "--admin",
-            "off",
-            "--tls-listen",
-            "--tls-cert",
-            b_leaf.cert(),
-            "--tls-key",
-            b_leaf.key(),
-            "--tls-ca",
-            pki.ca(),
-            "--tls-allow",
-            "spiffe://test/host-a",
-            &backend_addr,
-        ],
-    );
+    let mut args = vec!["--bind", &b_ip, "--port", "0", "--admin", "off"];
+    args.extend(pki.listen_args(&b_leaf));
+    args.extend(["--tls-allow", "spiffe://test/host-a", &backend_addr]);
+    let mut b = Ambassador::start_in(&host_b.name, &args);
     let remote = format!("tls+{}", b.addr);
-    let mut a = Ambassador::start_in(
-        &host_a.name,
-        &[
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--admin",
-            "off",
-            "--tls-ca",
-            pki.ca(),
-            "--tls-cert",
-            a_leaf.cert(),
-            "--tls-key",
-            a_leaf.key(),
-            &remote,
-        ],
-    );
+    let mut args = vec!["--bind", "127.0.0.1", "--port", "0", "--admin", "off"];
+    args.extend(pki.sender_args(&a_leaf));
+    args.push(&remote);
+    let mut a = Ambassador::start_in(&host_a.name, &args);
 
     let wire = Capture::start(&host_a.name, &veth_a, pki.dir().join("veth.pcap"));
     let local = Capture::start(&host_a.name, "lo", pki.dir().join("lo.pcap"));

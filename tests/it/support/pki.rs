@@ -74,6 +74,32 @@ impl Pki {
         self.ca.to_str().unwrap()
     }
 
+    /// The flags of a `--tls-listen` route presenting `server` and requiring a client
+    /// certificate from this CA.
+    pub fn listen_args<'a>(&'a self, server: &'a Leaf) -> [&'a str; 7] {
+        [
+            "--tls-listen",
+            "--tls-cert",
+            server.cert(),
+            "--tls-key",
+            server.key(),
+            "--tls-ca",
+            self.ca(),
+        ]
+    }
+
+    /// The flags of a `tls+` route's side: this CA, and `client` as its certificate.
+    pub fn sender_args<'a>(&'a self, client: &'a Leaf) -> [&'a str; 6] {
+        [
+            "--tls-ca",
+            self.ca(),
+            "--tls-cert",
+            client.cert(),
+            "--tls-key",
+            client.key(),
+        ]
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
